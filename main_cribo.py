@@ -1,0 +1,25 @@
+"""CrIBo pretraining.
+
+    python main_cribo.py                                   # synthetic scenes, CPU preset, ~8 min on 2 cores
+    python main_cribo.py --config checkpoints/vits16-in_args.json --data_path /datasets/imagenet
+    torchrun --nproc_per_node=8 main_cribo.py --config checkpoints/vits16-in_args.json --data_path ...
+    sbatch run_slurm.sh --config checkpoints/vits16-coco_args.json --data_path /datasets/coco/train2017
+
+Resuming is automatic: rerun the same command with the same --output_dir.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from cribo_utils.parser import resolve_args
+from cribo_utils.train import train_cribo
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    return train_cribo(resolve_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

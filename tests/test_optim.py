@@ -1,0 +1,47 @@
+import torch
+from torch import nn
+
+from cribo_utils.optim import cancel_gradients_last_layer, clip_gradients, get_params_groups
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+        self.last_layer = nn.Linear(3, 2, bias=False)
+        self.last_layer_c = nn.Linear(3, 2, bias=False)
+        self.frozen = nn.Parameter(torch.ones(2, 2), requires_grad=False)
+
+
+def test_param_groups_split_by_dimension_and_skip_frozen():
+    model = Toy()
+    decayed, plain = get_params_groups(model)
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    assert ids(decayed["params"]) == ids([model.body.weight, model.last_layer.weight, model.last_layer_c.weight])
+    assert ids(plain["params"]) == ids([model.body.bias, model.norm.weight, model.norm.bias])
+    assert plain["weight_decay"] == 0.0
+
+
+def test_last_layers_frozen_only_before_the_given_epoch():
+    model = Toy()
+    loss = (model.last_layer(model.body(torch.randn(5, 4))).sum() + model.last_layer_c(torch.randn(5, 3)).sum())
+    loss.backward()
+    cancel_gradients_last_layer(epoch=1, model=model, freeze_last_layer=1)
+    assert model.last_layer.weight.grad is not None
+    cancel_gradients_last_layer(epoch=0, model=model, freeze_last_layer=1)
+    assert model.last_layer.weight.grad is None and model.last_layer_c.weight.grad is None
+    assert model.body.weight.grad is not None
+
+
+def test_clipping_is_per_tensor():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    grads = [torch.full_like(p, 10.0) if i == 0 else torch.full_like(p, 1e-3) for i, p in enumerate(model.parameters())]
+    for param, grad in zip(model.parameters(), grads):
+        param.grad = grad.clone()
+    norms = clip_gradients(model, 1.0)
+    torch.testing.assert_close(norms, torch.stack([g.norm() for g in grads]))
+    params = list(model.parameters())
+    assert abs(params[0].grad.norm().item() - 1.0) < 1e-4  # clipped to the threshold
+    torch.testing.assert_close(params[1].grad, grads[1])  # small gradients untouched
+    torch.testing.assert_close(params[2].grad, grads[2])
