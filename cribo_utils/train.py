@@ -155,6 +155,7 @@ def build_training_parts(args: argparse.Namespace, env: distributed.DistEnv, dat
         assert dataset_size is not None
         iters_per_epoch = max(1, dataset_size // (args.batch_size_per_gpu * env.world_size))
 
+    torch.manual_seed(mix_seed(args.seed))  # identical initial weights on every rank
     student, teacher = build_student_teacher(args)
     student.to(device)
     teacher.to(device)
@@ -162,6 +163,8 @@ def build_training_parts(args: argparse.Namespace, env: distributed.DistEnv, dat
     if env.world_size > 1:
         student_ddp = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
+        teacher.load_state_dict(student.state_dict())  # DDP broadcast rank 0's student; match it exactly
+    torch.manual_seed(mix_seed(args.seed, env.rank))
     embed_dim = student.backbone.embed_dim
 
     warmups_off = args.epochs <= 2  # the reference switches every warm-up off for very short runs
@@ -208,9 +211,9 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
     args, device = parts.args, parts.device
     timer = timer or StepTimer(False)
     for index, group in enumerate(parts.optimizer.param_groups):
-        group["lr"] = parts.lr_schedule[iteration]
+        group["lr"] = float(parts.lr_schedule[iteration])
         if index == 0:
-            group["weight_decay"] = parts.wd_schedule[iteration]
+            group["weight_decay"] = float(parts.wd_schedule[iteration])
     torch.manual_seed(mix_seed(args.seed, parts.env.rank, iteration))  # drop-path draws
     cluster_generator = torch.Generator(device=device).manual_seed(mix_seed(args.seed, parts.env.rank, iteration, 1))
 
@@ -283,7 +286,7 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
         update_teacher(parts.student, parts.teacher, float(parts.momentum_schedule[iteration]))
 
     num_objects = objects1.shape[0]
-    metrics = {key: float(value) for key, value in losses.items()}
+    metrics = {key: float(value.detach()) for key, value in losses.items()}
     metrics.update(
         lr=float(parts.lr_schedule[iteration]), wd=float(parts.wd_schedule[iteration]),
         momentum=float(parts.momentum_schedule[iteration]),
@@ -305,7 +308,7 @@ def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[s
         "iteration": iteration,
         "args": args_dict,
         "dino_loss": {"center": parts.loss.center.cpu(), "center_c": parts.loss.center_c.cpu()},
-        "memory_bank": {key: value.cpu() for key, value in parts.bank.state_dict().items()},
+        "memory_bank_meta": {"num_images": parts.bank.num_images, "step": int(parts.bank.step)},
     }
     state.update({key: value.cpu() for key, value in parts.bank.to_reference_layout().items()})
     if parts.scaler is not None:
@@ -320,10 +323,12 @@ def restore_state(parts: TrainingParts, checkpoint: dict[str, Any]) -> tuple[int
     parts.optimizer.load_state_dict(checkpoint["optimizer"])
     parts.loss.center.copy_(checkpoint["dino_loss"]["center"])
     parts.loss.center_c.copy_(checkpoint["dino_loss"]["center_c"])
-    if "memory_bank" in checkpoint:
-        parts.bank.load_state_dict(checkpoint["memory_bank"])
-    elif "centroids_queue_cpu" in checkpoint:
-        parts.bank.load_reference_layout(checkpoint)
+    if "centroids_queue_cpu" in checkpoint:
+        meta = checkpoint.get("memory_bank_meta", {})
+        parts.bank.load_reference_layout(
+            {key: checkpoint[key].to(parts.device) for key in ("centroids_queue_cpu", "cpv_queue_cpu")},
+            num_images=meta.get("num_images"))
+        parts.bank.step.fill_(int(meta.get("step", 0)))
     if parts.scaler is not None and "fp16_scaler" in checkpoint:
         parts.scaler.load_state_dict(checkpoint["fp16_scaler"])
     iteration = int(checkpoint.get("iteration", checkpoint["epoch"] * parts.iters_per_epoch))
@@ -442,7 +447,24 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv) -> dict[str, floa
     metric_logger.close()
     logger.info("training finished after %d iterations (%s)", iteration,
                 format_seconds(time.perf_counter() - progress.start_time))
+    logger.info("final state digest (rank %d): %s", env.rank, json.dumps(state_digest(parts)))
     return epoch_metrics
+
+
+def state_digest(parts: TrainingParts) -> dict[str, str]:
+    """SHA-256 of the teacher weights, the loss centres and the memory bank: equal on every rank after
+    a correct data-parallel run (logged by every rank at the end of training)."""
+    import hashlib
+
+    digests = {}
+    for name, tensors in (("teacher", parts.teacher.state_dict()), ("centres", parts.loss.state_dict()),
+                          ("memory_bank", parts.bank.to_reference_layout())):
+        sha = hashlib.sha256()
+        for key in sorted(tensors):
+            sha.update(key.encode())
+            sha.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
+        digests[name] = sha.hexdigest()[:16]
+    return digests
 
 
 def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, total_iters: int,
@@ -481,7 +503,8 @@ def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, tota
             return {"preempted": 1.0, "next_iteration": float(iteration)}
     averages = average_across_ranks(sums, count, parts)
     next_epoch = epoch + 1
-    epoch_copy = epoch + 1 if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0 else None
+    epoch_completed = iteration == next_epoch * parts.iters_per_epoch
+    epoch_copy = next_epoch if epoch_completed and args.saveckp_freq and next_epoch % args.saveckp_freq == 0 else None
     save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
     metric_logger.log({"epoch": epoch, "iteration": iteration, **{f"epoch_{k}": v for k, v in averages.items()}})
     if distributed.is_main_process():

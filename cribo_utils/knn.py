@@ -1,0 +1,315 @@
+"""DINO's weighted k-NN classifier on frozen [CLS] features (dense-protocol doc, Part B).
+
+For a test feature ``x`` and L2-normalised training features ``f_i`` with labels ``y_i``:
+
+    s_i = <x / ||x||, f_i / ||f_i||>,    N_k(x) = the k training indices with the largest s_i,
+    score_c(x) = sum_{i in N_k(x)} exp(s_i / T) * [y_i = c],    prediction = argmax_c score_c(x).
+
+Top-1 is the fraction of test images whose label has the largest score, top-5 whether it is among the
+5 largest (reported only with >= 5 classes). Defaults: ``T = 0.07``, ``k in {10, 20, 100, 200}``.
+
+Differences from DINO's ``eval_knn.py`` (all fixes of its defects): the number of classes comes from
+the dataset (not 1000); the test set is split into chunks of a fixed *size*, so any number of test
+images works; a missing ``--pretrained_weights`` evaluates a random network with a warning instead of
+downloading weights; weights load strictly; the top-``max(k)`` neighbours are found once per chunk
+and reused for every ``k``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cribo_utils import distributed
+from cribo_utils.checkpoint_formats import add_backbone_args, build_pretrained_backbone
+from cribo_utils.features import (
+    add_eval_data_args,
+    build_classification_split,
+    build_eval_loader,
+    default_results_path,
+    extract_features,
+    num_classes_of,
+    resolve_image_sizes,
+    write_results_json,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NB_KNN = (10, 20, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+#: Similarity-matrix entries per chunk (x 4 bytes): 2^26 -> 256 MiB.
+_CHUNK_ELEMENTS = 2**26
+
+
+def _auto_chunk_size(num_train: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, num_train))
+
+
+def knn_scores(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    k: int,
+    temperature: float = DEFAULT_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Weighted-vote class scores ``score_c(x) = sum_{i in N_k(x)} exp(s_i / T) [y_i = c]``.
+
+    Args:
+        train_features: (N_train, D), L2-normalised rows.
+        train_labels: (N_train,) int64 in [0, C).
+        test_features: (N_test, D), L2-normalised rows.
+        k: neighbours per test sample, 1 <= k <= N_train.
+        temperature: T in ``exp(s / T)``.
+        num_classes: C; default ``max(train_labels) + 1``.
+        chunk_size: test rows per similarity block; default keeps a block near 2^26 entries.
+    Returns:
+        (N_test, C) float32 scores.
+    """
+    return knn_scores_multi_k(
+        train_features, train_labels, test_features, (k,), temperature, num_classes, chunk_size
+    )[k]
+
+
+def knn_scores_multi_k(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    ks: Sequence[int],
+    temperature: float = DEFAULT_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> dict[int, Tensor]:
+    """:func:`knn_scores` for several ``k`` at once, from one top-``max(k)`` search per chunk.
+
+    The top-``K`` list is sorted by decreasing similarity, so its first ``k`` entries are the top-``k``
+    neighbours for every ``k <= K``.
+
+    Args:
+        train_features: (N_train, D) L2-normalised.
+        train_labels: (N_train,) int64 in [0, C).
+        test_features: (N_test, D) L2-normalised.
+        ks: values of k, each in [1, N_train].
+        temperature: T.
+        num_classes: C; default ``max(train_labels) + 1``.
+        chunk_size: test rows per similarity block.
+    Returns:
+        ``{k: (N_test, C) scores}``.
+    """
+    num_train = train_features.shape[0]
+    if (
+        train_features.ndim != 2
+        or test_features.ndim != 2
+        or test_features.shape[1] != train_features.shape[1]
+    ):
+        raise ValueError(
+            f"k-NN: expected (N_train, D) and (N_test, D) features, got {tuple(train_features.shape)} "
+            f"and {tuple(test_features.shape)}"
+        )
+    if train_labels.shape != (num_train,):
+        raise ValueError(
+            f"k-NN: {num_train} training features but labels of shape {tuple(train_labels.shape)}"
+        )
+    if not ks or min(ks) < 1 or max(ks) > num_train:
+        raise ValueError(f"k-NN: every k must lie in [1, {num_train}] (training-set size), got {list(ks)}")
+    if temperature <= 0:
+        raise ValueError(f"k-NN: --temperature must be > 0, got {temperature}")
+    train_labels = train_labels.long()
+    num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
+        raise ValueError(f"k-NN: training labels must lie in [0, {num_classes})")
+    chunk_size = _auto_chunk_size(num_train) if chunk_size is None else chunk_size
+    max_k = max(ks)
+    num_test = test_features.shape[0]
+    scores = {k: test_features.new_zeros((num_test, num_classes), dtype=torch.float32) for k in ks}
+    for start in range(0, num_test, chunk_size):
+        stop = min(start + chunk_size, num_test)
+        similarity = test_features[start:stop].float() @ train_features.float().T  # (chunk, N_train)
+        top_similarity, top_index = similarity.topk(max_k, dim=1, largest=True, sorted=True)
+        votes = (top_similarity / temperature).exp()  # (chunk, max_k)
+        neighbour_labels = train_labels[top_index]  # (chunk, max_k)
+        for k in ks:
+            scores[k][start:stop].scatter_add_(1, neighbour_labels[:, :k], votes[:, :k])
+    return scores
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Percentage of rows whose label is among the ``t`` highest scores, for each ``t`` in ``topk``.
+
+    Args:
+        scores: (N, C).
+        labels: (N,) int64.
+        topk: values of t, each <= C.
+    Returns:
+        ``{t: 100 * mean_n [labels_n in top-t(scores_n)]}``.
+    """
+    if scores.shape[0] == 0:
+        raise ValueError("topk_accuracy: no samples to score")
+    max_t = max(topk)
+    predictions = scores.topk(max_t, dim=1).indices  # (N, max_t)
+    hits = predictions == labels.view(-1, 1).to(predictions.device)
+    return {t: 100.0 * hits[:, :t].any(dim=1).float().mean().item() for t in topk}
+
+
+def knn_classify(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int] = DEFAULT_NB_KNN,
+    temperature: float = DEFAULT_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """Top-1 (and top-5 with >= 5 classes) accuracy of the weighted k-NN classifier, in percent.
+
+    Features are L2-normalised here (idempotent for normalised input).
+
+    Args:
+        train_features: (N_train, D).
+        train_labels: (N_train,) int64.
+        test_features: (N_test, D).
+        test_labels: (N_test,) int64.
+        ks: values of k; each must be <= N_train.
+        temperature: T.
+        num_classes: C; default ``max(train_labels, test_labels) + 1``.
+        chunk_size: test rows per similarity block.
+    Returns:
+        ``{k: {"top1": ..., "top5": ...}}`` (``top5`` only when C >= 5).
+    """
+    if num_classes is None:
+        num_classes = int(torch.cat([train_labels.flatten(), test_labels.flatten()]).max()) + 1
+    train_features = F.normalize(train_features.float(), dim=1, p=2)
+    test_features = F.normalize(test_features.float(), dim=1, p=2)
+    scores = knn_scores_multi_k(
+        train_features, train_labels, test_features, ks, temperature, num_classes, chunk_size
+    )
+    topk = (1, 5) if num_classes >= 5 else (1,)
+    results = {}
+    for k in ks:
+        accuracy = topk_accuracy(scores[k], test_labels, topk)
+        results[k] = {f"top{t}": value for t, value in accuracy.items()}
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Flags of ``eval_knn.py`` (DINO's names)."""
+    parser = argparse.ArgumentParser("CrIBo weighted k-NN evaluation", add_help=True)
+    add_backbone_args(parser)
+    add_eval_data_args(parser)
+    group = parser.add_argument_group("k-NN")
+    group.add_argument(
+        "--nb_knn",
+        default=list(DEFAULT_NB_KNN),
+        nargs="+",
+        type=int,
+        help="Numbers of nearest neighbours (20 is the value usually quoted). Values above the training-set "
+        "size are lowered to it (with a warning).",
+    )
+    group.add_argument("--temperature", default=DEFAULT_TEMPERATURE, type=float, help="Vote temperature T.")
+    group.add_argument(
+        "--dump_features",
+        default=None,
+        type=str,
+        help="Directory where the L2-normalised features and labels are saved (trainfeat.pth, testfeat.pth, "
+        "trainlabels.pth, testlabels.pth).",
+    )
+    return parser
+
+
+def _dump_features(directory: str, tensors: dict[str, Tensor]) -> None:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, tensor in tensors.items():
+        torch.save(tensor.cpu(), path / f"{name}.pth")
+    logger.info("saved features and labels to %s", path)
+
+
+def run_knn(args: argparse.Namespace) -> dict[str, Any]:
+    """Extract [CLS] features data-parallel, run the weighted k-NN on rank 0 and write the JSON.
+
+    Args:
+        args: flags from :func:`get_args_parser`.
+    Returns:
+        The results dict written to ``--output_json`` (identical on every rank).
+    """
+    from data.transforms import eval_transform
+
+    env = distributed.init_distributed()
+    start = time.time()
+    resize, crop = resolve_image_sizes(args)
+    transform = eval_transform(resize=resize, crop=crop)
+    train_set = build_classification_split(args, "train", transform)
+    val_set = build_classification_split(args, "val", transform)
+    logger.info("k-NN on %s: %d train / %d val images", args.dataset, len(train_set), len(val_set))
+
+    model = build_pretrained_backbone(
+        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key
+    )
+    model.to(env.device)
+    features, labels = {}, {}
+    for name, dataset in (("train", train_set), ("test", val_set)):
+        loader = build_eval_loader(dataset, args.batch_size_per_gpu, args.num_workers)
+        raw, labels[name] = extract_features(model, loader, env.device, kind="cls")
+        features[name] = F.normalize(raw, dim=1, p=2)
+    num_classes = num_classes_of(train_set, [labels["train"], labels["test"]])
+
+    ks = sorted({min(k, len(train_set)) for k in args.nb_knn})
+    if ks != sorted(set(args.nb_knn)):
+        logger.warning("--nb_knn %s lowered to %s: only %d training images", args.nb_knn, ks, len(train_set))
+    accuracies = knn_classify(
+        features["train"].to(env.device),
+        labels["train"].to(env.device),
+        features["test"].to(env.device),
+        labels["test"].to(env.device),
+        ks=ks,
+        temperature=args.temperature,
+        num_classes=num_classes,
+    )
+    for k, accuracy in accuracies.items():
+        logger.info("%d-NN classifier result: %s", k, ", ".join(f"{n} {v:.2f}" for n, v in accuracy.items()))
+
+    results = {
+        "protocol": "DINO weighted k-NN on L2-normalised final-norm [CLS] features",
+        "pretrained_weights": args.pretrained_weights,
+        "checkpoint_key": args.checkpoint_key,
+        "arch": args.arch,
+        "patch_size": args.patch_size,
+        "dataset": args.dataset,
+        "data_path": args.data_path,
+        "resize": resize,
+        "image_size": crop,
+        "temperature": args.temperature,
+        "nb_knn": ks,
+        "num_train": len(train_set),
+        "num_val": len(val_set),
+        "num_classes": num_classes,
+        "world_size": env.world_size,
+        "results": {str(k): accuracy for k, accuracy in accuracies.items()},
+        "elapsed_s": round(time.time() - start, 2),
+    }
+    output = args.output_json or default_results_path(args.pretrained_weights, "eval_knn.json")
+    results["output_json"] = str(output)
+    if distributed.is_main_process():
+        if args.dump_features:
+            _dump_features(
+                args.dump_features,
+                {
+                    "trainfeat": features["train"],
+                    "testfeat": features["test"],
+                    "trainlabels": labels["train"],
+                    "testlabels": labels["test"],
+                },
+            )
+        write_results_json(results, output)
+    distributed.barrier()
+    return results

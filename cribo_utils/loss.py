@@ -1,0 +1,340 @@
+"""CrIBo's three loss terms and their centring (method doc Sec. 6).
+
+Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O output dimensions;
+``C``, ``C_c`` the image and object centres; ``tau(e)``, ``tau_c(e)`` the teacher temperatures of epoch
+``e``; ``tau_s``, ``tau_s,c`` the student temperatures (0.1 in every released run).
+
+- Image level (DINO, two crops):
+  ``L_img = 1/2 [ mean_b H(T_1b, Q_2b) + mean_b H(T_2b, Q_1b) ]`` with ``T_v = sm((g_t(v) - C) / tau)``,
+  ``log Q_v = log_sm(g_s(v) / tau_s)``.
+- Cross-view object level (M current objects of this rank):
+  ``L_obj = 1/2 [ mean_i H(U^1_i, R^2_i) + mean_i H(U^2_i, R^1_i) ]`` with
+  ``U^v = sm((h_t(c^v) - C_c) / tau_c)``, ``log R^v = log_sm(h_s(s^v) / tau_s,c)``.
+- Cross-image nearest neighbours (cycle-consistent, masks ``m1``, ``m2``):
+  ``L_nn = 1/2 [ sum_i m1_i H(V^1_i, R^2_i) / |m1| + sum_i m2_i H(V^2_i, R^1_i) / |m2| ]`` with
+  ``V^v = sm((h_t(q^v_{jv(i)}) - C_c) / tau_c)``; a direction with ``|m_v| = 0`` contributes 0. The
+  reference divides both sums by ``|m1|`` and drops both when ``|m1| = 0`` (defect 7).
+- ``L = L_img + L_obj + L_nn``.
+
+Everything is computed in float32 (inputs are cast at entry; the reference log-softmaxes fp16 logits and
+sums fp16 centres, defect 13), and a rank with M = 0 objects gives 0 for the object terms, not NaN, while
+still taking part in the centre all-reduce.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cribo_utils.distributed import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_temperature(warmup_temp: float, final_temp: float, warmup_epochs: int, epoch: int) -> float:
+    """Teacher temperature of an epoch: linear warm-up indexed by epoch, then constant.
+
+    ``tau(e) = linspace(warmup_temp, final_temp, warmup_epochs)[e]`` for ``e < warmup_epochs``, else
+    ``final_temp`` (so ``final_temp`` is first reached at ``e = warmup_epochs - 1``; ``warmup_epochs = 0``
+    means no warm-up; a run shorter than the warm-up simply stops inside it).
+
+    Args:
+        warmup_temp: temperature at epoch 0 (0.04).
+        final_temp: temperature after the warm-up (0.07).
+        warmup_epochs: W_e (30, or 50 for ViT-B).
+        epoch: e >= 0.
+
+    Returns:
+        tau(e).
+    """
+    if epoch < 0:
+        raise ValueError(f"teacher_temperature: epoch must be >= 0, got {epoch}.")
+    if epoch < warmup_epochs:
+        return float(np.linspace(warmup_temp, final_temp, warmup_epochs)[epoch])
+    return float(final_temp)
+
+
+def _cross_entropy_rows(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``H(t, q) = -sum_j t_j log q_j``: (R, O), (R, O) -> (R,)."""
+    return -(teacher_probs * student_log_probs).sum(dim=-1)
+
+
+def _zero_like_graph(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 scalar 0 that stays connected to ``tensor``'s graph (so every parameter gets a gradient)."""
+    return tensor.sum() * 0.0
+
+
+def image_level_loss(
+    student_cls: torch.Tensor,
+    teacher_cls: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """DINO loss on the two global crops, cross-view pairs only (method doc Sec. 6, item 1).
+
+    ``L_img = 1/2 [ mean_b H(T_1b, Q_2b) + mean_b H(T_2b, Q_1b) ]``, ``T_v = sm((t_v - C) / tau)``,
+    ``log Q_v = log_sm(s_v / tau_s)``.
+
+    Args:
+        student_cls: (2B, O) student head logits, rows [view 1 batch; view 2 batch].
+        teacher_cls: (2B, O) teacher head logits, same layout.
+        center: (1, O) image centre ``C``.
+        student_temp: tau_s.
+        teacher_temp: tau(e).
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if student_cls.shape != teacher_cls.shape or student_cls.ndim != 2 or student_cls.shape[0] % 2:
+        raise ValueError(
+            f"image_level_loss: student {tuple(student_cls.shape)} and teacher {tuple(teacher_cls.shape)} "
+            "must both be (2B, O)."
+        )
+    student_log_probs = F.log_softmax(student_cls.float() / student_temp, dim=-1).chunk(2)
+    teacher_probs = F.softmax((teacher_cls.float() - center.float()) / teacher_temp, dim=-1).chunk(2)
+    loss_12 = _cross_entropy_rows(teacher_probs[0], student_log_probs[1]).mean()
+    loss_21 = _cross_entropy_rows(teacher_probs[1], student_log_probs[0]).mean()
+    return 0.5 * (loss_12 + loss_21)
+
+
+def cross_view_object_loss(
+    student_obj: torch.Tensor,
+    teacher_obj: torch.Tensor,
+    center_c: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """Cross-view object loss over this rank's M objects (method doc Sec. 6, item 2).
+
+    ``L_obj = 1/2 [ mean_i H(U^1_i, R^2_i) + mean_i H(U^2_i, R^1_i) ]``, ``U^v = sm((t^v - C_c) / tau_c)``,
+    ``log R^v = log_sm(s^v / tau_s,c)``. M = 0 gives 0 (connected to the graph).
+
+    Args:
+        student_obj: (2, M, Oc) student object logits of view 1 and view 2.
+        teacher_obj: (2, M, Oc) teacher object logits.
+        center_c: (1, Oc) object centre ``C_c``.
+        student_temp: tau_s,c.
+        teacher_temp: tau_c(e).
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if student_obj.shape != teacher_obj.shape or student_obj.ndim != 3 or student_obj.shape[0] != 2:
+        raise ValueError(
+            f"cross_view_object_loss: student {tuple(student_obj.shape)} and teacher "
+            f"{tuple(teacher_obj.shape)} must both be (2, M, Oc)."
+        )
+    if student_obj.shape[1] == 0:
+        return _zero_like_graph(student_obj.float())
+    student_log_probs = F.log_softmax(student_obj.float() / student_temp, dim=-1)
+    teacher_probs = F.softmax((teacher_obj.float() - center_c.float()) / teacher_temp, dim=-1)
+    loss_12 = _cross_entropy_rows(teacher_probs[0], student_log_probs[1]).mean()
+    loss_21 = _cross_entropy_rows(teacher_probs[1], student_log_probs[0]).mean()
+    return 0.5 * (loss_12 + loss_21)
+
+
+def nearest_neighbour_loss(
+    student_obj: torch.Tensor,
+    teacher_nn: torch.Tensor,
+    nn_masks: torch.Tensor,
+    center_c: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """Cross-image nearest-neighbour loss, each direction normalised by its own mask (Sec. 6, item 3).
+
+    ``L_nn = 1/2 [ sum_i m1_i H(V^1_i, R^2_i) / |m1| + sum_i m2_i H(V^2_i, R^1_i) / |m2| ]`` with
+    ``V^v = sm((h_t(q^v_{jv(i)}) - C_c) / tau_c)`` and ``log R^v = log_sm(s^v / tau_s,c)``; a direction
+    with ``|m_v| = 0`` contributes 0. Rejected neighbours are zeroed before the product, so their teacher
+    rows (even non-finite ones) affect neither the value nor any gradient.
+
+    Args:
+        student_obj: (2, M, Oc) student object logits of view 1 and view 2.
+        teacher_nn: (2, M, Oc) teacher logits of the neighbours: row 0 = h_t(q^1_{j1}), row 1 = h_t(q^2_{j2}).
+        nn_masks: (2, M) bool cycle-consistency masks m1, m2.
+        center_c: (1, Oc) object centre.
+        student_temp: tau_s,c.
+        teacher_temp: tau_c(e).
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if student_obj.shape != teacher_nn.shape or student_obj.ndim != 3 or student_obj.shape[0] != 2:
+        raise ValueError(
+            f"nearest_neighbour_loss: student {tuple(student_obj.shape)} and teacher_nn "
+            f"{tuple(teacher_nn.shape)} must both be (2, M, Oc)."
+        )
+    if tuple(nn_masks.shape) != tuple(student_obj.shape[:2]) or nn_masks.dtype != torch.bool:
+        raise ValueError(
+            f"nearest_neighbour_loss: nn_masks must be a (2, {student_obj.shape[1]}) bool tensor, got "
+            f"{tuple(nn_masks.shape)} {nn_masks.dtype}."
+        )
+    student_log_probs = F.log_softmax(student_obj.float() / student_temp, dim=-1)
+    teacher_probs = F.softmax((teacher_nn.float() - center_c.float()) / teacher_temp, dim=-1)
+    teacher_probs = torch.where(
+        nn_masks[..., None], teacher_probs, torch.zeros((), device=teacher_probs.device)
+    )
+    # Direction 1 (neighbour found from view 1) is predicted from view 2, and vice versa.
+    per_object = _cross_entropy_rows(teacher_probs, student_log_probs.flip(0))  # (2, M)
+    mask_sizes = nn_masks.sum(dim=1).clamp(min=1).to(per_object.dtype)  # (2,)
+    return 0.5 * (per_object.sum(dim=1) / mask_sizes).sum()
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_output: torch.Tensor, momentum: float) -> torch.Tensor:
+    """EMA of the batch mean of teacher outputs, pooled over all ranks.
+
+    ``C <- m C + (1 - m) (sum_ranks sum_rows t) / (sum_ranks rows)``; the row count is all-reduced too, so
+    ranks with different numbers of rows (objects) are weighted correctly. If no rank has a row, ``C``
+    is unchanged. Every rank must call it (collective).
+
+    Args:
+        center: (1, O) current centre.
+        teacher_output: (R, O) teacher logits of this rank (R may be 0).
+        momentum: m (0.9).
+
+    Returns:
+        (1, O) float32 new centre (the caller copies it into its buffer).
+    """
+    teacher_output = teacher_output.detach().float().reshape(-1, center.shape[-1])
+    # One collective for the sum and the count; float32 counts are exact below 2^24 rows.
+    row_count = torch.tensor([float(teacher_output.shape[0])], device=teacher_output.device)
+    packed = torch.cat((teacher_output.sum(dim=0), row_count))
+    packed = all_reduce_sum(packed)
+    total_rows = packed[-1]
+    if total_rows == 0:
+        return center.float().clone()
+    batch_center = (packed[:-1] / total_rows).to(center.device)[None]
+    return center.float() * momentum + batch_center * (1.0 - momentum)
+
+
+class CrIBoLoss(nn.Module):
+    """Total CrIBo loss ``L = L_img + L_obj + L_nn`` with centring (method doc Sec. 6).
+
+    The terms and their equations are in ``image_level_loss``, ``cross_view_object_loss`` and
+    ``nearest_neighbour_loss``. Teacher temperatures follow ``teacher_temperature`` by epoch. The centres
+    ``center`` (1, O) and ``center_c`` (1, Oc) (buffers, zero at start) are updated after the loss has
+    used the old values: ``C`` from the 2B teacher [CLS] outputs, ``C_c`` from the 2M current teacher
+    object outputs (neighbour outputs excluded), both pooled over ranks.
+
+    Args:
+        out_dim: O.
+        out_dim_c: Oc.
+        warmup_teacher_temp: image teacher temperature at epoch 0.
+        teacher_temp: image teacher temperature after the warm-up.
+        warmup_teacher_temp_c: object teacher temperature at epoch 0.
+        teacher_temp_c: object teacher temperature after the warm-up.
+        warmup_teacher_temp_epochs: W_e, epochs of the linear warm-up.
+        nepochs: total epochs (kept for the record; epochs past it use the final temperatures).
+        student_temp: image student temperature tau_s (0.1; the released args' ``student_temp = 1.0`` is a
+            dead argument of the reference that the parser maps away, defect 8).
+        student_temp_c: object student temperature tau_s,c (0.1).
+        center_momentum: m of both centre EMAs (0.9).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        out_dim_c: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_c: float,
+        teacher_temp_c: float,
+        warmup_teacher_temp_epochs: int,
+        nepochs: int,
+        student_temp: float = 0.1,
+        student_temp_c: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if warmup_teacher_temp_epochs < 0:
+            raise ValueError(f"--warmup_teacher_temp_epochs must be >= 0, got {warmup_teacher_temp_epochs}.")
+        self.out_dim = out_dim
+        self.out_dim_c = out_dim_c
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp_c = warmup_teacher_temp_c
+        self.teacher_temp_c = teacher_temp_c
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.nepochs = nepochs
+        self.student_temp = student_temp
+        self.student_temp_c = student_temp_c
+        self.center_momentum = center_momentum
+        if warmup_teacher_temp_epochs > nepochs:
+            logger.warning(
+                "warmup_teacher_temp_epochs (%d) > epochs (%d): the teacher temperature never reaches %s.",
+                warmup_teacher_temp_epochs,
+                nepochs,
+                teacher_temp,
+            )
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center_c", torch.zeros(1, out_dim_c))
+
+    def teacher_temperatures(self, epoch: int) -> tuple[float, float]:
+        """``(tau(e), tau_c(e))`` for the image and object paths."""
+        return (
+            teacher_temperature(
+                self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs, epoch
+            ),
+            teacher_temperature(
+                self.warmup_teacher_temp_c, self.teacher_temp_c, self.warmup_teacher_temp_epochs, epoch
+            ),
+        )
+
+    def forward(
+        self,
+        student_cls: torch.Tensor,
+        teacher_cls: torch.Tensor,
+        student_obj: torch.Tensor,
+        teacher_obj: torch.Tensor,
+        teacher_nn: torch.Tensor | None,
+        nn_masks: torch.Tensor | None,
+        epoch: int,
+    ) -> dict[str, torch.Tensor]:
+        """Compute the loss with the current centres, then update the centres (collective).
+
+        Args:
+            student_cls: (2B, O) student [CLS] logits, rows [view 1 batch; view 2 batch].
+            teacher_cls: (2B, O) teacher [CLS] logits.
+            student_obj: (2, M, Oc) student object logits (view 1, view 2).
+            teacher_obj: (2, M, Oc) teacher object logits.
+            teacher_nn: (2, M, Oc) teacher logits of the retrieved neighbours, or None (NN loss off).
+            nn_masks: (2, M) bool cycle-consistency masks; required when ``teacher_nn`` is given.
+            epoch: current epoch e (selects the teacher temperatures).
+
+        Returns:
+            ``{"loss", "loss_img", "loss_obj", "loss_nn"}``: float32 scalars; ``loss`` carries the graph.
+        """
+        if teacher_nn is not None and nn_masks is None:
+            raise ValueError("CrIBoLoss: teacher_nn was given without nn_masks.")
+        if student_cls.shape[-1] != self.out_dim or student_obj.shape[-1] != self.out_dim_c:
+            raise ValueError(
+                f"CrIBoLoss: logits have O={student_cls.shape[-1]}, Oc={student_obj.shape[-1]} but the loss "
+                f"was built with out_dim={self.out_dim}, out_dim_c={self.out_dim_c} (--out_dim, --out_dim_c)."
+            )
+        temp, temp_c = self.teacher_temperatures(epoch)
+        with torch.autocast(device_type=student_cls.device.type, enabled=False):
+            student_cls, teacher_cls = student_cls.float(), teacher_cls.float()
+            student_obj, teacher_obj = student_obj.float(), teacher_obj.float()
+            loss_img = image_level_loss(student_cls, teacher_cls, self.center, self.student_temp, temp)
+            loss_obj = cross_view_object_loss(
+                student_obj, teacher_obj, self.center_c, self.student_temp_c, temp_c
+            )
+            if teacher_nn is None:
+                loss_nn = torch.zeros((), device=student_cls.device)
+            else:
+                assert nn_masks is not None
+                loss_nn = nearest_neighbour_loss(
+                    student_obj, teacher_nn.float(), nn_masks, self.center_c, self.student_temp_c, temp_c
+                )
+            loss = loss_img + loss_obj + loss_nn
+            self.center.copy_(update_center(self.center, teacher_cls, self.center_momentum))
+            self.center_c.copy_(
+                update_center(self.center_c, teacher_obj.reshape(-1, self.out_dim_c), self.center_momentum)
+            )
+        return {"loss": loss, "loss_img": loss_img, "loss_obj": loss_obj, "loss_nn": loss_nn}

@@ -1,0 +1,34 @@
+"""Weighted k-NN classification on frozen [CLS] features (DINO's protocol; logic in cribo_utils/knn.py).
+
+    python eval_knn.py                              # synthetic scenes, random weights (warned)
+    python eval_knn.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth
+    python eval_knn.py --arch vit_small --pretrained_weights vits16-in.pth --dataset imagenet1k \\
+        --data_path /datasets/imagenet              # 256 -> 224 centre crops, k = 10 20 100 200
+    torchrun --nproc_per_node=8 eval_knn.py --pretrained_weights vits16-in.pth --dataset imagenet1k \\
+        --data_path /datasets/imagenet
+
+Results (top-1/top-5 per k and the protocol parameters) go to `<checkpoint dir>/eval_knn.json`, or to
+`--output_json`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from cribo_utils import distributed
+from cribo_utils.knn import get_args_parser, run_knn
+from cribo_utils.logger import setup_logging
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    env = distributed.init_distributed()  # before the logging set-up, so only rank 0 logs to stdout
+    setup_logging(None, rank=env.rank)
+    return run_knn(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    distributed.cleanup()

@@ -1,0 +1,368 @@
+"""Vision Transformer backbone with DINO's parameter names and evaluation interface.
+
+The module layout (and therefore every state-dict key) matches the backbones released by DINO and
+CrIBo, so their weights load with ``strict=True``::
+
+    cls_token                      (1, 1, D)
+    pos_embed                      (1, 1 + (img_size / p)^2, D)
+    patch_embed.proj.{weight,bias} Conv2d(3, D, kernel p, stride p)
+    blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2 .{weight,bias}
+    norm.{weight,bias}
+
+Pre-norm blocks (CrIBo method doc, Sec. 3; Dosovitskiy et al. 2021):
+
+    x = x + DropPath(Attn(LN1(x)));   x = x + DropPath(MLP(LN2(x)))
+    Attn(h) = Proj(concat_heads(softmax(q k^T / sqrt(d_head)) v)),   [q, k, v] = QKV(h)
+    MLP(h) = FC2(GELU(FC1(h)))        (hidden width = mlp_ratio * D)
+
+Shapes: B images, H x W pixels, p patch size, N = (H / p) * (W / p) patch tokens, D width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+LAYER_NORM_EPS = 1e-6
+INIT_STD = 0.02
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``drop_prob``.
+
+    Training: ``y_b = x_b * z_b / (1 - drop_prob)`` with ``z_b ~ Bernoulli(1 - drop_prob)``, one draw per
+    sample b (shared by all its tokens and channels), so ``E[y] = x``. Evaluation: ``y = x``.
+
+    Args:
+        drop_prob: probability in [0, 1) of dropping a sample's branch.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"DropPath: drop_prob must lie in [0, 1), got {drop_prob}")
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply stochastic depth to ``x`` of shape (B, ...)."""
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = torch.empty(mask_shape, dtype=x.dtype, device=x.device).bernoulli_(keep_prob)
+        return x * keep.div_(keep_prob)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches projected to D channels by a strided convolution.
+
+    Args:
+        patch_size: side p of a square patch in pixels.
+        in_chans: number of input channels.
+        embed_dim: output width D.
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, D), tokens in row-major order of the (H/p, W/p) patch grid."""
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, ``softmax(q k^T / sqrt(d_head)) v`` per head.
+
+    Args:
+        dim: token width D.
+        num_heads: number of heads h; ``d_head = D / h``.
+        qkv_bias: whether the fused q/k/v projection has a bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"Attention: embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, N, D) through the fused scaled-dot-product attention kernel."""
+        q, k, v = self._split_heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Explicit attention probabilities ``softmax(q k^T / sqrt(d_head))``, shape (B, h, N, N)."""
+        q, k, _ = self._split_heads(x)
+        logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        return logits.softmax(dim=-1)
+
+
+class Mlp(nn.Module):
+    """Two-layer perceptron ``fc2(GELU(fc1(x)))`` with hidden width ``hidden_dim``."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + DropPath(Attn(LN1(x)))`` then ``x + DropPath(MLP(LN2(x)))``.
+
+    Args:
+        dim: token width D.
+        num_heads: number of attention heads.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        qkv_bias: bias on the q/k/v projection.
+        drop_path: stochastic-depth probability of both residual branches.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) -> (B, N, D)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def self_attention(self, x: Tensor) -> Tensor:
+        """Attention probabilities of this block for input tokens ``x`` (B, N, D): (B, heads, N, N)."""
+        return self.attn.attention_map(self.norm1(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a [CLS] token, learned positional embedding and DINO's parameter names.
+
+    Stochastic depth grows linearly over the blocks: block i drops its branches with probability
+    ``drop_path_rate * i / (depth - 1)``. Parameters are initialised as in DINO: truncated normal
+    (std 0.02) for ``cls_token``, ``pos_embed`` and every Linear weight, zero Linear biases, unit
+    LayerNorms; the patch convolution keeps PyTorch's default initialisation.
+
+    Args:
+        img_size: side of the square image the positional embedding is stored for
+            (224 -> a 14 x 14 grid for p = 16). Other sizes are interpolated on the fly.
+        patch_size: patch side p in pixels.
+        in_chans: number of input channels.
+        embed_dim: token width D.
+        depth: number of transformer blocks.
+        num_heads: number of attention heads.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        qkv_bias: bias on the q/k/v projection.
+        drop_path_rate: stochastic depth of the last block.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if patch_size <= 0 or img_size % patch_size != 0:
+            raise ValueError(
+                f"VisionTransformer: img_size {img_size} is not a positive multiple of patch_size "
+                f"{patch_size}; pass an --image_size divisible by --patch_size"
+            )
+        if depth < 1:
+            raise ValueError(f"VisionTransformer: depth must be >= 1, got {depth}")
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.depth = depth
+        self.img_size = img_size
+        grid_side = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid_side * grid_side, embed_dim))
+        rates = torch.linspace(0.0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rate)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        self.apply(_init_linear_and_norm)
+
+    def interpolate_pos_encoding(self, x_tokens: Tensor, height: int, width: int) -> Tensor:
+        """Positional embedding for an image of ``height`` x ``width`` pixels, exactly as DINO computes it.
+
+        The stored (sqrt(N0) x sqrt(N0)) grid is resized bicubically with
+        ``scale_factor = ((H/p + 0.1) / sqrt(N0), (W/p + 0.1) / sqrt(N0))`` (the +0.1 guards the
+        floor in the output size against rounding), so the sampling positions follow the given
+        scale factor rather than the ratio of output to input size. When the token count equals
+        N0 and the image is square, the stored embedding is returned unchanged.
+
+        Args:
+            x_tokens: (B, 1 + N, D) tokens after the [CLS] token was prepended.
+            height: image height H in pixels (a multiple of p).
+            width: image width W in pixels (a multiple of p).
+        Returns:
+            (1, 1 + N, D) positional embedding, [CLS] entry first, grid row-major.
+        """
+        num_patches = x_tokens.shape[1] - 1
+        num_stored = self.pos_embed.shape[1] - 1
+        if num_patches == num_stored and height == width:
+            return self.pos_embed
+        rows, cols = height // self.patch_size, width // self.patch_size
+        stored_side = math.sqrt(num_stored)
+        cls_pos = self.pos_embed[:, :1]
+        grid = rearrange(self.pos_embed[:, 1:], "1 (h w) d -> 1 d h w", h=int(stored_side))
+        grid = F.interpolate(
+            grid,
+            scale_factor=((rows + 0.1) / stored_side, (cols + 0.1) / stored_side),
+            mode="bicubic",
+        )
+        if grid.shape[-2:] != (rows, cols):
+            raise RuntimeError(
+                f"interpolate_pos_encoding: resized grid {tuple(grid.shape[-2:])} does not match the "
+                f"patch grid {(rows, cols)}"
+            )
+        return torch.cat((cls_pos, rearrange(grid, "1 d h w -> 1 (h w) d")), dim=1)
+
+    def prepare_tokens(self, x: Tensor) -> Tensor:
+        """Patch-embed images, prepend [CLS] and add the positional embedding.
+
+        Args:
+            x: (B, C, H, W) images, H and W multiples of the patch size.
+        Returns:
+            (B, 1 + N, D) input tokens of the first block.
+        Raises:
+            ValueError: if H or W is not divisible by the patch size.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"VisionTransformer expects (B, C, H, W) images, got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"VisionTransformer: image size {height}x{width} is not divisible by the patch size "
+                f"{self.patch_size}; resize or crop the images to multiples of {self.patch_size} pixels"
+            )
+        tokens = self.patch_embed(x)
+        tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+        return tokens + self.interpolate_pos_encoding(tokens, height, width)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised [CLS] token: (B, C, H, W) -> (B, D)."""
+        return self._encode(x)[:, 0]
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[CLS] and patch tokens after the final LayerNorm, from one pass.
+
+        Args:
+            x: (B, C, H, W) images.
+        Returns:
+            ``(cls, patches)`` of shapes (B, D) and (B, N, D), N = (H/p)(W/p) in row-major grid order.
+        """
+        tokens = self._encode(x)
+        return tokens[:, 0], tokens[:, 1:]
+
+    def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
+        """Outputs of the last ``n`` blocks, each passed through the final LayerNorm (DINO's linear eval).
+
+        Args:
+            x: (B, C, H, W) images.
+            n: number of final blocks to return, 1 <= n <= depth.
+        Returns:
+            ``n`` tensors of shape (B, 1 + N, D), shallowest first.
+        """
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"get_intermediate_layers: n must lie in [1, {self.depth}], got {n}")
+        tokens = self.prepare_tokens(x)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if index >= self.depth - n:
+                outputs.append(self.norm(tokens))
+        return outputs
+
+    def get_last_selfattention(self, x: Tensor) -> Tensor:
+        """Attention probabilities of the last block, ``softmax(q k^T / sqrt(d_head))``.
+
+        Args:
+            x: (B, C, H, W) images.
+        Returns:
+            (B, heads, 1 + N, 1 + N); every row sums to 1, row/column 0 is the [CLS] token.
+        """
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        return self.blocks[-1].self_attention(tokens)
+
+
+def _init_linear_and_norm(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def vit_tiny(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-Tiny: D = 192, 12 blocks, 3 heads."""
+    return VisionTransformer(
+        patch_size=patch_size, **{"embed_dim": 192, "depth": 12, "num_heads": 3, **kwargs}
+    )
+
+
+def vit_small(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-Small: D = 384, 12 blocks, 6 heads."""
+    return VisionTransformer(
+        patch_size=patch_size, **{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs}
+    )
+
+
+def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-Base: D = 768, 12 blocks, 12 heads."""
+    return VisionTransformer(
+        patch_size=patch_size, **{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs}
+    )
