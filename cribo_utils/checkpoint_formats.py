@@ -367,7 +367,12 @@ def checkpoint_depth(state_dict: Mapping[str, Tensor]) -> int | None:
 
 
 def build_pretrained_backbone(
-    arch: str, patch_size: int, weights: StrPath | None = None, checkpoint_key: str = "teacher"
+    arch: str,
+    patch_size: int,
+    weights: StrPath | None = None,
+    checkpoint_key: str = "teacher",
+    depth: int | None = None,
+    init_seed: int = 0,
 ) -> nn.Module:
     """Frozen, eval-mode ViT backbone, optionally initialised from a checkpoint of any supported layout.
 
@@ -380,6 +385,9 @@ def build_pretrained_backbone(
         patch_size: ViT patch size.
         weights: checkpoint path; ``None`` evaluates a randomly initialised network (logged as a warning).
         checkpoint_key: network to use in student/teacher checkpoints.
+        depth: number of blocks of a randomly initialised network (default: the arch's); checkpoints
+            always use their own depth.
+        init_seed: seed of the random initialisation (random baselines are reported over several seeds).
     Returns:
         The backbone in eval mode with ``requires_grad=False`` on every parameter.
     """
@@ -392,7 +400,9 @@ def build_pretrained_backbone(
             arch,
             patch_size,
         )
-        model = build_backbone(arch, patch_size=patch_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = build_backbone(arch, patch_size=patch_size, depth=depth)
     else:
         checkpoint = load_checkpoint_file(weights)
         _check_architecture(checkpoint, arch, patch_size, weights)
@@ -458,4 +468,8 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="vit_tiny, vit_small or vit_base; must match the checkpoint.",
     )
     group.add_argument("--patch_size", default=16, type=int, help="Patch size; must match the checkpoint.")
+    group.add_argument("--depth", default=None, type=int,
+                       help="Blocks of a randomly initialised network (checkpoints use their own depth).")
+    group.add_argument("--init_seed", default=0, type=int,
+                       help="Seed of the random initialisation when no weights are given.")
     return parser

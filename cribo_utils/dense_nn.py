@@ -1255,7 +1255,8 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     train_dataset, val_dataset = build_datasets(args)
     num_classes, class_names = dataset_classes(val_dataset)
     backbone = build_pretrained_backbone(
-        args.arch, args.patch_size, args.pretrained_weights or None, args.checkpoint_key
+        args.arch, args.patch_size, args.pretrained_weights or None, args.checkpoint_key,
+        depth=getattr(args, "depth", None), init_seed=getattr(args, "init_seed", 0)
     ).to(env.device)
     results = evaluate_dense_nn(
         backbone, train_dataset, val_dataset, cfg, env.device, num_classes, class_names

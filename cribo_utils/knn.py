@@ -253,7 +253,8 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("k-NN on %s: %d train / %d val images", args.dataset, len(train_set), len(val_set))
 
     model = build_pretrained_backbone(
-        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key
+        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
+        depth=getattr(args, "depth", None), init_seed=getattr(args, "init_seed", 0)
     )
     model.to(env.device)
     features, labels = {}, {}

@@ -351,7 +351,8 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     val_set = build_classification_split(args, "val", val_transform)
 
     model = build_pretrained_backbone(
-        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key
+        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
+        depth=getattr(args, "depth", None), init_seed=getattr(args, "init_seed", 0)
     )
     model.to(env.device)
     feature_kwargs = {
