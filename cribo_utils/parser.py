@@ -121,6 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--clip_grad", default=0.0, type=float,
                        help="Per-tensor gradient norm clip (0 disables). 0.3-1.0 helps larger ViTs.")
     group.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process.")
+    group.add_argument("--batch_size", default=0, type=int,
+                       help="Global batch over all processes (0: use --batch_size_per_gpu). When given it must "
+                            "be divisible by the number of processes and sets --batch_size_per_gpu.")
     group.add_argument("--epochs", default=300, type=int, help="Number of training epochs.")
     group.add_argument("--freeze_last_layer", default=1, type=int,
                        help="Epochs during which both last layers of the head are not updated.")
@@ -139,6 +142,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--local_crops_scale", default=(0.05, 0.25), type=float, nargs="+",
                        help="Area range of the local crops.")
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops.")
+    group.add_argument("--hue_jitter", default=0.1, type=float,
+                       help="Hue range of the colour jitter (DINO: 0.1). Larger values (up to 0.5) stop the "
+                            "network from matching objects by colour.")
+    group.add_argument("--grayscale_p", default=0.2, type=float, help="Probability of a grayscale view.")
+    group.add_argument("--blur_radius_max", default=None, type=float,
+                       help="Largest Gaussian-blur radius (default 2.0 * image_size / 224: DINO's 2.0 at 224 px, "
+                            "proportionally less on smaller crops so textures survive).")
     group.add_argument("--same_teacher_augmentations", default=False, type=bool_flag,
                        help="Unused (reference flag).")
 
@@ -196,6 +206,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Stop after this many iterations in total (0: train all epochs).")
     group.add_argument("--log_freq", default=10, type=int, help="Iterations between log lines.")
     group.add_argument("--tensorboard", default=False, type=bool_flag, help="Also log to TensorBoard.")
+    group.add_argument("--dist_timeout", default=1800, type=float,
+                       help="Seconds a collective may wait for the other processes before the run stops with "
+                            "an error naming the lost rank(s) (bounds the hang when a process dies).")
+    group.add_argument("--check_memory", default=True, type=bool_flag,
+                       help="Refuse to start when the estimated memory (bank, networks, optimiser, "
+                            "activations) exceeds what is free; false starts anyway.")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Compute device.")
     group.add_argument("--dist_url", default="env://", type=str, help="Ignored: rank comes from the env.")
     group.add_argument("--local_rank", "--local-rank", default=0, type=int,
@@ -285,10 +301,34 @@ class ConfigError(SystemExit):
     """A configuration that cannot work; raised before any model is built, with a one-line message."""
 
 
+def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
+    """Apply the global ``--batch_size`` (when given): ``batch_size_per_gpu = batch_size / world_size``.
+
+    Raises:
+        ConfigError: the global batch does not divide evenly across the ``world_size`` processes.
+    """
+    if not args.batch_size:
+        return
+    if args.batch_size < 0:
+        raise ConfigError(f"--batch_size {args.batch_size}: must be positive (0 means: use --batch_size_per_gpu)")
+    if args.batch_size % world_size:
+        lower = max(world_size, args.batch_size // world_size * world_size)
+        raise ConfigError(f"--batch_size {args.batch_size} does not divide across {world_size} processes; use a "
+                          f"multiple of {world_size} (e.g. {lower} or {lower + world_size}) or --batch_size_per_gpu")
+    if args.batch_size_per_gpu != args.batch_size // world_size:
+        logger.info("--batch_size %d over %d processes: batch_size_per_gpu %d (was %d)", args.batch_size,
+                    world_size, args.batch_size // world_size, args.batch_size_per_gpu)
+    args.batch_size_per_gpu = args.batch_size // world_size
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Reject impossible configurations before anything is built (each message names the flag and the fix)."""
+    """Reject impossible configurations before anything is built (each message names the flag and the fix).
+
+    Also resolves the global ``--batch_size`` into ``batch_size_per_gpu`` (:func:`resolve_batch_size`).
+    """
     from models import ARCHS
 
+    resolve_batch_size(args, world_size)
     if args.arch not in ARCHS:
         raise ConfigError(f"--arch {args.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
     if args.patch_size <= 0 or args.image_size % args.patch_size:
@@ -314,5 +354,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--global_crops_scale {low} {high}: expected 0 < low <= high <= 1")
     if args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs}: must be at least 1")
+    if args.dist_timeout <= 0:
+        raise ConfigError(f"--dist_timeout {args.dist_timeout}: must be a positive number of seconds")
     if args.dataset_type != "synthetic" and not args.data_path:
         raise ConfigError(f"--dataset_type {args.dataset_type} needs --data_path (the dataset root)")

@@ -26,6 +26,7 @@ from torch import nn
 
 from cribo_utils import distributed
 from cribo_utils.checkpoint import (
+    CheckpointError,
     find_resume_checkpoint,
     save_training_checkpoint,
     with_prefix,
@@ -37,19 +38,34 @@ from cribo_utils.loss import CrIBoLoss
 from cribo_utils.memory_bank import CentroidMemoryBank
 from cribo_utils.neighbours import find_cycle_consistent_neighbours
 from cribo_utils.optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
-from cribo_utils.parser import validate_args
+from cribo_utils.parser import ConfigError, validate_args
 from cribo_utils.progress import Progress, format_seconds
+from cribo_utils.resources import check_memory
 from cribo_utils.schedules import cosine_schedule
-from data.loading import PerSampleSeededDataset, ResumableDistributedSampler, mix_seed
+from data.datasets import DatasetLayoutError
+from data.loading import (
+    PerSampleSeededDataset,
+    ResumableDistributedSampler,
+    UnreadableSampleError,
+    mix_seed,
+    set_worker_signal_handlers,
+)
 from models.student_teacher import build_student_teacher, update_teacher
 
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; requeue and resume.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss (or, at a checkpoint, a weight) became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Failures that end a run with a one-line message (main_cribo.py prints it and exits with status 1):
+# the message says what happened and what to do, so a traceback would only hide it.
+TRAINING_ERRORS: tuple[type[BaseException], ...] = (
+    NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError, distributed.CollectiveFailure)
 
 
 class StepTimer:
@@ -128,18 +144,23 @@ def build_pretrain_loader(args: argparse.Namespace, env: distributed.DistEnv
     transform = TwoViewTransform(
         image_size=args.image_size, patch_size=args.patch_size, global_crops_scale=tuple(args.global_crops_scale),
         local_crops_number=args.local_crops_number, local_crops_scale=tuple(args.local_crops_scale),
-        local_crops_size=args.local_crops_size)
-    base = build_pretrain_dataset(
+        local_crops_size=args.local_crops_size, hue=args.hue_jitter, grayscale_p=args.grayscale_p,
+        blur_radius_max=args.blur_radius_max)
+    base = build_pretrain_dataset(  # the wrapper below skips unreadable files and counts them per sample
         args.dataset_type, args.data_path, transform=None,
         synthetic_kwargs={"image_size": args.synthetic_image_size, "num_train": args.synthetic_num_train,
                           "num_val": args.synthetic_num_val, "seed": args.seed},
-        skip_bad_files=args.skip_bad_files)
-    dataset = PerSampleSeededDataset(base, seed=args.seed, transform=transform)
-    sampler = ResumableDistributedSampler(len(dataset), args.batch_size_per_gpu, env.world_size, env.rank,
-                                          seed=args.seed, shuffle=True)
+        skip_bad_files=False)
+    dataset = PerSampleSeededDataset(base, seed=args.seed, transform=transform, skip_bad_files=args.skip_bad_files)
+    try:
+        sampler = ResumableDistributedSampler(len(dataset), args.batch_size_per_gpu, env.world_size, env.rank,
+                                              seed=args.seed, shuffle=True)
+    except ValueError as error:
+        raise ConfigError(f"--data_path {args.data_path or '(synthetic)'}: {error}") from error
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False)
+        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
+        worker_init_fn=set_worker_signal_handlers if args.num_workers > 0 else None)
     return loader, sampler, dataset
 
 
@@ -257,11 +278,7 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
         masks = None if neighbours is None else torch.stack([neighbours.mask1, neighbours.mask2])
         losses = parts.loss(student_cls_out, teacher_cls_out, student_obj, teacher_obj, teacher_nn, masks, epoch)
         loss = losses["loss"]
-        if not math.isfinite(loss.item()):
-            terms = {key: float(value) for key, value in losses.items()}
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {iteration} (epoch {epoch}): {terms}. The last good checkpoint "
-                "is kept. Try a lower --lr, --clip_grad 0.3, --norm_last_layer true or --precision fp32.")
+        check_finite_loss(parts, losses, iteration, epoch)
 
     with timer("backward"):
         parts.optimizer.zero_grad(set_to_none=True)
@@ -295,6 +312,38 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
         nn_fraction_2=float(neighbours.mask2.float().sum() / max(num_objects, 1)) if neighbours is not None else 0.0,
         nn_active=float(use_nn))
     return metrics
+
+
+NON_FINITE_HINT = ("The last good checkpoint is kept. Try a lower --lr, --clip_grad 0.3, --norm_last_layer true "
+                   "or --precision fp32, then rerun to resume from it.")
+
+
+def check_finite_loss(parts: TrainingParts, losses: dict[str, torch.Tensor], iteration: int, epoch: int) -> None:
+    """Stop every rank together, before the backward pass, when any rank's loss is NaN or infinite.
+
+    Raises:
+        NonFiniteLossError: naming the iteration, this rank's loss terms and a hint.
+    """
+    bad = torch.tensor([0.0 if math.isfinite(losses["loss"].item()) else 1.0])
+    if parts.env.world_size > 1:  # so that no rank waits in the gradient all-reduce for one that stopped
+        bad = distributed.all_reduce_sum(bad.to(parts.device)).cpu()
+    if bad.item() > 0:
+        terms = ", ".join(f"{key} {float(value.detach()):.4g}" for key, value in losses.items())
+        where = f" on {int(bad.item())} of {parts.env.world_size} processes" if parts.env.world_size > 1 else ""
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {terms}. "
+                                 + NON_FINITE_HINT)
+
+
+def check_finite_weights(parts: TrainingParts, iteration: int) -> None:
+    """Refuse to checkpoint non-finite weights (an update can overflow even when the loss was finite).
+
+    Raises:
+        NonFiniteLossError: naming the iteration and the first non-finite parameter.
+    """
+    for name, tensor in (*parts.student.named_parameters(), *parts.teacher.named_parameters()):
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteLossError(f"non-finite weights after iteration {iteration} ({name}); the checkpoint "
+                                     f"is not written. " + NON_FINITE_HINT)
 
 
 def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[str, Any]:
@@ -350,13 +399,22 @@ def seed_from_released_checkpoint(parts: TrainingParts, path: str) -> None:
     logger.info("initialised student and teacher from %s", path)
 
 
-def install_preemption_handlers(parts: TrainingParts) -> None:
-    """SIGTERM / SIGUSR1 (sent by SLURM before the time limit) request a checkpoint at the next iteration."""
+def install_preemption_handlers(stop_signal: list[int]) -> dict[int, Any]:
+    """SIGTERM / SIGUSR1 (SLURM sends them before the time limit or on preemption) are recorded in
+    ``stop_signal``; the loop then writes a checkpoint at the next iteration boundary and exits with
+    :data:`EXIT_PREEMPTED`. Returns the previous handlers (for :func:`restore_signal_handlers`)."""
 
     def handler(signum: int, _frame: Any) -> None:
-        parts.stop_signal.append(signum)
+        stop_signal.append(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    previous = {}
+    for signum in PREEMPTION_SIGNALS:
+        previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
         signal.signal(signum, handler)
 
 
@@ -370,6 +428,7 @@ def stop_requested(parts: TrainingParts) -> bool:
 
 
 def save(parts: TrainingParts, epoch: int, iteration: int, epoch_copy: int | None = None) -> None:
+    check_finite_weights(parts, iteration)
     if distributed.is_main_process():
         save_training_checkpoint(checkpoint_state(parts, epoch, iteration), parts.args.output_dir, epoch_copy)
     distributed.barrier()
@@ -393,23 +452,52 @@ def log_run_summary(parts: TrainingParts) -> None:
 
 
 def train_cribo(args: argparse.Namespace) -> dict[str, float]:
-    """Train CrIBo as configured by ``args``; returns the last epoch's averaged metrics."""
-    env = distributed.init_distributed()
+    """Train CrIBo as configured by ``args``; returns the last epoch's averaged metrics.
+
+    Raises:
+        SystemExit: :data:`EXIT_PREEMPTED` after a checkpoint on SIGTERM / SIGUSR1; a
+            :class:`~cribo_utils.parser.ConfigError` (one line) for an impossible configuration or one that
+            does not fit in memory.
+        NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError, CollectiveFailure:
+            (:data:`TRAINING_ERRORS`) a one-line message; the last good checkpoint is untouched.
+    """
+    stop_signal: list[int] = []
+    previous_handlers = install_preemption_handlers(stop_signal)
+    env = distributed.init_distributed(timeout_s=args.dist_timeout)
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(args.output_dir, env.rank)
+    collective_failed = False
     try:
         validate_args(args, env.world_size)
-        return _train(args, env)
+        if args.check_memory:
+            device = resolve_device(args, env)
+            autocast_dtype = resolve_precision(args, device)
+            check_memory(args, device, activation_bytes=4 if autocast_dtype is None else 2)
+        return _train(args, env, stop_signal)
+    except TRAINING_ERRORS as error:
+        logger.error("%s", error)
+        raise
+    except RuntimeError as error:
+        if env.world_size == 1 or not distributed.is_collective_failure(error):
+            raise
+        collective_failed = True  # destroying a group with a dead peer can block: leave it to process exit
+        failure = distributed.diagnose_collective_failure(error, wait_s=min(args.dist_timeout, 60.0),
+                                                          timeout_s=args.dist_timeout)
+        logger.error("%s", failure)
+        raise failure from error
     finally:
-        distributed.cleanup()
+        restore_signal_handlers(previous_handlers)
+        if not collective_failed:
+            distributed.cleanup()
 
 
-def _train(args: argparse.Namespace, env: distributed.DistEnv) -> dict[str, float]:
+def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list[int]) -> dict[str, float]:
     torch.manual_seed(mix_seed(args.seed, env.rank))
     if distributed.is_main_process():
         with open(os.path.join(args.output_dir, "args.json"), "w") as handle:
             json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, handle, indent=2)
     parts = build_training_parts(args, env)
+    parts.stop_signal = stop_signal
     log_run_summary(parts)
 
     start_iteration = 0
@@ -421,7 +509,6 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv) -> dict[str, floa
     elif args.start_checkpoint_path:
         seed_from_released_checkpoint(parts, args.start_checkpoint_path)
 
-    install_preemption_handlers(parts)
     total_iters = args.epochs * parts.iters_per_epoch
     if args.max_iters:
         total_iters = min(total_iters, args.max_iters)
@@ -439,7 +526,8 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv) -> dict[str, floa
             if parts.stop_signal and epoch_metrics.get("preempted"):
                 iteration = int(epoch_metrics["next_iteration"])
                 logger.warning("preemption signal %s: checkpoint written at iteration %d; exiting with code %d "
-                               "so the job is requeued", parts.stop_signal[0], iteration, EXIT_PREEMPTED)
+                               "so the job is requeued", signal.Signals(parts.stop_signal[0]).name, iteration,
+                               EXIT_PREEMPTED)
                 metric_logger.close()
                 sys.exit(EXIT_PREEMPTED)
     finally:
@@ -479,12 +567,14 @@ def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, tota
     parts.teacher.eval()
     sums: dict[str, float] = {}
     count = 0
-    iteration = start_iteration
+    skipped_files = 0
+    iteration = saved_at = start_iteration
     step_start = time.perf_counter()
-    for batch in parts.loader:
+    for views, targets, skipped in parts.loader:
         if iteration >= total_iters or iteration >= (epoch + 1) * parts.iters_per_epoch:
             break
-        metrics = training_step(parts, batch, iteration, epoch)
+        skipped_files += int(skipped.sum())
+        metrics = training_step(parts, (views, targets), iteration, epoch)
         step_time = time.perf_counter() - step_start
         step_start = time.perf_counter()
         metrics["images_per_s"] = args.batch_size_per_gpu * parts.env.world_size / max(step_time, 1e-9)
@@ -499,20 +589,35 @@ def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, tota
         preempted = stop_requested(parts)
         if preempted or (args.saveckp_freq_iters and iteration % args.saveckp_freq_iters == 0):
             save(parts, iteration // parts.iters_per_epoch, iteration)
+            saved_at = iteration
         if preempted:
             return {"preempted": 1.0, "next_iteration": float(iteration)}
     averages = average_across_ranks(sums, count, parts)
+    skipped_files = total_across_ranks(skipped_files, parts)
     next_epoch = epoch + 1
     epoch_completed = iteration == next_epoch * parts.iters_per_epoch
     epoch_copy = next_epoch if epoch_completed and args.saveckp_freq and next_epoch % args.saveckp_freq == 0 else None
-    save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
-    metric_logger.log({"epoch": epoch, "iteration": iteration, **{f"epoch_{k}": v for k, v in averages.items()}})
+    if saved_at != iteration or epoch_copy is not None:  # no second write of the same state (keeps the backup older)
+        save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
+    metric_logger.log({"epoch": epoch, "iteration": iteration, **{f"epoch_{k}": v for k, v in averages.items()},
+                       "epoch_skipped_files": skipped_files})
+    if skipped_files and distributed.is_main_process():
+        logger.warning("epoch %d: %d unreadable file(s) skipped and replaced by the next readable image (the "
+                       "warnings above name them); delete or replace them", epoch + 1, skipped_files)
     if distributed.is_main_process():
         logger.info("epoch %d/%d done: %s", next_epoch, args.epochs,
                     " | ".join(f"{k} {v:.4g}" for k, v in averages.items()
                                if k in ("loss", "loss_img", "loss_obj", "loss_nn", "clusters_per_image",
                                         "nn_fraction", "images_per_s")))
     return averages
+
+
+def total_across_ranks(value: int, parts: TrainingParts) -> int:
+    """Sum of an integer count over all ranks."""
+    if parts.env.world_size == 1:
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64, device=parts.device)
+    return int(distributed.all_reduce_sum(total).item())
 
 
 def average_across_ranks(sums: dict[str, float], count: int, parts: TrainingParts) -> dict[str, float]:

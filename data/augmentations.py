@@ -167,19 +167,31 @@ class RandomSolarization:
         return f"{type(self).__name__}(p={self.p}, threshold={self.threshold})"
 
 
-def colour_distortion() -> T.Compose:
-    """DINO's colour pipeline: ColorJitter(0.4, 0.4, 0.2, 0.1) with p = 0.8, then grayscale with p = 0.2."""
+def colour_distortion(hue: float = 0.1, grayscale_p: float = 0.2) -> T.Compose:
+    """DINO's colour pipeline: ColorJitter(0.4, 0.4, 0.2, hue) with p = 0.8, then grayscale with p = grayscale_p.
+
+    DINO uses hue 0.1 and grayscale 0.2 (the defaults).
+    """
     return T.Compose(
         [
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=hue)], p=0.8),
+            T.RandomGrayscale(p=grayscale_p),
         ]
     )
 
 
-def photometric_pipeline(blur_p: float, solarization_p: float) -> T.Compose:
-    """Colour distortion, Gaussian blur (prob. ``blur_p``), solarisation (prob. ``solarization_p``)."""
-    ops: list[PilTransform] = [colour_distortion(), RandomGaussianBlur(blur_p)]
+def photometric_pipeline(
+    blur_p: float,
+    solarization_p: float,
+    hue: float = 0.1,
+    grayscale_p: float = 0.2,
+    blur_radius_max: float = 2.0,
+) -> T.Compose:
+    """Colour distortion, Gaussian blur (prob. ``blur_p``, radius U(0.1, blur_radius_max)), solarisation."""
+    ops: list[PilTransform] = [
+        colour_distortion(hue, grayscale_p),
+        RandomGaussianBlur(blur_p, radius_min=min(0.1, blur_radius_max), radius_max=blur_radius_max),
+    ]
     if solarization_p > 0:
         ops.append(RandomSolarization(solarization_p))
     return T.Compose(ops)
@@ -271,7 +283,14 @@ class TwoViewTransform:
         local_crops_number: int = 0,
         local_crops_scale: tuple[float, float] = (0.05, 0.25),
         local_crops_size: int = 96,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        blur_radius_max: float | None = None,
     ) -> None:
+        # DINO's blur radius U(0.1, 2.0) is meant for 224 px crops; by default it scales with the crop size
+        # so that small crops (e.g. 96 px on the synthetic scenes) keep their textures. 224 px: unchanged.
+        if blur_radius_max is None:
+            blur_radius_max = 2.0 * image_size / 224.0
         global_crops_scale = _check_range("--global_crops_scale", global_crops_scale, upper=1.0)
         if (
             isinstance(local_crops_number, bool)
@@ -281,12 +300,12 @@ class TwoViewTransform:
             raise ValueError(f"`--local_crops_number`: expected an integer >= 0; got {local_crops_number!r}.")
         self.global_crop = RandomResizedCropWithPositions(image_size, patch_size, global_crops_scale)
         self.global_photometric = (
-            photometric_pipeline(blur_p=1.0, solarization_p=0.0),
-            photometric_pipeline(blur_p=0.1, solarization_p=0.2),
+            photometric_pipeline(1.0, 0.0, hue, grayscale_p, blur_radius_max),
+            photometric_pipeline(0.1, 0.2, hue, grayscale_p, blur_radius_max),
         )
         self.local_crops_number = local_crops_number
         self.local_crop: RandomResizedCropWithPositions | None = None
-        self.local_photometric = photometric_pipeline(blur_p=0.5, solarization_p=0.0)
+        self.local_photometric = photometric_pipeline(0.5, 0.0, hue, grayscale_p, blur_radius_max)
         if local_crops_number > 0:
             local_crops_scale = _check_range("--local_crops_scale", local_crops_scale, upper=1.0)
             self.local_crop = RandomResizedCropWithPositions(local_crops_size, patch_size, local_crops_scale)
