@@ -6,6 +6,8 @@
     sbatch run_slurm.sh --config checkpoints/vits16-coco_args.json --data_path /datasets/coco/train2017
 
 Resuming is automatic: rerun the same command with the same --output_dir.
+Exit status: 0 done; 1 a one-line error (bad configuration or data, not enough memory, non-finite loss,
+damaged checkpoints, a lost process); 75 a checkpoint was written on SIGTERM/SIGUSR1 (requeue to resume).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from cribo_utils.parser import resolve_args
-from cribo_utils.train import train_cribo
+from cribo_utils.train import TRAINING_ERRORS, train_cribo
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -22,4 +24,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except TRAINING_ERRORS as error:  # already logged; one line on stderr and status 1, no traceback
+        sys.exit(f"main_cribo.py: error: {error}")

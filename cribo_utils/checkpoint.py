@@ -119,9 +119,43 @@ def find_resume_checkpoint(output_dir: str) -> tuple[dict[str, Any], str] | None
         + f". Move the damaged files out of {output_dir} to start afresh, or restore a checkpoint copy.")
 
 
+def remove_stale_temporary_files(output_dir: str) -> list[str]:
+    """Delete ``*.tmp.<pid>`` files left in ``output_dir`` by a writer that was killed mid-save.
+
+    A file is stale when no process with its ``<pid>`` is running on this machine (only one process, rank 0,
+    writes to an output folder). Returns the removed paths.
+    """
+    removed: list[str] = []
+    if not os.path.isdir(output_dir):
+        return removed
+    for name in os.listdir(output_dir):
+        stem, _, pid = name.rpartition(".tmp.")
+        if not stem or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # the writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # a live process of another user
+        path = os.path.join(output_dir, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        logger.warning("removed %s, left by a save that was interrupted", path)
+        removed.append(path)
+    return removed
+
+
 def save_training_checkpoint(state: dict[str, Any], output_dir: str, epoch_copy: int | None = None) -> str:
     """Write ``checkpoint.pth`` atomically (previous one kept as ``.backup``), and optionally
-    ``checkpoint{epoch:04}.pth`` and the teacher-only ``teacher_backbone.pth`` for evaluation."""
+    ``checkpoint{epoch:04}.pth`` and the teacher-only ``teacher_backbone.pth`` for evaluation.
+
+    Temporary files of an earlier, interrupted save are removed first (:func:`remove_stale_temporary_files`).
+    """
+    remove_stale_temporary_files(output_dir)
     state = dict(state, format_version=FORMAT_VERSION)
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     atomic_save(state, path, keep_backup=True)

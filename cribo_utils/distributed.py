@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import product
@@ -41,6 +42,9 @@ _SLURM_MARKERS = ("SLURM_PROCID", "SLURM_LOCALID")
 # range (32768+), so an outgoing connection of another process cannot already hold the port.
 _PORT_BASE = 20000
 _PORT_RANGE = 10000
+RENDEZVOUS_TIMEOUT_S = 600  # at least this long for all ranks to join, whatever the collective timeout
+# The rendezvous store of the process group (rank 0 hosts it), kept to diagnose failed collectives.
+_STORE: dist.Store | None = None
 
 
 @dataclass(frozen=True)
@@ -316,8 +320,9 @@ def init_distributed(timeout_s: float = 1800, backend: str | None = None) -> Dis
     available, gloo on CPU. Calling it again after a successful initialisation returns the same answer.
 
     Args:
-        timeout_s: bound, in seconds, on the rendezvous and on every collective, so a missing rank
-            fails with an error instead of hanging forever.
+        timeout_s: bound, in seconds, on every collective (``--dist_timeout``), so a missing rank fails
+            with an error instead of hanging forever; the rendezvous waits ``max(timeout_s,
+            RENDEZVOUS_TIMEOUT_S)`` for all ranks to join.
         backend: ``None`` picks NCCL if CUDA is available, else gloo; ``"gloo"`` forces CPU (tests,
             debugging); ``"nccl"`` requires CUDA.
 
@@ -364,27 +369,129 @@ def init_distributed(timeout_s: float = 1800, backend: str | None = None) -> Dis
         launch.local_rank,
         timeout_s,
     )
+    global _STORE
+    assert launch.master_addr is not None and launch.master_port is not None
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(
-            backend=chosen,
-            init_method=init_method,
-            world_size=launch.world_size,
-            rank=launch.rank,
-            timeout=datetime.timedelta(seconds=timeout_s),
+        # An explicit store (what init_method="tcp://..." would create) so that the ranks can still talk
+        # through it after a collective fails: see :func:`find_lost_ranks`.
+        # The rendezvous may wait longer than a collective: ranks can start minutes apart on a busy cluster.
+        store = dist.TCPStore(
+            launch.master_addr, launch.master_port, launch.world_size, is_master=launch.rank == 0,
+            timeout=max(timeout, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)),
         )
+        dist.init_process_group(
+            backend=chosen, store=store, world_size=launch.world_size, rank=launch.rank, timeout=timeout
+        )
+        store.set_timeout(timeout)
     except dist.DistError as error:
         raise RuntimeError(
             f"Rendezvous at {init_method} failed for rank {launch.rank}/{launch.world_size} ({error}). "
             "Check that all ranks were started (a `python` call inside an sbatch script with --ntasks > 1 "
             "but without `srun` starts only one), and that the port is free."
         ) from error
+    _STORE = store
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, device, chosen)
 
 
 def cleanup() -> None:
     """Destroy the process group if there is one."""
+    global _STORE
     if is_dist():
         dist.destroy_process_group()
+    _STORE = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Lost ranks: a collective that fails because a peer died or hangs
+# --------------------------------------------------------------------------------------------------
+
+_ROLL_CALL_KEY = "cribo/alive_after_failure/{rank}"
+# Messages of the errors gloo / NCCL / c10d raise (as plain RuntimeError) when a peer is gone or late.
+_COLLECTIVE_FAILURE = re.compile(
+    r"Connection (closed|reset) by peer|Timed out waiting|timed out|Broken pipe|gloo|NCCL|ProcessGroup|"
+    r"monitoredBarrier|Socket Timeout|Connection refused",
+    re.IGNORECASE,
+)
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective operation failed because another rank died or stopped responding.
+
+    Attributes:
+        rank: this process's rank.
+        lost_ranks: ranks that did not check in after the failure (``None``: the store on rank 0 was
+            unreachable, so rank 0 itself is presumably gone).
+    """
+
+    def __init__(self, message: str, rank: int, lost_ranks: list[int] | None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.lost_ranks = lost_ranks
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` looks like a failed or timed-out collective (gloo and NCCL raise RuntimeError)."""
+    return isinstance(error, dist.DistError) or bool(_COLLECTIVE_FAILURE.search(str(error)))
+
+
+def find_lost_ranks(wait_s: float) -> list[int] | None:
+    """After a failed collective, the ranks that are gone: a roll call through the rendezvous store.
+
+    Every surviving rank that calls this writes ``alive/<rank>`` to the store (hosted by rank 0), then
+    waits up to ``wait_s`` seconds for all ``W`` keys. A dead or hung rank never writes its key.
+
+    Args:
+        wait_s: how long to wait for the other survivors to notice the failure and check in.
+
+    Returns:
+        Sorted ranks that did not check in; ``None`` when the store cannot be reached (rank 0 is gone) or
+        there is no process group.
+    """
+    if _STORE is None or not is_dist():
+        return None
+    world_size = get_world_size()
+    keys = [_ROLL_CALL_KEY.format(rank=r) for r in range(world_size)]
+    deadline = time.monotonic() + wait_s
+    try:
+        _STORE.set(keys[get_rank()], "1")
+        while True:
+            missing = [r for r, key in enumerate(keys) if not _STORE.check([key])]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.1)
+    except (dist.DistError, RuntimeError) as error:
+        logger.warning("the rendezvous store on rank 0 cannot be reached (%s)", error)
+        return None
+
+
+def diagnose_collective_failure(error: BaseException, wait_s: float, timeout_s: float) -> CollectiveFailure:
+    """Turn a failed collective into a one-line :class:`CollectiveFailure` naming the lost rank(s).
+
+    Args:
+        error: what the collective raised.
+        wait_s: roll-call window (:func:`find_lost_ranks`).
+        timeout_s: the collective timeout in force (``--dist_timeout``), quoted in the message.
+
+    Returns:
+        The exception to raise (with ``lost_ranks`` set).
+    """
+    rank = get_rank()
+    lost = find_lost_ranks(wait_s)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first_line = first_line.split(". This is typically")[0]  # gloo's generic advice follows
+    if lost is None:
+        who = "rank 0 (which hosts the rendezvous store) cannot be reached: it died or its node is down"
+    elif lost:
+        names = ", ".join(str(r) for r in lost)
+        who = (f"rank{'s' if len(lost) > 1 else ''} {names} did not respond within {wait_s:g} s: "
+               f"{'they' if len(lost) > 1 else 'it'} died or hang{'' if len(lost) > 1 else 's'}")
+    else:
+        who = "every rank is still alive, so the failure is in the communication itself"
+    message = (f"rank {rank}: a collective operation failed or timed out (--dist_timeout {timeout_s:g} s): "
+               f"{who} [{first_line[:300]}]. Check that process's log, then rerun: the run resumes from the "
+               "last checkpoint")
+    return CollectiveFailure(message, rank, lost)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -122,8 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="Per-tensor gradient norm clip (0 disables). 0.3-1.0 helps larger ViTs.")
     group.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process.")
     group.add_argument("--batch_size", default=0, type=int,
-                       help="Global batch over all processes (0: use --batch_size_per_gpu). When given it must "
-                            "be divisible by the number of processes and sets --batch_size_per_gpu.")
+                       help="Global batch over all processes (0: use --batch_size_per_gpu). When given it "
+                            "must be divisible by the number of processes and sets --batch_size_per_gpu.")
     group.add_argument("--epochs", default=300, type=int, help="Number of training epochs.")
     group.add_argument("--freeze_last_layer", default=1, type=int,
                        help="Epochs during which both last layers of the head are not updated.")
@@ -310,11 +310,12 @@ def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
     if not args.batch_size:
         return
     if args.batch_size < 0:
-        raise ConfigError(f"--batch_size {args.batch_size}: must be positive (0 means: use --batch_size_per_gpu)")
+        raise ConfigError(f"--batch_size {args.batch_size}: must be positive (0: use --batch_size_per_gpu)")
     if args.batch_size % world_size:
         lower = max(world_size, args.batch_size // world_size * world_size)
-        raise ConfigError(f"--batch_size {args.batch_size} does not divide across {world_size} processes; use a "
-                          f"multiple of {world_size} (e.g. {lower} or {lower + world_size}) or --batch_size_per_gpu")
+        raise ConfigError(f"--batch_size {args.batch_size} does not divide across {world_size} processes; "
+                          f"use a multiple of {world_size} (e.g. {lower} or {lower + world_size}) or "
+                          "--batch_size_per_gpu")
     if args.batch_size_per_gpu != args.batch_size // world_size:
         logger.info("--batch_size %d over %d processes: batch_size_per_gpu %d (was %d)", args.batch_size,
                     world_size, args.batch_size // world_size, args.batch_size_per_gpu)

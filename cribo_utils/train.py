@@ -65,7 +65,8 @@ class NonFiniteLossError(RuntimeError):
 # Failures that end a run with a one-line message (main_cribo.py prints it and exits with status 1):
 # the message says what happened and what to do, so a traceback would only hide it.
 TRAINING_ERRORS: tuple[type[BaseException], ...] = (
-    NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError, distributed.CollectiveFailure)
+    NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError,
+    distributed.CollectiveFailure)
 
 
 class StepTimer:
@@ -151,7 +152,8 @@ def build_pretrain_loader(args: argparse.Namespace, env: distributed.DistEnv
         synthetic_kwargs={"image_size": args.synthetic_image_size, "num_train": args.synthetic_num_train,
                           "num_val": args.synthetic_num_val, "seed": args.seed},
         skip_bad_files=False)
-    dataset = PerSampleSeededDataset(base, seed=args.seed, transform=transform, skip_bad_files=args.skip_bad_files)
+    dataset = PerSampleSeededDataset(base, seed=args.seed, transform=transform,
+                                     skip_bad_files=args.skip_bad_files)
     try:
         sampler = ResumableDistributedSampler(len(dataset), args.batch_size_per_gpu, env.world_size, env.rank,
                                               seed=args.seed, shuffle=True)
@@ -329,7 +331,8 @@ def check_finite_loss(parts: TrainingParts, losses: dict[str, torch.Tensor], ite
         bad = distributed.all_reduce_sum(bad.to(parts.device)).cpu()
     if bad.item() > 0:
         terms = ", ".join(f"{key} {float(value.detach()):.4g}" for key, value in losses.items())
-        where = f" on {int(bad.item())} of {parts.env.world_size} processes" if parts.env.world_size > 1 else ""
+        world_size = parts.env.world_size
+        where = f" on {int(bad.item())} of {world_size} processes" if world_size > 1 else ""
         raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {terms}. "
                                  + NON_FINITE_HINT)
 
@@ -342,8 +345,8 @@ def check_finite_weights(parts: TrainingParts, iteration: int) -> None:
     """
     for name, tensor in (*parts.student.named_parameters(), *parts.teacher.named_parameters()):
         if not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteLossError(f"non-finite weights after iteration {iteration} ({name}); the checkpoint "
-                                     f"is not written. " + NON_FINITE_HINT)
+            raise NonFiniteLossError(f"non-finite weights after iteration {iteration} ({name}); the "
+                                     "checkpoint is not written. " + NON_FINITE_HINT)
 
 
 def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[str, Any]:
@@ -407,13 +410,14 @@ def install_preemption_handlers(stop_signal: list[int]) -> dict[int, Any]:
     def handler(signum: int, _frame: Any) -> None:
         stop_signal.append(signum)
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for signum in PREEMPTION_SIGNALS:
         previous[signum] = signal.signal(signum, handler)
     return previous
 
 
 def restore_signal_handlers(previous: dict[int, Any]) -> None:
+    """Put back the handlers that :func:`install_preemption_handlers` replaced."""
     for signum, handler in previous.items():
         signal.signal(signum, handler)
 
@@ -462,12 +466,13 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
             (:data:`TRAINING_ERRORS`) a one-line message; the last good checkpoint is untouched.
     """
     stop_signal: list[int] = []
-    previous_handlers = install_preemption_handlers(stop_signal)
-    env = distributed.init_distributed(timeout_s=args.dist_timeout)
-    os.makedirs(args.output_dir, exist_ok=True)
-    setup_logging(args.output_dir, env.rank)
+    previous_handlers = install_preemption_handlers(stop_signal)  # first: a signal during start-up counts too
+    env: distributed.DistEnv | None = None
     collective_failed = False
     try:
+        env = distributed.init_distributed(timeout_s=args.dist_timeout)
+        os.makedirs(args.output_dir, exist_ok=True)
+        setup_logging(args.output_dir, env.rank)
         validate_args(args, env.world_size)
         if args.check_memory:
             device = resolve_device(args, env)
@@ -478,7 +483,7 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
         logger.error("%s", error)
         raise
     except RuntimeError as error:
-        if env.world_size == 1 or not distributed.is_collective_failure(error):
+        if env is None or env.world_size == 1 or not distributed.is_collective_failure(error):
             raise
         collective_failed = True  # destroying a group with a dead peer can block: leave it to process exit
         failure = distributed.diagnose_collective_failure(error, wait_s=min(args.dist_timeout, 60.0),
@@ -597,10 +602,10 @@ def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, tota
     next_epoch = epoch + 1
     epoch_completed = iteration == next_epoch * parts.iters_per_epoch
     epoch_copy = next_epoch if epoch_completed and args.saveckp_freq and next_epoch % args.saveckp_freq == 0 else None
-    if saved_at != iteration or epoch_copy is not None:  # no second write of the same state (keeps the backup older)
+    if saved_at != iteration or epoch_copy is not None:  # never the same state twice: the backup stays older
         save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
-    metric_logger.log({"epoch": epoch, "iteration": iteration, **{f"epoch_{k}": v for k, v in averages.items()},
-                       "epoch_skipped_files": skipped_files})
+    epoch_record = {f"epoch_{key}": value for key, value in averages.items()}
+    metric_logger.log({"epoch": epoch, "iteration": iteration, **epoch_record, "epoch_skipped_files": skipped_files})
     if skipped_files and distributed.is_main_process():
         logger.warning("epoch %d: %d unreadable file(s) skipped and replaced by the next readable image (the "
                        "warnings above name them); delete or replace them", epoch + 1, skipped_files)
