@@ -23,29 +23,37 @@ logger = logging.getLogger(__name__)
 DATASET_TYPES = ("synthetic", "imagenet1k", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# A small, CPU-friendly recipe for the built-in synthetic scenes: it finishes in under 10 minutes
-# on 2 CPU cores and learns measurably better dense features than random initialisation.
+# A small, CPU-friendly recipe for the built-in synthetic scenes (under 10 minutes on 2 CPU cores).
+# Compared with the reference recipe it uses a higher learning rate, a constant sharp teacher temperature,
+# a trainable weight-norm scale and a small head (the reference settings stay at the uniform-output
+# plateau, loss = log(out_dim), for the whole short run), and full-range hue jitter so objects cannot be
+# matched by their colour alone. What it learns is measured in the README.
 SYNTHETIC_PRESET: dict[str, Any] = {
     "arch": "vit_tiny",
     "patch_size": 16,
     "depth": 6,
     "image_size": 96,
-    "out_dim": 1024,
-    "out_dim_c": 1024,
+    "out_dim": 256,
+    "out_dim_c": 256,
+    "norm_last_layer": False,
     "batch_size_per_gpu": 32,
-    "epochs": 10,
+    "epochs": 8,
     "warmup_epochs": 1,
-    "lr": 0.002,
+    "lr": 0.01,
     "min_lr": 1e-5,
     "momentum_teacher": 0.99,
-    "warmup_teacher_temp_epochs": 2,
+    "warmup_teacher_temp": 0.04,
+    "teacher_temp": 0.04,
+    "warmup_teacher_temp_c": 0.04,
+    "teacher_temp_c": 0.04,
+    "warmup_teacher_temp_epochs": 0,
+    "hue_jitter": 0.5,
     "n_tokens": 8,
     "queue_size": 1024,
     "drop_path_rate": 0.0,
-    "norm_last_layer": True,
     "use_fp16": False,
     "num_workers": 2,
-    "saveckp_freq": 5,
+    "saveckp_freq": 4,
     "synthetic_num_train": 2048,
     "synthetic_num_val": 500,
 }
