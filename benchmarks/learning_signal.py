@@ -27,9 +27,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", nargs="*", default=[], help="Trained checkpoints to evaluate.")
     parser.add_argument("--arch", default="vit_tiny")
     parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--depth", default=6, type=int, help="Blocks of the random networks (match training).")
+    parser.add_argument(
+        "--depth", default=6, type=int, help="Blocks of the random networks (match training)."
+    )
     parser.add_argument("--random_seeds", default=3, type=int, help="Random initialisations to evaluate.")
-    parser.add_argument("--num_train", default=1000, type=int, help="Synthetic training images (memory / k-NN).")
+    parser.add_argument(
+        "--num_train", default=1000, type=int, help="Synthetic training images (memory / k-NN)."
+    )
     parser.add_argument("--num_val", default=300, type=int, help="Synthetic validation images.")
     parser.add_argument("--memory_size", default=32000, type=int, help="Dense NN memory (patches).")
     parser.add_argument("--skip_linear", action="store_true", help="Only dense NN and k-NN.")
@@ -40,8 +44,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 def run_eval(script: str, weights_flags: list[str], args: argparse.Namespace, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        command = [sys.executable, script, *weights_flags, "--arch", args.arch, "--patch_size", str(args.patch_size),
-                   "--output_json", out, *extra]
+        command = [
+            sys.executable,
+            script,
+            *weights_flags,
+            "--arch",
+            args.arch,
+            "--patch_size",
+            str(args.patch_size),
+            "--output_json",
+            out,
+            *extra,
+        ]
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         with open(out) as handle:
             return json.load(handle)
@@ -50,15 +64,43 @@ def run_eval(script: str, weights_flags: list[str], args: argparse.Namespace, ex
 def evaluate(weights_flags: list[str], args: argparse.Namespace) -> dict[str, float]:
     """mIoU (0-100) of dense NN retrieval, k-NN top-1 (k=20) and linear top-1 for one network."""
     fraction = args.num_train / 5000  # the synthetic training split has 5,000 images
-    dense = run_eval("eval_dense_nn.py", weights_flags, args, [
-        "--train_fraction", str(fraction), "--synthetic_num_val", str(args.num_val), "--memory_size",
-        str(args.memory_size), "--augmentation_epochs", "1", "--no_progress"])
-    knn = run_eval("eval_knn.py", weights_flags, args, [
-        "--synthetic_num_train", str(args.num_train), "--synthetic_num_val", str(args.num_val), "--nb_knn", "20"])
+    dense = run_eval(
+        "eval_dense_nn.py",
+        weights_flags,
+        args,
+        [
+            "--train_fraction",
+            str(fraction),
+            "--synthetic_num_val",
+            str(args.num_val),
+            "--memory_size",
+            str(args.memory_size),
+            "--augmentation_epochs",
+            "1",
+            "--no_progress",
+        ],
+    )
+    knn = run_eval(
+        "eval_knn.py",
+        weights_flags,
+        args,
+        [
+            "--synthetic_num_train",
+            str(args.num_train),
+            "--synthetic_num_val",
+            str(args.num_val),
+            "--nb_knn",
+            "20",
+        ],
+    )
     scores = {"dense_miou": 100 * dense["miou"], "knn_top1": knn["results"]["20"]["top1"]}
     if not args.skip_linear:
-        linear = run_eval("eval_linear.py", weights_flags, args, [
-            "--synthetic_num_train", str(args.num_train), "--synthetic_num_val", str(args.num_val)])
+        linear = run_eval(
+            "eval_linear.py",
+            weights_flags,
+            args,
+            ["--synthetic_num_train", str(args.num_train), "--synthetic_num_val", str(args.num_val)],
+        )
         scores["linear_top1"] = float(linear.get("last_top1", linear.get("best_top1", float("nan"))))
     return scores
 
@@ -66,18 +108,24 @@ def evaluate(weights_flags: list[str], args: argparse.Namespace) -> dict[str, fl
 def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     start = time.perf_counter()
-    random_scores = [evaluate(["--depth", str(args.depth), "--init_seed", str(seed)], args)
-                     for seed in range(args.random_seeds)]
+    random_scores = [
+        evaluate(["--depth", str(args.depth), "--init_seed", str(seed)], args)
+        for seed in range(args.random_seeds)
+    ]
     summary: dict = {"protocol": vars(args), "random": random_scores, "trained": {}}
     keys = list(random_scores[0])
     summary["random_mean"] = {k: statistics.mean(s[k] for s in random_scores) for k in keys}
-    summary["random_spread"] = {k: (max(s[k] for s in random_scores) - min(s[k] for s in random_scores)) / 2
-                                for k in keys}
+    summary["random_spread"] = {
+        k: (max(s[k] for s in random_scores) - min(s[k] for s in random_scores)) / 2 for k in keys
+    }
     for path in args.checkpoints:
         summary["trained"][path] = evaluate(["--pretrained_weights", path], args)
     print(f"{'network':<40}" + "".join(f"{k:>16}" for k in keys))
     mean, spread = summary["random_mean"], summary["random_spread"]
-    print(f"{'random init (mean +- half-range)':<40}" + "".join(f"{mean[k]:>10.2f} +-{spread[k]:>4.2f}" for k in keys))
+    print(
+        f"{'random init (mean +- half-range)':<40}"
+        + "".join(f"{mean[k]:>10.2f} +-{spread[k]:>4.2f}" for k in keys)
+    )
     for path, scores in summary["trained"].items():
         print(f"{path[-40:]:<40}" + "".join(f"{scores[k]:>16.2f}" for k in keys))
     summary["seconds"] = time.perf_counter() - start

@@ -69,7 +69,7 @@ def with_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 
 def without_prefix(state_dict: dict[str, Any], prefix: str) -> dict[str, Any]:
     """Remove a leading ``prefix`` from each key that has it (per key, never in the middle)."""
-    return {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
+    return {key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state_dict.items()}
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -110,13 +110,19 @@ def find_resume_checkpoint(output_dir: str) -> tuple[dict[str, Any], str] | None
             errors.append(str(error))
             continue
         if errors:
-            logger.warning("%s is damaged (%s); resuming from the backup %s instead", path, errors[0], candidate)
+            logger.warning(
+                "%s is damaged (%s); resuming from the backup %s instead", path, errors[0], candidate
+            )
         elif candidate == backup:
-            logger.warning("%s is missing (a save was interrupted); resuming from the backup %s", path, backup)
+            logger.warning(
+                "%s is missing (a save was interrupted); resuming from the backup %s", path, backup
+            )
         return checkpoint, candidate
     raise CheckpointError(
-        "cannot resume: " + "; ".join(errors)
-        + f". Move the damaged files out of {output_dir} to start afresh, or restore a checkpoint copy.")
+        "cannot resume: "
+        + "; ".join(errors)
+        + f". Move the damaged files out of {output_dir} to start afresh, or restore a checkpoint copy."
+    )
 
 
 def remove_stale_temporary_files(output_dir: str) -> list[str]:
@@ -159,8 +165,11 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str, epoch_copy:
     state = dict(state, format_version=FORMAT_VERSION)
     path = os.path.join(output_dir, CHECKPOINT_NAME)
     atomic_save(state, path, keep_backup=True)
-    teacher_backbone = {key[len("backbone."):]: value for key, value in state["teacher"].items()
-                        if key.startswith("backbone.")}
+    teacher_backbone = {
+        key[len("backbone.") :]: value
+        for key, value in state["teacher"].items()
+        if key.startswith("backbone.")
+    }
     atomic_save(teacher_backbone, os.path.join(output_dir, TEACHER_NAME))
     if epoch_copy is not None:
         atomic_save(state, os.path.join(output_dir, f"checkpoint{epoch_copy:04}.pth"))

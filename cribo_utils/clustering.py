@@ -254,6 +254,16 @@ def sinkhorn(
     return torch.where(torch.isnan(plan), torch.full_like(plan, 1e-8), plan)
 
 
+def _one_hot(labels: Tensor, n_clusters: int, dtype: torch.dtype) -> Tensor:
+    """``one_hot[b, n, k] = [labels[b, n] == k]`` as ``dtype``, shape (B, P, K).
+
+    The same values as ``F.one_hot(labels, n_clusters)`` for labels in ``[0, K)``, without its range check,
+    which reads the labels' min and max back to the host (two GPU synchronisations per call).
+    """
+    clusters = torch.arange(n_clusters, device=labels.device)
+    return (labels.unsqueeze(-1) == clusters).to(dtype)
+
+
 def update_column_marginal(labels: Tensor, n_clusters: int) -> Tensor:
     """Column marginal of the next Sinkhorn call (method doc Sec. 4, step 4.6).
 
@@ -267,7 +277,7 @@ def update_column_marginal(labels: Tensor, n_clusters: int) -> Tensor:
     Returns:
         (B, K) float32 column marginal.
     """
-    sizes = F.one_hot(labels, n_clusters).sum(dim=1).float()
+    sizes = _one_hot(labels, n_clusters, torch.float32).sum(dim=1)
     smoothed = sizes + 0.01
     return smoothed / smoothed.sum(dim=1, keepdim=True)
 
@@ -283,7 +293,7 @@ def update_centroids(tokens: Tensor, labels: Tensor, n_clusters: int) -> Tensor:
     Returns:
         (B, K, D) unit-norm centroids (zero vector for an empty cluster).
     """
-    one_hot = F.one_hot(labels, n_clusters).to(tokens.dtype)
+    one_hot = _one_hot(labels, n_clusters, tokens.dtype)
     return F.normalize(torch.bmm(one_hot.transpose(1, 2), tokens), dim=-1)
 
 
@@ -338,7 +348,7 @@ def _check_seed_indices(seed_indices: Tensor, batch_size: int, n_joint: int, n_c
 
 def _per_view_assignments(labels: Tensor, n_view1: int, n_clusters: int) -> tuple[Tensor, Tensor, Tensor]:
     """Split the hard assignment into its view blocks, each column-normalised (Sec. 4, steps 5-6)."""
-    one_hot = F.one_hot(labels, n_clusters).float()
+    one_hot = _one_hot(labels, n_clusters, torch.float32)
     blocks = (one_hot[:, :n_view1], one_hot[:, n_view1:])
     sizes = [block.sum(dim=1, keepdim=True) for block in blocks]
     assign1, assign2 = (block / size.clamp_min(1.0) for block, size in zip(blocks, sizes, strict=True))
@@ -436,7 +446,8 @@ def joint_cluster(
 
         assign1, assign2, valid = _per_view_assignments(labels, n_view1, n_clusters)
     counts = valid.sum(dim=1)
-    logger.debug("joint_cluster: %.2f valid clusters per image", counts.float().mean().item())
+    if logger.isEnabledFor(logging.DEBUG):  # .item() synchronises a GPU: only when the line is printed
+        logger.debug("joint_cluster: %.2f valid clusters per image", counts.float().mean().item())
     return ClusteringResult(assign1=assign1, assign2=assign2, valid=valid, labels=labels, counts=counts)
 
 

@@ -41,8 +41,10 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                logger.warning("--tensorboard: the tensorboard package is not installed; continuing without it "
-                               "(pip install tensorboard)")
+                logger.warning(
+                    "--tensorboard: the tensorboard package is not installed; continuing without it "
+                    "(pip install tensorboard)"
+                )
             else:
                 self.writer = SummaryWriter(tensorboard_dir)
 

@@ -9,9 +9,10 @@ valid bank slots ``q^1_r``, ``q^2_r``:
 The back-search runs over all M current objects of this rank's batch. A retrieved object is accepted
 only if its own other view points back to the query's other view.
 
-The bank is searched chunk by chunk with a running arg-max, in float32, normalising each chunk on the fly:
-no normalised copy of the bank and no similarity matrix larger than (M, chunk_size) is ever built (the
-reference materialises (M, bank) in fp16 under autocast, where near-ties flip the top-1, defect 11).
+The bank is searched chunk by chunk with a running arg-max, in float32, dividing each chunk's scores by
+the bank vectors' norms: no normalised copy of the bank (not even of a chunk) and no similarity matrix
+larger than (M, chunk_size) is ever built (the reference materialises (M, bank) in fp16 under autocast,
+where near-ties flip the top-1, defect 11).
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ def _chunked_argmax(
     index = [torch.zeros(num_objects, dtype=torch.long, device=queries1.device) for _ in range(2)]
     for chunk in bank.iter_chunks(chunk_size):
         for v, (queries, keys) in enumerate(((queries1, chunk.view1), (queries2, chunk.view2))):
-            keys = F.normalize(keys.to(device=queries.device, dtype=torch.float32), dim=1)
-            chunk_best, chunk_arg = (queries @ keys.T).max(dim=1)
+            keys = keys.to(device=queries.device, dtype=torch.float32)  # a view: the bank is float32
+            # <q, k / max(||k||, eps)> = <q, k> / max(||k||, eps) (F.normalize's eps): dividing the
+            # (M, n) scores instead of normalising the keys never writes an (n, D) copy of the bank.
+            scores = (queries @ keys.T).div_(torch.linalg.vector_norm(keys, dim=1).clamp_min_(1e-12))
+            chunk_best, chunk_arg = scores.max(dim=1)
+            del scores  # free this block before the next one is allocated
             better = chunk_best > best[v]
             best[v] = torch.where(better, chunk_best, best[v])
             index[v] = torch.where(better, chunk.slots.to(queries.device)[chunk_arg], index[v])
@@ -95,7 +100,7 @@ def find_cycle_consistent_neighbours(
         c1: (M, D) teacher view-1 object representations of this rank (any float dtype).
         c2: (M, D) teacher view-2 representations, row i the same object as row i of ``c1``.
         bank: the memory bank (searched over its valid slots only).
-        chunk_size: bank slots per similarity block; peak extra memory is about 2 * M * chunk_size floats.
+        chunk_size: bank slots per similarity block; peak extra memory is about M * chunk_size floats.
 
     Returns:
         ``NeighbourResult``; with an empty bank, zero neighbours, all-False masks and index -1.

@@ -24,7 +24,7 @@ def get_params_groups(model: nn.Module) -> list[dict]:
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    """Drop the gradients of every parameter named ``*last_layer*`` (both last layers) while ``epoch < freeze``."""
+    """Drop the gradients of every ``*last_layer*`` parameter (both last layers) while ``epoch < freeze``."""
     if epoch >= freeze_last_layer:
         return
     for name, param in model.named_parameters():

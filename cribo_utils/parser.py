@@ -37,7 +37,7 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "out_dim_c": 256,
     "norm_last_layer": False,
     "batch_size_per_gpu": 32,
-    "epochs": 8,
+    "epochs": 6,
     "warmup_epochs": 1,
     "lr": 0.01,
     "min_lr": 1e-5,
@@ -53,7 +53,7 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "drop_path_rate": 0.0,
     "use_fp16": False,
     "num_workers": 2,
-    "saveckp_freq": 4,
+    "saveckp_freq": 3,
     "synthetic_num_train": 2048,
     "synthetic_num_val": 500,
 }
@@ -81,111 +81,239 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("CrIBo", add_help=False)
 
     group = parser.add_argument_group("Model")
-    group.add_argument("--arch", default="vit_small", type=str,
-                       help="vit_tiny, vit_small or vit_base. vit_tiny/vit_small for quick experiments.")
-    group.add_argument("--patch_size", default=16, type=int,
-                       help="Patch size in pixels (8 or 16). Smaller patches cost quadratically more.")
-    group.add_argument("--depth", default=None, type=int,
-                       help="Override the number of transformer blocks of --arch (default: the arch's 12).")
-    group.add_argument("--image_size", default=224, type=int,
-                       help="Side of the two global crops in pixels; must be divisible by --patch_size.")
+    group.add_argument(
+        "--arch",
+        default="vit_small",
+        type=str,
+        help="vit_tiny, vit_small or vit_base. vit_tiny/vit_small for quick experiments.",
+    )
+    group.add_argument(
+        "--patch_size",
+        default=16,
+        type=int,
+        help="Patch size in pixels (8 or 16). Smaller patches cost quadratically more.",
+    )
+    group.add_argument(
+        "--depth",
+        default=None,
+        type=int,
+        help="Override the number of transformer blocks of --arch (default: the arch's 12).",
+    )
+    group.add_argument(
+        "--image_size",
+        default=224,
+        type=int,
+        help="Side of the two global crops in pixels; must be divisible by --patch_size.",
+    )
     group.add_argument("--out_dim", default=65536, type=int, help="Output dimension of the [CLS] head.")
     group.add_argument("--out_dim_c", default=65536, type=int, help="Output dimension of the object head.")
-    group.add_argument("--norm_last_layer", default=False, type=bool_flag,
-                       help="Freeze the weight-norm magnitude of the last layers (True is more stable; "
-                            "the released ViT-S runs use False, ViT-B True).")
-    group.add_argument("--momentum_teacher", default=0.996, type=float,
-                       help="Base EMA momentum, raised to 1 with a cosine schedule. Use a lower value "
-                            "(0.99) for short runs with small batches.")
+    group.add_argument(
+        "--norm_last_layer",
+        default=False,
+        type=bool_flag,
+        help="Freeze the weight-norm magnitude of the last layers (True is more stable; "
+        "the released ViT-S runs use False, ViT-B True).",
+    )
+    group.add_argument(
+        "--momentum_teacher",
+        default=0.996,
+        type=float,
+        help="Base EMA momentum, raised to 1 with a cosine schedule. Use a lower value "
+        "(0.99) for short runs with small batches.",
+    )
     group.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="Batch norm in the head.")
     group.add_argument("--resnet_dilate", default=2, type=int, help="Unused (reference flag, ResNet only).")
 
     group = parser.add_argument_group("Temperatures")
-    group.add_argument("--warmup_teacher_temp", default=0.04, type=float,
-                       help="Initial teacher temperature of the image-level loss.")
-    group.add_argument("--teacher_temp", default=0.07, type=float,
-                       help="Final teacher temperature of the image-level loss (above 0.07 is unstable).")
-    group.add_argument("--warmup_teacher_temp_epochs", default=30, type=int,
-                       help="Epochs of linear teacher-temperature warm-up (both losses).")
-    group.add_argument("--warmup_teacher_temp_c", default=0.04, type=float,
-                       help="Initial teacher temperature of the object-level losses.")
-    group.add_argument("--teacher_temp_c", default=0.07, type=float,
-                       help="Final teacher temperature of the object-level losses.")
-    group.add_argument("--student_temp_c", default=0.1, type=float,
-                       help="Student temperature of the object-level losses.")
-    group.add_argument("--student_temp", default=0.1, type=float,
-                       help="Accepted for compatibility and ignored: the reference never reads it (its "
-                            "image-level loss hard-codes 0.1, which we use; see README).")
+    group.add_argument(
+        "--warmup_teacher_temp",
+        default=0.04,
+        type=float,
+        help="Initial teacher temperature of the image-level loss.",
+    )
+    group.add_argument(
+        "--teacher_temp",
+        default=0.07,
+        type=float,
+        help="Final teacher temperature of the image-level loss (above 0.07 is unstable).",
+    )
+    group.add_argument(
+        "--warmup_teacher_temp_epochs",
+        default=30,
+        type=int,
+        help="Epochs of linear teacher-temperature warm-up (both losses).",
+    )
+    group.add_argument(
+        "--warmup_teacher_temp_c",
+        default=0.04,
+        type=float,
+        help="Initial teacher temperature of the object-level losses.",
+    )
+    group.add_argument(
+        "--teacher_temp_c",
+        default=0.07,
+        type=float,
+        help="Final teacher temperature of the object-level losses.",
+    )
+    group.add_argument(
+        "--student_temp_c", default=0.1, type=float, help="Student temperature of the object-level losses."
+    )
+    group.add_argument(
+        "--student_temp",
+        default=0.1,
+        type=float,
+        help="Accepted for compatibility and ignored: the reference never reads it (its "
+        "image-level loss hard-codes 0.1, which we use; see README).",
+    )
 
     group = parser.add_argument_group("Optimisation")
-    group.add_argument("--use_fp16", default=True, type=bool_flag,
-                       help="Mixed precision on GPU (fp16 with a grad scaler). Ignored on CPU; see "
-                            "--precision for bf16.")
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="auto: fp16 on GPU if --use_fp16 else fp32, fp32 on CPU. bf16 autocast works "
-                            "on CPU and GPU; losses, centring and retrieval always stay fp32.")
+    group.add_argument(
+        "--use_fp16",
+        default=True,
+        type=bool_flag,
+        help="Mixed precision on GPU (fp16 with a grad scaler). Ignored on CPU; see --precision for bf16.",
+    )
+    group.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: fp16 on GPU if --use_fp16 else fp32, fp32 on CPU. bf16 autocast works "
+        "on CPU and GPU; losses, centring and retrieval always stay fp32.",
+    )
     group.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay.")
     group.add_argument("--weight_decay_end", default=0.4, type=float, help="Final weight decay (cosine).")
-    group.add_argument("--clip_grad", default=0.0, type=float,
-                       help="Per-tensor gradient norm clip (0 disables). 0.3-1.0 helps larger ViTs.")
+    group.add_argument(
+        "--clip_grad",
+        default=0.0,
+        type=float,
+        help="Per-tensor gradient norm clip (0 disables). 0.3-1.0 helps larger ViTs.",
+    )
     group.add_argument("--batch_size_per_gpu", default=128, type=int, help="Images per process.")
-    group.add_argument("--batch_size", default=0, type=int,
-                       help="Global batch over all processes (0: use --batch_size_per_gpu). When given it "
-                            "must be divisible by the number of processes and sets --batch_size_per_gpu.")
+    group.add_argument(
+        "--batch_size",
+        default=0,
+        type=int,
+        help="Global batch over all processes (0: use --batch_size_per_gpu). When given it "
+        "must be divisible by the number of processes and sets --batch_size_per_gpu.",
+    )
     group.add_argument("--epochs", default=300, type=int, help="Number of training epochs.")
-    group.add_argument("--freeze_last_layer", default=1, type=int,
-                       help="Epochs during which both last layers of the head are not updated.")
-    group.add_argument("--lr", default=0.0005, type=float,
-                       help="Peak learning rate for a global batch of 256; scaled linearly with the batch.")
+    group.add_argument(
+        "--freeze_last_layer",
+        default=1,
+        type=int,
+        help="Epochs during which both last layers of the head are not updated.",
+    )
+    group.add_argument(
+        "--lr",
+        default=0.0005,
+        type=float,
+        help="Peak learning rate for a global batch of 256; scaled linearly with the batch.",
+    )
     group.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear lr warm-up.")
     group.add_argument("--min_lr", default=1e-5, type=float, help="Final learning rate (cosine decay).")
     group.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="adamw for ViTs.")
     group.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth of the student.")
 
     group = parser.add_argument_group("Crops")
-    group.add_argument("--global_crops_scale", default=(0.25, 1.0), type=float, nargs="+",
-                       help="Area range of the two global crops.")
-    group.add_argument("--local_crops_number", default=0, type=int,
-                       help="Number of local crops (the released runs use 0; they only enter the [CLS] loss).")
-    group.add_argument("--local_crops_scale", default=(0.05, 0.25), type=float, nargs="+",
-                       help="Area range of the local crops.")
+    group.add_argument(
+        "--global_crops_scale",
+        default=(0.25, 1.0),
+        type=float,
+        nargs="+",
+        help="Area range of the two global crops.",
+    )
+    group.add_argument(
+        "--local_crops_number",
+        default=0,
+        type=int,
+        help="Number of local crops (the released runs use 0; they only enter the [CLS] loss).",
+    )
+    group.add_argument(
+        "--local_crops_scale",
+        default=(0.05, 0.25),
+        type=float,
+        nargs="+",
+        help="Area range of the local crops.",
+    )
     group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops.")
-    group.add_argument("--hue_jitter", default=0.1, type=float,
-                       help="Hue range of the colour jitter (DINO: 0.1). Larger values (up to 0.5) stop the "
-                            "network from matching objects by colour.")
+    group.add_argument(
+        "--hue_jitter",
+        default=0.1,
+        type=float,
+        help="Hue range of the colour jitter (DINO: 0.1). Larger values (up to 0.5) stop the "
+        "network from matching objects by colour.",
+    )
     group.add_argument("--grayscale_p", default=0.2, type=float, help="Probability of a grayscale view.")
-    group.add_argument("--blur_radius_max", default=None, type=float,
-                       help="Largest Gaussian-blur radius (default 2.0 * image_size / 224: DINO's 2.0 at 224 px, "
-                            "proportionally less on smaller crops so textures survive).")
-    group.add_argument("--same_teacher_augmentations", default=False, type=bool_flag,
-                       help="Unused (reference flag).")
+    group.add_argument(
+        "--blur_radius_max",
+        default=None,
+        type=float,
+        help="Largest Gaussian-blur radius (default 2.0 * image_size / 224: DINO's 2.0 at 224 px, "
+        "proportionally less on smaller crops so textures survive).",
+    )
+    group.add_argument(
+        "--same_teacher_augmentations", default=False, type=bool_flag, help="Unused (reference flag)."
+    )
 
     group = parser.add_argument_group("CrIBo")
     group.add_argument("--n_tokens", default=32, type=int, help="Object clusters per image (K).")
-    group.add_argument("--pos_alpha", default=(1.0, 1.0), type=float, nargs="+",
-                       help="Positional cost weight, scheduled from the second value to the first.")
-    group.add_argument("--queue_size", default=25000, type=int,
-                       help="Memory bank size in images; must hold at least one global batch.")
+    group.add_argument(
+        "--pos_alpha",
+        default=(1.0, 1.0),
+        type=float,
+        nargs="+",
+        help="Positional cost weight, scheduled from the second value to the first.",
+    )
+    group.add_argument(
+        "--queue_size",
+        default=25000,
+        type=int,
+        help="Memory bank size in images; must hold at least one global batch.",
+    )
     group.add_argument("--n_iter", default=5, type=int, help="Clustering iterations.")
-    group.add_argument("--update_c", default=True, type=bool_flag,
-                       help="Update the Sinkhorn column marginal to the current cluster sizes.")
-    group.add_argument("--normalized_matching", default=True, type=bool_flag,
-                       help="Kept for compatibility; retrieval always uses cosine similarity.")
+    group.add_argument(
+        "--update_c",
+        default=True,
+        type=bool_flag,
+        help="Update the Sinkhorn column marginal to the current cluster sizes.",
+    )
+    group.add_argument(
+        "--normalized_matching",
+        default=True,
+        type=bool_flag,
+        help="Kept for compatibility; retrieval always uses cosine similarity.",
+    )
     group.add_argument("--sinkhorn_lambda", default=20.0, type=float, help="Sinkhorn entropic weight.")
     group.add_argument("--sinkhorn_iterations", default=5, type=int, help="Sinkhorn iterations.")
     group.add_argument("--which_features", default="last", choices=["last"], help="Features to cluster.")
-    group.add_argument("--cost_normalization", default="image", choices=["image", "batch"],
-                       help="Min-max scale the clustering cost per image (default, independent of the "
-                            "per-GPU batch) or over the whole per-GPU batch (the reference's behaviour).")
-    group.add_argument("--retrieval_chunk_size", default=65536, type=int,
-                       help="Bank objects compared per chunk during nearest-neighbour retrieval.")
+    group.add_argument(
+        "--cost_normalization",
+        default="image",
+        choices=["image", "batch"],
+        help="Min-max scale the clustering cost per image (default, independent of the "
+        "per-GPU batch) or over the whole per-GPU batch (the reference's behaviour).",
+    )
+    group.add_argument(
+        "--retrieval_chunk_size",
+        default=65536,
+        type=int,
+        help="Bank objects compared per chunk during nearest-neighbour retrieval.",
+    )
 
     group = parser.add_argument_group("Data")
-    group.add_argument("--dataset_type", default=None, choices=DATASET_TYPES,
-                       help="Default: synthetic when no path is given, else imagenet1k / coco from the path.")
-    group.add_argument("--data_path", default="", type=str,
-                       help="Dataset root: ImageNet (train/ or ILSVRC2012_img_train/), an image folder, "
-                            "or COCO images (with --dataset_type coco).")
+    group.add_argument(
+        "--dataset_type",
+        default=None,
+        choices=DATASET_TYPES,
+        help="Default: synthetic when no path is given, else imagenet1k / coco from the path.",
+    )
+    group.add_argument(
+        "--data_path",
+        default="",
+        type=str,
+        help="Dataset root: ImageNet (train/ or ILSVRC2012_img_train/), an image folder, "
+        "or COCO images (with --dataset_type coco).",
+    )
     group.add_argument("--imagenet1k_path", default="", type=str, help="Alias of --data_path for ImageNet.")
     group.add_argument("--coco_path", default="", type=str, help="Alias of --data_path for COCO images.")
     group.add_argument("--untar_path", default="", type=str, help="Unused (reference flag).")
@@ -194,36 +322,73 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
-    group.add_argument("--skip_bad_files", default=True, type=bool_flag,
-                       help="Skip unreadable images with a warning (false: stop at the first one).")
+    group.add_argument(
+        "--skip_bad_files",
+        default=True,
+        type=bool_flag,
+        help="Skip unreadable images with a warning (false: stop at the first one).",
+    )
     group.add_argument("--num_workers", default=7, type=int, help="Data-loading workers per process.")
 
     group = parser.add_argument_group("Run")
-    group.add_argument("--config", default="", type=str,
-                       help="JSON argument file (e.g. checkpoints/vits16-in_args.json) used as defaults; "
-                            "flags given on the command line override it.")
+    group.add_argument(
+        "--config",
+        default="",
+        type=str,
+        help="JSON argument file (e.g. checkpoints/vits16-in_args.json) used as defaults; "
+        "flags given on the command line override it.",
+    )
     group.add_argument("--output_dir", default="output", type=str, help="Where checkpoints and logs go.")
-    group.add_argument("--saveckp_freq", default=50, type=int,
-                       help="Also keep checkpoint{epoch:04}.pth every this many epochs.")
-    group.add_argument("--saveckp_freq_iters", default=0, type=int,
-                       help="Write checkpoint.pth every this many iterations (0: once per epoch).")
-    group.add_argument("--start_checkpoint_path", default="", type=str,
-                       help="Seed a fresh run (empty output_dir) from this full checkpoint.")
+    group.add_argument(
+        "--saveckp_freq",
+        default=50,
+        type=int,
+        help="Also keep checkpoint{epoch:04}.pth every this many epochs.",
+    )
+    group.add_argument(
+        "--saveckp_freq_iters",
+        default=0,
+        type=int,
+        help="Write checkpoint.pth every this many iterations (0: once per epoch).",
+    )
+    group.add_argument(
+        "--start_checkpoint_path",
+        default="",
+        type=str,
+        help="Seed a fresh run (empty output_dir) from this full checkpoint.",
+    )
     group.add_argument("--seed", default=0, type=int, help="Random seed (the rank is added per process).")
-    group.add_argument("--max_iters", default=0, type=int,
-                       help="Stop after this many iterations in total (0: train all epochs).")
+    group.add_argument(
+        "--max_iters",
+        default=0,
+        type=int,
+        help="Stop after this many iterations in total (0: train all epochs).",
+    )
     group.add_argument("--log_freq", default=10, type=int, help="Iterations between log lines.")
     group.add_argument("--tensorboard", default=False, type=bool_flag, help="Also log to TensorBoard.")
-    group.add_argument("--dist_timeout", default=1800, type=float,
-                       help="Seconds a collective may wait for the other processes before the run stops with "
-                            "an error naming the lost rank(s) (bounds the hang when a process dies).")
-    group.add_argument("--check_memory", default=True, type=bool_flag,
-                       help="Refuse to start when the estimated memory (bank, networks, optimiser, "
-                            "activations) exceeds what is free; false starts anyway.")
+    group.add_argument(
+        "--dist_timeout",
+        default=1800,
+        type=float,
+        help="Seconds a collective may wait for the other processes before the run stops with "
+        "an error naming the lost rank(s) (bounds the hang when a process dies).",
+    )
+    group.add_argument(
+        "--check_memory",
+        default=True,
+        type=bool_flag,
+        help="Refuse to start when the estimated memory (bank, networks, optimiser, "
+        "activations) exceeds what is free; false starts anyway.",
+    )
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Compute device.")
     group.add_argument("--dist_url", default="env://", type=str, help="Ignored: rank comes from the env.")
-    group.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                       help="Ignored: the local rank comes from the environment.")
+    group.add_argument(
+        "--local_rank",
+        "--local-rank",
+        default=0,
+        type=int,
+        help="Ignored: the local rank comes from the environment.",
+    )
     return parser
 
 
@@ -249,8 +414,10 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         raise SystemExit(f"--config {path}: expected a JSON object of flag names to values")
     unknown = sorted(set(values) - valid_keys)
     if unknown:
-        raise SystemExit(f"--config {path}: unknown key(s) {', '.join(unknown)}; "
-                         "remove them or check the flag names with --help")
+        raise SystemExit(
+            f"--config {path}: unknown key(s) {', '.join(unknown)}; "
+            "remove them or check the flag names with --help"
+        )
     kept = {}
     for key, value in values.items():
         if key in LAUNCHER_KEYS or key == "config":
@@ -278,7 +445,9 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     base_parser = get_args_parser()
     parser = argparse.ArgumentParser(
-        "CrIBo", parents=[base_parser], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "CrIBo",
+        parents=[base_parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Synthetic-scenes preset (applied when no dataset is given; explicit flags override): "
         + ", ".join(f"{key}={value}" for key, value in SYNTHETIC_PRESET.items()),
     )
@@ -321,12 +490,19 @@ def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--batch_size {args.batch_size}: must be positive (0: use --batch_size_per_gpu)")
     if args.batch_size % world_size:
         lower = max(world_size, args.batch_size // world_size * world_size)
-        raise ConfigError(f"--batch_size {args.batch_size} does not divide across {world_size} processes; "
-                          f"use a multiple of {world_size} (e.g. {lower} or {lower + world_size}) or "
-                          "--batch_size_per_gpu")
+        raise ConfigError(
+            f"--batch_size {args.batch_size} does not divide across {world_size} processes; "
+            f"use a multiple of {world_size} (e.g. {lower} or {lower + world_size}) or "
+            "--batch_size_per_gpu"
+        )
     if args.batch_size_per_gpu != args.batch_size // world_size:
-        logger.info("--batch_size %d over %d processes: batch_size_per_gpu %d (was %d)", args.batch_size,
-                    world_size, args.batch_size // world_size, args.batch_size_per_gpu)
+        logger.info(
+            "--batch_size %d over %d processes: batch_size_per_gpu %d (was %d)",
+            args.batch_size,
+            world_size,
+            args.batch_size // world_size,
+            args.batch_size_per_gpu,
+        )
     args.batch_size_per_gpu = args.batch_size // world_size
 
 
@@ -341,21 +517,29 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.arch not in ARCHS:
         raise ConfigError(f"--arch {args.arch}: unknown architecture; choose one of {', '.join(ARCHS)}")
     if args.patch_size <= 0 or args.image_size % args.patch_size:
-        raise ConfigError(f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
-                          f"use a multiple such as {max(1, args.image_size // max(args.patch_size, 1)) * args.patch_size}")
+        raise ConfigError(
+            f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
+            f"use a multiple such as {max(1, args.image_size // max(args.patch_size, 1)) * args.patch_size}"
+        )
     patches = (args.image_size // args.patch_size) ** 2
     if not 1 <= args.n_tokens <= patches:
-        raise ConfigError(f"--n_tokens {args.n_tokens}: needs 1 <= n_tokens <= {patches} patches per view "
-                          f"({args.image_size}px / patch {args.patch_size})")
+        raise ConfigError(
+            f"--n_tokens {args.n_tokens}: needs 1 <= n_tokens <= {patches} patches per view "
+            f"({args.image_size}px / patch {args.patch_size})"
+        )
     if args.batch_size_per_gpu < 1:
         raise ConfigError(f"--batch_size_per_gpu {args.batch_size_per_gpu}: must be at least 1")
     global_batch = args.batch_size_per_gpu * world_size
     if args.queue_size < global_batch:
-        raise ConfigError(f"--queue_size {args.queue_size} is smaller than one global batch ({global_batch} = "
-                          f"{args.batch_size_per_gpu} x {world_size} processes); raise --queue_size")
+        raise ConfigError(
+            f"--queue_size {args.queue_size} is smaller than one global batch ({global_batch} = "
+            f"{args.batch_size_per_gpu} x {world_size} processes); raise --queue_size"
+        )
     if args.local_crops_number != 0:
-        raise ConfigError("--local_crops_number: CrIBo training uses the two global views only (all released "
-                          "runs use 0); set --local_crops_number 0")
+        raise ConfigError(
+            "--local_crops_number: CrIBo training uses the two global views only (all released "
+            "runs use 0); set --local_crops_number 0"
+        )
     if len(args.pos_alpha) != 2:
         raise ConfigError(f"--pos_alpha {args.pos_alpha}: expected two values (end, start)")
     low, high = args.global_crops_scale

@@ -24,8 +24,15 @@ class Progress:
     CI, a pipe) a plain log line is written every ``every`` updates so log files stay readable.
     """
 
-    def __init__(self, total: int, desc: str, enabled: bool = True, every: int = 10,
-                 items_per_step: int = 1, start: int = 0) -> None:
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        enabled: bool = True,
+        every: int = 10,
+        items_per_step: int = 1,
+        start: int = 0,
+    ) -> None:
         self.total = total
         self.desc = desc
         self.enabled = enabled
@@ -50,8 +57,10 @@ class Progress:
         self.done += steps
         if not self.enabled:
             return
-        line = (f"{self.desc} {self.done}/{self.total} | {self.rate():.1f} img/s | "
-                f"ETA {format_seconds(self.eta())}" + (f" | {postfix}" if postfix else ""))
+        line = (
+            f"{self.desc} {self.done}/{self.total} | {self.rate():.1f} img/s | "
+            f"ETA {format_seconds(self.eta())}" + (f" | {postfix}" if postfix else "")
+        )
         if self.is_tty:
             sys.stdout.write("\r" + line[:200].ljust(120))
             sys.stdout.flush()

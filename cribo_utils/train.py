@@ -65,8 +65,12 @@ class NonFiniteLossError(RuntimeError):
 # Failures that end a run with a one-line message (main_cribo.py prints it and exits with status 1):
 # the message says what happened and what to do, so a traceback would only hide it.
 TRAINING_ERRORS: tuple[type[BaseException], ...] = (
-    NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError,
-    distributed.CollectiveFailure)
+    NonFiniteLossError,
+    CheckpointError,
+    DatasetLayoutError,
+    UnreadableSampleError,
+    distributed.CollectiveFailure,
+)
 
 
 class StepTimer:
@@ -136,38 +140,63 @@ def resolve_precision(args: argparse.Namespace, device: torch.device) -> torch.d
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def build_pretrain_loader(args: argparse.Namespace, env: distributed.DistEnv
-                          ) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler,
-                                     PerSampleSeededDataset]:
+def build_pretrain_loader(
+    args: argparse.Namespace, env: distributed.DistEnv
+) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler, PerSampleSeededDataset]:
     from data.augmentations import TwoViewTransform
     from data.datasets import build_pretrain_dataset
 
     transform = TwoViewTransform(
-        image_size=args.image_size, patch_size=args.patch_size, global_crops_scale=tuple(args.global_crops_scale),
-        local_crops_number=args.local_crops_number, local_crops_scale=tuple(args.local_crops_scale),
-        local_crops_size=args.local_crops_size, hue=args.hue_jitter, grayscale_p=args.grayscale_p,
-        blur_radius_max=args.blur_radius_max)
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        global_crops_scale=tuple(args.global_crops_scale),
+        local_crops_number=args.local_crops_number,
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_size=args.local_crops_size,
+        hue=args.hue_jitter,
+        grayscale_p=args.grayscale_p,
+        blur_radius_max=args.blur_radius_max,
+    )
     base = build_pretrain_dataset(  # the wrapper below skips unreadable files and counts them per sample
-        args.dataset_type, args.data_path, transform=None,
-        synthetic_kwargs={"image_size": args.synthetic_image_size, "num_train": args.synthetic_num_train,
-                          "num_val": args.synthetic_num_val, "seed": args.seed},
-        skip_bad_files=False)
-    dataset = PerSampleSeededDataset(base, seed=args.seed, transform=transform,
-                                     skip_bad_files=args.skip_bad_files)
+        args.dataset_type,
+        args.data_path,
+        transform=None,
+        synthetic_kwargs={
+            "image_size": args.synthetic_image_size,
+            "num_train": args.synthetic_num_train,
+            "num_val": args.synthetic_num_val,
+            "seed": args.seed,
+        },
+        skip_bad_files=False,
+    )
+    dataset = PerSampleSeededDataset(
+        base, seed=args.seed, transform=transform, skip_bad_files=args.skip_bad_files
+    )
     try:
-        sampler = ResumableDistributedSampler(len(dataset), args.batch_size_per_gpu, env.world_size, env.rank,
-                                              seed=args.seed, shuffle=True)
+        sampler = ResumableDistributedSampler(
+            len(dataset), args.batch_size_per_gpu, env.world_size, env.rank, seed=args.seed, shuffle=True
+        )
     except ValueError as error:
         raise ConfigError(f"--data_path {args.data_path or '(synthetic)'}: {error}") from error
     loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False,
-        worker_init_fn=set_worker_signal_handlers if args.num_workers > 0 else None)
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        persistent_workers=False,
+        worker_init_fn=set_worker_signal_handlers if args.num_workers > 0 else None,
+    )
     return loader, sampler, dataset
 
 
-def build_training_parts(args: argparse.Namespace, env: distributed.DistEnv, dataset_size: int | None = None,
-                         with_loader: bool = True) -> TrainingParts:
+def build_training_parts(
+    args: argparse.Namespace,
+    env: distributed.DistEnv,
+    dataset_size: int | None = None,
+    with_loader: bool = True,
+) -> TrainingParts:
     """Networks, loss, bank, optimiser, schedules and (optionally) the data loader."""
     device = resolve_device(args, env)
     loader = sampler = dataset = None
@@ -185,18 +214,25 @@ def build_training_parts(args: argparse.Namespace, env: distributed.DistEnv, dat
     student_ddp: nn.Module = student
     if env.world_size > 1:
         student_ddp = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
         teacher.load_state_dict(student.state_dict())  # DDP broadcast rank 0's student; match it exactly
     torch.manual_seed(mix_seed(args.seed, env.rank))
     embed_dim = student.backbone.embed_dim
 
     warmups_off = args.epochs <= 2  # the reference switches every warm-up off for very short runs
     loss = CrIBoLoss(
-        out_dim=args.out_dim, out_dim_c=args.out_dim_c, warmup_teacher_temp=args.warmup_teacher_temp,
-        teacher_temp=args.teacher_temp, warmup_teacher_temp_c=args.warmup_teacher_temp_c,
+        out_dim=args.out_dim,
+        out_dim_c=args.out_dim_c,
+        warmup_teacher_temp=args.warmup_teacher_temp,
+        teacher_temp=args.teacher_temp,
+        warmup_teacher_temp_c=args.warmup_teacher_temp_c,
         teacher_temp_c=args.teacher_temp_c,
-        warmup_teacher_temp_epochs=0 if warmups_off else args.warmup_teacher_temp_epochs, nepochs=args.epochs,
-        student_temp=0.1, student_temp_c=args.student_temp_c).to(device)
+        warmup_teacher_temp_epochs=0 if warmups_off else args.warmup_teacher_temp_epochs,
+        nepochs=args.epochs,
+        student_temp=0.1,
+        student_temp_c=args.student_temp_c,
+    ).to(device)
     bank = CentroidMemoryBank(args.queue_size, args.n_tokens, embed_dim).to(device)
 
     optimizer = build_optimizer(get_params_groups(student), args.optimizer)
@@ -205,15 +241,31 @@ def build_training_parts(args: argparse.Namespace, env: distributed.DistEnv, dat
 
     global_batch = args.batch_size_per_gpu * env.world_size
     warmup_epochs = 0 if warmups_off else args.warmup_epochs
-    lr_schedule = cosine_schedule(args.lr * global_batch / 256.0, args.min_lr, args.epochs, iters_per_epoch,
-                                  warmup_epochs=warmup_epochs)
+    lr_schedule = cosine_schedule(
+        args.lr * global_batch / 256.0, args.min_lr, args.epochs, iters_per_epoch, warmup_epochs=warmup_epochs
+    )
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     momentum_schedule = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
     return TrainingParts(
-        args=args, env=env, device=device, student=student, student_ddp=student_ddp, teacher=teacher, loss=loss,
-        bank=bank, optimizer=optimizer, scaler=scaler, autocast_dtype=autocast_dtype, lr_schedule=lr_schedule,
-        wd_schedule=wd_schedule, momentum_schedule=momentum_schedule, iters_per_epoch=iters_per_epoch,
-        loader=loader, sampler=sampler, dataset=dataset)
+        args=args,
+        env=env,
+        device=device,
+        student=student,
+        student_ddp=student_ddp,
+        teacher=teacher,
+        loss=loss,
+        bank=bank,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast_dtype=autocast_dtype,
+        lr_schedule=lr_schedule,
+        wd_schedule=wd_schedule,
+        momentum_schedule=momentum_schedule,
+        iters_per_epoch=iters_per_epoch,
+        loader=loader,
+        sampler=sampler,
+        dataset=dataset,
+    )
 
 
 def autocast(parts: TrainingParts) -> contextlib.AbstractContextManager:
@@ -228,8 +280,9 @@ def nn_loss_active(parts: TrainingParts, epoch: int) -> bool:
     return epoch >= 1 and parts.bank.is_full
 
 
-def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
-                  timer: StepTimer | None = None) -> dict[str, float]:
+def training_step(
+    parts: TrainingParts, batch: Any, iteration: int, epoch: int, timer: StepTimer | None = None
+) -> dict[str, float]:
     """One optimisation step on ``batch``; returns scalar metrics (local to this rank)."""
     args, device = parts.args, parts.device
     timer = timer or StepTimer(False)
@@ -238,7 +291,9 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
         if index == 0:
             group["weight_decay"] = float(parts.wd_schedule[iteration])
     torch.manual_seed(mix_seed(args.seed, parts.env.rank, iteration))  # drop-path draws
-    cluster_generator = torch.Generator(device=device).manual_seed(mix_seed(args.seed, parts.env.rank, iteration, 1))
+    cluster_generator = torch.Generator(device=device).manual_seed(
+        mix_seed(args.seed, parts.env.rank, iteration, 1)
+    )
 
     with timer("data"):
         (crops, positions), _ = batch
@@ -254,9 +309,19 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
         tokens1, tokens2 = teacher_tokens.float().split(batch_size)
         alpha = positional_alpha(epoch, args.epochs, args.pos_alpha)
         clusters = joint_cluster(
-            tokens1, tokens2, positions1, positions2, n_clusters=args.n_tokens, alpha=alpha, n_iter=args.n_iter,
-            sinkhorn_lambda=args.sinkhorn_lambda, sinkhorn_iterations=args.sinkhorn_iterations,
-            update_c=args.update_c, cost_normalization=args.cost_normalization, generator=cluster_generator)
+            tokens1,
+            tokens2,
+            positions1,
+            positions2,
+            n_clusters=args.n_tokens,
+            alpha=alpha,
+            n_iter=args.n_iter,
+            sinkhorn_lambda=args.sinkhorn_lambda,
+            sinkhorn_iterations=args.sinkhorn_iterations,
+            update_c=args.update_c,
+            cost_normalization=args.cost_normalization,
+            generator=cluster_generator,
+        )
         objects1 = object_representations(tokens1, clusters.assign1, clusters.valid)
         objects2 = object_representations(tokens2, clusters.assign2, clusters.valid)
 
@@ -264,21 +329,27 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
     with timer("memory_bank"), torch.no_grad():
         neighbours = None
         if use_nn:
-            neighbours = find_cycle_consistent_neighbours(objects1, objects2, parts.bank,
-                                                          chunk_size=args.retrieval_chunk_size)
+            neighbours = find_cycle_consistent_neighbours(
+                objects1, objects2, parts.bank, chunk_size=args.retrieval_chunk_size
+            )
         parts.bank.push(objects1, objects2, clusters.counts)
 
     with timer("teacher_heads"), torch.no_grad(), autocast(parts):
         neighbour_inputs = None if neighbours is None else (neighbours.neighbours1, neighbours.neighbours2)
         teacher_cls_out, teacher_obj, teacher_nn = parts.teacher.head_outputs(
-            teacher_cls, (objects1, objects2), neighbour_inputs)
+            teacher_cls, (objects1, objects2), neighbour_inputs
+        )
 
     with timer("student_forward"), autocast(parts):
-        student_cls_out, student_obj = parts.student_ddp(images, clusters.assign1, clusters.assign2, clusters.valid)
+        student_cls_out, student_obj = parts.student_ddp(
+            images, clusters.assign1, clusters.assign2, clusters.valid
+        )
 
     with timer("loss"):
         masks = None if neighbours is None else torch.stack([neighbours.mask1, neighbours.mask2])
-        losses = parts.loss(student_cls_out, teacher_cls_out, student_obj, teacher_obj, teacher_nn, masks, epoch)
+        losses = parts.loss(
+            student_cls_out, teacher_cls_out, student_obj, teacher_obj, teacher_nn, masks, epoch
+        )
         loss = losses["loss"]
         check_finite_loss(parts, losses, iteration, epoch)
 
@@ -307,20 +378,30 @@ def training_step(parts: TrainingParts, batch: Any, iteration: int, epoch: int,
     num_objects = objects1.shape[0]
     metrics = {key: float(value.detach()) for key, value in losses.items()}
     metrics.update(
-        lr=float(parts.lr_schedule[iteration]), wd=float(parts.wd_schedule[iteration]),
+        lr=float(parts.lr_schedule[iteration]),
+        wd=float(parts.wd_schedule[iteration]),
         momentum=float(parts.momentum_schedule[iteration]),
         clusters_per_image=float(clusters.counts.float().mean()),
-        nn_fraction=float(neighbours.mask1.float().sum() / max(num_objects, 1)) if neighbours is not None else 0.0,
-        nn_fraction_2=float(neighbours.mask2.float().sum() / max(num_objects, 1)) if neighbours is not None else 0.0,
-        nn_active=float(use_nn))
+        nn_fraction=float(neighbours.mask1.float().sum() / max(num_objects, 1))
+        if neighbours is not None
+        else 0.0,
+        nn_fraction_2=float(neighbours.mask2.float().sum() / max(num_objects, 1))
+        if neighbours is not None
+        else 0.0,
+        nn_active=float(use_nn),
+    )
     return metrics
 
 
-NON_FINITE_HINT = ("The last good checkpoint is kept. Try a lower --lr, --clip_grad 0.3, --norm_last_layer true "
-                   "or --precision fp32, then rerun to resume from it.")
+NON_FINITE_HINT = (
+    "The last good checkpoint is kept. Try a lower --lr, --clip_grad 0.3, --norm_last_layer true "
+    "or --precision fp32, then rerun to resume from it."
+)
 
 
-def check_finite_loss(parts: TrainingParts, losses: dict[str, torch.Tensor], iteration: int, epoch: int) -> None:
+def check_finite_loss(
+    parts: TrainingParts, losses: dict[str, torch.Tensor], iteration: int, epoch: int
+) -> None:
     """Stop every rank together, before the backward pass, when any rank's loss is NaN or infinite.
 
     Raises:
@@ -333,8 +414,9 @@ def check_finite_loss(parts: TrainingParts, losses: dict[str, torch.Tensor], ite
         terms = ", ".join(f"{key} {float(value.detach()):.4g}" for key, value in losses.items())
         world_size = parts.env.world_size
         where = f" on {int(bad.item())} of {world_size} processes" if world_size > 1 else ""
-        raise NonFiniteLossError(f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {terms}. "
-                                 + NON_FINITE_HINT)
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {terms}. " + NON_FINITE_HINT
+        )
 
 
 def check_finite_weights(parts: TrainingParts, iteration: int) -> None:
@@ -345,13 +427,17 @@ def check_finite_weights(parts: TrainingParts, iteration: int) -> None:
     """
     for name, tensor in (*parts.student.named_parameters(), *parts.teacher.named_parameters()):
         if not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteLossError(f"non-finite weights after iteration {iteration} ({name}); the "
-                                     "checkpoint is not written. " + NON_FINITE_HINT)
+            raise NonFiniteLossError(
+                f"non-finite weights after iteration {iteration} ({name}); the "
+                "checkpoint is not written. " + NON_FINITE_HINT
+            )
 
 
 def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[str, Any]:
     """The plain-data checkpoint dictionary (see :mod:`cribo_utils.checkpoint`)."""
-    args_dict = {key: list(value) if isinstance(value, tuple) else value for key, value in vars(parts.args).items()}
+    args_dict = {
+        key: list(value) if isinstance(value, tuple) else value for key, value in vars(parts.args).items()
+    }
     state = {
         "student": with_prefix(parts.student.state_dict(), "module."),
         "teacher": parts.teacher.state_dict(),
@@ -379,7 +465,8 @@ def restore_state(parts: TrainingParts, checkpoint: dict[str, Any]) -> tuple[int
         meta = checkpoint.get("memory_bank_meta", {})
         parts.bank.load_reference_layout(
             {key: checkpoint[key].to(parts.device) for key in ("centroids_queue_cpu", "cpv_queue_cpu")},
-            num_images=meta.get("num_images"))
+            num_images=meta.get("num_images"),
+        )
         parts.bank.step.fill_(int(meta.get("step", 0)))
     if parts.scaler is not None and "fp16_scaler" in checkpoint:
         parts.scaler.load_state_dict(checkpoint["fp16_scaler"])
@@ -394,7 +481,9 @@ def seed_from_released_checkpoint(parts: TrainingParts, path: str) -> None:
     checkpoint = load_checkpoint_file(path)
     for name, network in (("student", parts.student), ("teacher", parts.teacher)):
         if name not in checkpoint:
-            raise SystemExit(f"--start_checkpoint_path {path}: no '{name}' entry (keys: {sorted(checkpoint)})")
+            raise SystemExit(
+                f"--start_checkpoint_path {path}: no '{name}' entry (keys: {sorted(checkpoint)})"
+            )
         network.load_state_dict(without_prefix(checkpoint[name], "module."), strict=True)
     if "dino_loss" in checkpoint:
         parts.loss.center.copy_(checkpoint["dino_loss"]["center"])
@@ -445,14 +534,28 @@ def log_run_summary(parts: TrainingParts) -> None:
     bank_mb = 2 * args.n_tokens * args.queue_size * parts.student.backbone.embed_dim * 4 / 2**20
     global_batch = args.batch_size_per_gpu * env.world_size
     logger.info(
-        "world size %d | device %s | precision %s | student %.1fM parameters (backbone %.1fM) | effective batch %d "
+        "world size %d | device %s | precision %s | student %.1fM parameters (backbone %.1fM) | "
+        "effective batch %d "
         "| peak lr %.2e (%.1e x %d / 256) | %d iterations/epoch x %d epochs | memory bank %d images, %.1f MB",
-        env.world_size, parts.device, parts.autocast_dtype or "fp32", n_params / 1e6, n_backbone / 1e6, global_batch,
-        args.lr * global_batch / 256, args.lr, global_batch, parts.iters_per_epoch, args.epochs, args.queue_size,
-        bank_mb)
+        env.world_size,
+        parts.device,
+        parts.autocast_dtype or "fp32",
+        n_params / 1e6,
+        n_backbone / 1e6,
+        global_batch,
+        args.lr * global_batch / 256,
+        args.lr,
+        global_batch,
+        parts.iters_per_epoch,
+        args.epochs,
+        args.queue_size,
+        bank_mb,
+    )
     if args.used_synthetic_preset:
-        logger.info("no dataset given: training on the built-in synthetic scenes with the CPU preset "
-                    "(see --help; explicit flags override it)")
+        logger.info(
+            "no dataset given: training on the built-in synthetic scenes with the CPU preset "
+            "(see --help; explicit flags override it)"
+        )
 
 
 def train_cribo(args: argparse.Namespace) -> dict[str, float]:
@@ -486,8 +589,9 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
         if env is None or env.world_size == 1 or not distributed.is_collective_failure(error):
             raise
         collective_failed = True  # destroying a group with a dead peer can block: leave it to process exit
-        failure = distributed.diagnose_collective_failure(error, wait_s=min(args.dist_timeout, 60.0),
-                                                          timeout_s=args.dist_timeout)
+        failure = distributed.diagnose_collective_failure(
+            error, wait_s=min(args.dist_timeout, 60.0), timeout_s=args.dist_timeout
+        )
         logger.error("%s", failure)
         raise failure from error
     finally:
@@ -500,7 +604,9 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
     torch.manual_seed(mix_seed(args.seed, env.rank))
     if distributed.is_main_process():
         with open(os.path.join(args.output_dir, "args.json"), "w") as handle:
-            json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, handle, indent=2)
+            json.dump(
+                {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, handle, indent=2
+            )
     parts = build_training_parts(args, env)
     parts.stop_signal = stop_signal
     log_run_summary(parts)
@@ -517,10 +623,19 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
     total_iters = args.epochs * parts.iters_per_epoch
     if args.max_iters:
         total_iters = min(total_iters, args.max_iters)
-    metric_logger = MetricLogger(os.path.join(args.output_dir, "log.txt"), enabled=distributed.is_main_process(),
-                                 tensorboard_dir=os.path.join(args.output_dir, "tb") if args.tensorboard else None)
-    progress = Progress(total_iters, "train", enabled=distributed.is_main_process(), every=args.log_freq,
-                        items_per_step=args.batch_size_per_gpu * env.world_size, start=start_iteration)
+    metric_logger = MetricLogger(
+        os.path.join(args.output_dir, "log.txt"),
+        enabled=distributed.is_main_process(),
+        tensorboard_dir=os.path.join(args.output_dir, "tb") if args.tensorboard else None,
+    )
+    progress = Progress(
+        total_iters,
+        "train",
+        enabled=distributed.is_main_process(),
+        every=args.log_freq,
+        items_per_step=args.batch_size_per_gpu * env.world_size,
+        start=start_iteration,
+    )
     iteration = start_iteration
     epoch_metrics: dict[str, float] = {}
     try:
@@ -530,16 +645,23 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
             iteration = min((epoch + 1) * parts.iters_per_epoch, total_iters)
             if parts.stop_signal and epoch_metrics.get("preempted"):
                 iteration = int(epoch_metrics["next_iteration"])
-                logger.warning("preemption signal %s: checkpoint written at iteration %d; exiting with code %d "
-                               "so the job is requeued", signal.Signals(parts.stop_signal[0]).name, iteration,
-                               EXIT_PREEMPTED)
+                logger.warning(
+                    "preemption signal %s: checkpoint written at iteration %d; exiting with code %d "
+                    "so the job is requeued",
+                    signal.Signals(parts.stop_signal[0]).name,
+                    iteration,
+                    EXIT_PREEMPTED,
+                )
                 metric_logger.close()
                 sys.exit(EXIT_PREEMPTED)
     finally:
         progress.close()
     metric_logger.close()
-    logger.info("training finished after %d iterations (%s)", iteration,
-                format_seconds(time.perf_counter() - progress.start_time))
+    logger.info(
+        "training finished after %d iterations (%s)",
+        iteration,
+        format_seconds(time.perf_counter() - progress.start_time),
+    )
     logger.info("final state digest (rank %d): %s", env.rank, json.dumps(state_digest(parts)))
     return epoch_metrics
 
@@ -550,8 +672,11 @@ def state_digest(parts: TrainingParts) -> dict[str, str]:
     import hashlib
 
     digests = {}
-    for name, tensors in (("teacher", parts.teacher.state_dict()), ("centres", parts.loss.state_dict()),
-                          ("memory_bank", parts.bank.to_reference_layout())):
+    for name, tensors in (
+        ("teacher", parts.teacher.state_dict()),
+        ("centres", parts.loss.state_dict()),
+        ("memory_bank", parts.bank.to_reference_layout()),
+    ):
         sha = hashlib.sha256()
         for key in sorted(tensors):
             sha.update(key.encode())
@@ -560,8 +685,14 @@ def state_digest(parts: TrainingParts) -> dict[str, str]:
     return digests
 
 
-def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, total_iters: int,
-                    metric_logger: MetricLogger, progress: Progress) -> dict[str, float]:
+def train_one_epoch(
+    parts: TrainingParts,
+    epoch: int,
+    start_iteration: int,
+    total_iters: int,
+    metric_logger: MetricLogger,
+    progress: Progress,
+) -> dict[str, float]:
     """Run the iterations of ``epoch`` from ``start_iteration`` on; returns the epoch's averaged metrics."""
     args = parts.args
     assert parts.sampler is not None and parts.loader is not None and parts.dataset is not None
@@ -587,8 +718,11 @@ def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, tota
             sums[key] = sums.get(key, 0.0) + value
         count += 1
         iteration += 1
-        progress.update(1, postfix=f"loss {metrics['loss']:.3f} | clusters {metrics['clusters_per_image']:.1f} "
-                                   f"| nn {metrics['nn_fraction']:.2f}")
+        progress.update(
+            1,
+            postfix=f"loss {metrics['loss']:.3f} | clusters {metrics['clusters_per_image']:.1f} "
+            f"| nn {metrics['nn_fraction']:.2f}",
+        )
         if iteration % args.log_freq == 0:
             metric_logger.log({"iteration": iteration, "epoch": epoch, **metrics})
         preempted = stop_requested(parts)
@@ -601,19 +735,42 @@ def train_one_epoch(parts: TrainingParts, epoch: int, start_iteration: int, tota
     skipped_files = total_across_ranks(skipped_files, parts)
     next_epoch = epoch + 1
     epoch_completed = iteration == next_epoch * parts.iters_per_epoch
-    epoch_copy = next_epoch if epoch_completed and args.saveckp_freq and next_epoch % args.saveckp_freq == 0 else None
+    epoch_copy = (
+        next_epoch if epoch_completed and args.saveckp_freq and next_epoch % args.saveckp_freq == 0 else None
+    )
     if saved_at != iteration or epoch_copy is not None:  # never the same state twice: the backup stays older
         save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
     epoch_record = {f"epoch_{key}": value for key, value in averages.items()}
-    metric_logger.log({"epoch": epoch, "iteration": iteration, **epoch_record, "epoch_skipped_files": skipped_files})
+    metric_logger.log(
+        {"epoch": epoch, "iteration": iteration, **epoch_record, "epoch_skipped_files": skipped_files}
+    )
     if skipped_files and distributed.is_main_process():
-        logger.warning("epoch %d: %d unreadable file(s) skipped and replaced by the next readable image (the "
-                       "warnings above name them); delete or replace them", epoch + 1, skipped_files)
+        logger.warning(
+            "epoch %d: %d unreadable file(s) skipped and replaced by the next readable image (the "
+            "warnings above name them); delete or replace them",
+            epoch + 1,
+            skipped_files,
+        )
     if distributed.is_main_process():
-        logger.info("epoch %d/%d done: %s", next_epoch, args.epochs,
-                    " | ".join(f"{k} {v:.4g}" for k, v in averages.items()
-                               if k in ("loss", "loss_img", "loss_obj", "loss_nn", "clusters_per_image",
-                                        "nn_fraction", "images_per_s")))
+        logger.info(
+            "epoch %d/%d done: %s",
+            next_epoch,
+            args.epochs,
+            " | ".join(
+                f"{k} {v:.4g}"
+                for k, v in averages.items()
+                if k
+                in (
+                    "loss",
+                    "loss_img",
+                    "loss_obj",
+                    "loss_nn",
+                    "clusters_per_image",
+                    "nn_fraction",
+                    "images_per_s",
+                )
+            ),
+        )
     return averages
 
 

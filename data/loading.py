@@ -42,8 +42,15 @@ class ResumableDistributedSampler(Sampler[int]):
     current epoch (mid-epoch resume); it applies to the next iteration only.
     """
 
-    def __init__(self, dataset_size: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
-                 seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.num_replicas = num_replicas
@@ -56,7 +63,8 @@ class ResumableDistributedSampler(Sampler[int]):
         if self.iters_per_epoch == 0:
             raise ValueError(
                 f"the dataset has {dataset_size} images, fewer than one global batch "
-                f"({batch_size} per process x {num_replicas} processes); lower --batch_size_per_gpu")
+                f"({batch_size} per process x {num_replicas} processes); lower --batch_size_per_gpu"
+            )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
@@ -109,8 +117,9 @@ class PerSampleSeededDataset(Dataset):
     files met in that epoch, whatever the number of workers.
     """
 
-    def __init__(self, dataset: Any, seed: int, transform: Callable | None = None,
-                 skip_bad_files: bool = True) -> None:
+    def __init__(
+        self, dataset: Any, seed: int, transform: Callable | None = None, skip_bad_files: bool = True
+    ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.epoch = 0
@@ -137,13 +146,16 @@ class PerSampleSeededDataset(Dataset):
                 if not self.skip_bad_files:
                     raise UnreadableSampleError(
                         f"{error} (--skip_bad_files false: stopping; with --skip_bad_files true such files "
-                        "are skipped with a warning)") from error
+                        "are skipped with a warning)"
+                    ) from error
                 self._unreadable.add(candidate)
                 logger.warning("skipping unreadable file %s (sample %d): %s", error.path, candidate, error)
                 continue
             return item, int(index in self._unreadable)
-        raise UnreadableSampleError(f"every one of the {length} images of the dataset is unreadable; "
-                                    "check the files under --data_path")
+        raise UnreadableSampleError(
+            f"every one of the {length} images of the dataset is unreadable; "
+            "check the files under --data_path"
+        )
 
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
         sample_seed = mix_seed(self.seed, self.epoch, index)

@@ -6,7 +6,9 @@ from data.loading import PerSampleSeededDataset, ResumableDistributedSampler
 
 
 def test_ranks_partition_the_epoch_and_epochs_differ():
-    samplers = [ResumableDistributedSampler(50, batch_size=4, num_replicas=3, rank=r, seed=1) for r in range(3)]
+    samplers = [
+        ResumableDistributedSampler(50, batch_size=4, num_replicas=3, rank=r, seed=1) for r in range(3)
+    ]
     for sampler in samplers:
         sampler.set_epoch(2)
     shards = [list(sampler) for sampler in samplers]
@@ -38,7 +40,7 @@ def test_per_sample_seeding_is_independent_of_access_order():
     dataset.set_epoch(1)
     forward = [dataset[i][0] for i in range(10)]
     backward = [dataset[i][0] for i in reversed(range(10))][::-1]
-    for a, b in zip(forward, backward):
+    for a, b in zip(forward, backward, strict=True):
         torch.testing.assert_close(a, b)
     dataset.set_epoch(2)
     assert not torch.equal(dataset[0][0], forward[0])

@@ -18,14 +18,16 @@ def test_param_groups_split_by_dimension_and_skip_frozen():
     model = Toy()
     decayed, plain = get_params_groups(model)
     ids = lambda params: {id(p) for p in params}  # noqa: E731
-    assert ids(decayed["params"]) == ids([model.body.weight, model.last_layer.weight, model.last_layer_c.weight])
+    assert ids(decayed["params"]) == ids(
+        [model.body.weight, model.last_layer.weight, model.last_layer_c.weight]
+    )
     assert ids(plain["params"]) == ids([model.body.bias, model.norm.weight, model.norm.bias])
     assert plain["weight_decay"] == 0.0
 
 
 def test_last_layers_frozen_only_before_the_given_epoch():
     model = Toy()
-    loss = (model.last_layer(model.body(torch.randn(5, 4))).sum() + model.last_layer_c(torch.randn(5, 3)).sum())
+    loss = model.last_layer(model.body(torch.randn(5, 4))).sum() + model.last_layer_c(torch.randn(5, 3)).sum()
     loss.backward()
     cancel_gradients_last_layer(epoch=1, model=model, freeze_last_layer=1)
     assert model.last_layer.weight.grad is not None
@@ -36,8 +38,11 @@ def test_last_layers_frozen_only_before_the_given_epoch():
 
 def test_clipping_is_per_tensor():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
-    grads = [torch.full_like(p, 10.0) if i == 0 else torch.full_like(p, 1e-3) for i, p in enumerate(model.parameters())]
-    for param, grad in zip(model.parameters(), grads):
+    grads = [
+        torch.full_like(p, 10.0) if i == 0 else torch.full_like(p, 1e-3)
+        for i, p in enumerate(model.parameters())
+    ]
+    for param, grad in zip(model.parameters(), grads, strict=True):
         param.grad = grad.clone()
     norms = clip_gradients(model, 1.0)
     torch.testing.assert_close(norms, torch.stack([g.norm() for g in grads]))

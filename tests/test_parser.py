@@ -25,7 +25,12 @@ def test_real_dataset_keeps_reference_defaults():
     args = resolve_args(["--data_path", "/some/imagenet"])
     assert args.dataset_type == "imagenet1k"
     assert (args.arch, args.out_dim, args.batch_size_per_gpu, args.epochs, args.n_tokens) == (
-        "vit_small", 65536, 128, 300, 32)
+        "vit_small",
+        65536,
+        128,
+        300,
+        32,
+    )
 
 
 @pytest.mark.parametrize("name", ["vits16-in", "vits16-coco", "vitb16-in"])
@@ -36,8 +41,20 @@ def test_released_argument_files_parse_and_apply(name):
     assert args.epochs == 7  # explicit flag wins
     assert args.data_path == "/data"  # placeholder "." never overrides a real value
     assert args.output_dir == "output"  # placeholder output_dir ignored
-    for key in ("arch", "out_dim", "n_tokens", "batch_size_per_gpu", "lr", "min_lr", "clip_grad",
-                "norm_last_layer", "freeze_last_layer", "warmup_teacher_temp_epochs", "queue_size", "dataset_type"):
+    for key in (
+        "arch",
+        "out_dim",
+        "n_tokens",
+        "batch_size_per_gpu",
+        "lr",
+        "min_lr",
+        "clip_grad",
+        "norm_last_layer",
+        "freeze_last_layer",
+        "warmup_teacher_temp_epochs",
+        "queue_size",
+        "dataset_type",
+    ):
         assert getattr(args, key) == released[key], key
     assert list(args.pos_alpha) == released["pos_alpha"]
 
@@ -56,15 +73,18 @@ def _valid(**overrides):
     return args
 
 
-@pytest.mark.parametrize("overrides, world, message", [
-    ({"arch": "vit_huge"}, 1, "--arch vit_huge"),
-    ({"image_size": 100}, 1, "not divisible"),
-    ({"n_tokens": 1000}, 1, "--n_tokens 1000"),
-    ({"queue_size": 16}, 1, "--queue_size 16"),
-    ({"queue_size": 40, "batch_size_per_gpu": 16}, 4, "one global batch"),
-    ({"local_crops_number": 2}, 1, "local_crops_number"),
-    ({"dataset_type": "imagenet1k", "data_path": ""}, 1, "needs --data_path"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        ({"arch": "vit_huge"}, 1, "--arch vit_huge"),
+        ({"image_size": 100}, 1, "not divisible"),
+        ({"n_tokens": 1000}, 1, "--n_tokens 1000"),
+        ({"queue_size": 16}, 1, "--queue_size 16"),
+        ({"queue_size": 40, "batch_size_per_gpu": 16}, 4, "one global batch"),
+        ({"local_crops_number": 2}, 1, "local_crops_number"),
+        ({"dataset_type": "imagenet1k", "data_path": ""}, 1, "needs --data_path"),
+    ],
+)
 def test_bad_configurations_fail_with_one_line(overrides, world, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate_args(_valid(**overrides), world)

@@ -1,4 +1,4 @@
-"""End-to-end training runs: launcher outputs, exact resume, 2-process torchrun, released-checkpoint seeding."""
+"""End-to-end training: launcher outputs, exact resume, 2-process torchrun, released-checkpoint seeding."""
 
 import argparse
 import json
@@ -14,10 +14,38 @@ import torch
 import main_cribo
 from cribo_utils.checkpoint import without_prefix
 
-TINY = ["--depth", "1", "--image_size", "32", "--patch_size", "16", "--n_tokens", "2", "--out_dim", "32",
-        "--out_dim_c", "32", "--batch_size_per_gpu", "4", "--queue_size", "8", "--synthetic_num_train", "16",
-        "--synthetic_image_size", "48", "--num_workers", "0", "--epochs", "2", "--log_freq", "1",
-        "--warmup_epochs", "1", "--saveckp_freq", "1"]
+TINY = [
+    "--depth",
+    "1",
+    "--image_size",
+    "32",
+    "--patch_size",
+    "16",
+    "--n_tokens",
+    "2",
+    "--out_dim",
+    "32",
+    "--out_dim_c",
+    "32",
+    "--batch_size_per_gpu",
+    "4",
+    "--queue_size",
+    "8",
+    "--synthetic_num_train",
+    "16",
+    "--synthetic_image_size",
+    "48",
+    "--num_workers",
+    "0",
+    "--epochs",
+    "2",
+    "--log_freq",
+    "1",
+    "--warmup_epochs",
+    "1",
+    "--saveckp_freq",
+    "1",
+]
 
 
 def run(tmp_path, *extra):
@@ -27,10 +55,21 @@ def run(tmp_path, *extra):
 def test_default_launcher_writes_checkpoint_log_and_args(tmp_path):
     metrics = run(tmp_path)
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    for key in ("student", "teacher", "optimizer", "epoch", "args", "dino_loss", "centroids_queue_cpu",
-                "cpv_queue_cpu", "format_version"):
+    for key in (
+        "student",
+        "teacher",
+        "optimizer",
+        "epoch",
+        "args",
+        "dino_loss",
+        "centroids_queue_cpu",
+        "cpv_queue_cpu",
+        "format_version",
+    ):
         assert key in checkpoint, key
-    assert all(key.startswith("module.backbone.") or key.startswith("module.head.") for key in checkpoint["student"])
+    assert all(
+        key.startswith("module.backbone.") or key.startswith("module.head.") for key in checkpoint["student"]
+    )
     assert all(key.startswith(("backbone.", "head.")) for key in checkpoint["teacher"])
     assert {"head.last_layer.weight_g", "head.last_layer_c.weight_v"} <= set(checkpoint["teacher"])
     assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 8
@@ -39,8 +78,18 @@ def test_default_launcher_writes_checkpoint_log_and_args(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "log.txt")]
     step_records = [r for r in records if "loss" in r]
     assert len(step_records) == 8
-    for key in ("loss", "loss_img", "loss_obj", "loss_nn", "lr", "wd", "momentum", "clusters_per_image",
-                "nn_fraction", "images_per_s"):
+    for key in (
+        "loss",
+        "loss_img",
+        "loss_obj",
+        "loss_nn",
+        "lr",
+        "wd",
+        "momentum",
+        "clusters_per_image",
+        "nn_fraction",
+        "images_per_s",
+    ):
         assert key in step_records[0], key
     epoch_records = [r for r in records if "epoch_loss" in r]
     assert [r["epoch"] for r in epoch_records] == [0, 1]
@@ -83,15 +132,32 @@ def _free_port():
 @pytest.mark.slow
 def test_torchrun_two_processes_keep_ranks_identical(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "main_cribo.py", "--output_dir", str(tmp_path), *TINY, "--batch_size_per_gpu", "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "main_cribo.py",
+        "--output_dir",
+        str(tmp_path),
+        *TINY,
+        "--batch_size_per_gpu",
+        "2",
+    ]
+    result = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     digests = []
     for rank in (0, 1):
         text = open(tmp_path / "logs" / f"rank{rank}.log").read()
-        match = re.search(r"final state digest \(rank %d\): (\{.*\})" % rank, text)
+        match = re.search(rf"final state digest \(rank {rank}\): (\{{.*\}})", text)
         assert match, f"rank {rank} did not finish"
         digests.append(json.loads(match.group(1)))
     assert digests[0] == digests[1]  # teacher weights, centres and memory bank identical across ranks
@@ -105,8 +171,11 @@ def test_start_checkpoint_path_seeds_from_released_layout(tmp_path):
     run(source, "--max_iters", "1")
     ours = torch.load(source / "checkpoint.pth", weights_only=True)
     released = {  # the released layout: an argparse.Namespace under `args`, bare teacher keys
-        "student": ours["student"], "teacher": ours["teacher"], "epoch": 100,
-        "args": argparse.Namespace(arch="vit_tiny"), "dino_loss": ours["dino_loss"],
+        "student": ours["student"],
+        "teacher": ours["teacher"],
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_tiny"),
+        "dino_loss": ours["dino_loss"],
     }
     torch.save(released, tmp_path / "released.pth")
     target = tmp_path / "target"

@@ -1,0 +1,170 @@
+"""Smoke runs of the benchmark scripts (tiny sizes), their hand-checkable formulas, and the opt-in
+activation checkpointing the memory benchmark relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_clustering, bench_data, bench_dense_nn, bench_retrieval, bench_train_step
+from benchmarks.harness import ROOT, format_table
+
+SCRIPTS = ("bench_train_step", "bench_clustering", "bench_dense_nn", "bench_data", "bench_retrieval")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_has_help(name: str) -> None:
+    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert "--out" in completed.stdout
+
+
+def test_backbone_flops_by_hand() -> None:
+    # depth 1, D 2, 32 px / patch 16: N = 4 patches, T = 5 tokens.
+    # blocks 24*5*2^2 + 4*5^2*2 = 480 + 200; patch embedding 2 * 4 * (3 * 16^2) * 2 = 12288.
+    assert bench_train_step.backbone_forward_flops(2, 1, 32, 16) == 480 + 200 + 12288
+    # ViT-S/16 at 224 px is the well-known 4.6 G multiply-adds, i.e. about 9.2 GFLOPs.
+    assert bench_train_step.backbone_forward_flops(384, 12, 224, 16) == pytest.approx(9.2e9, rel=0.02)
+    assert bench_train_step.training_step_flops(2, 1, 32, 16, batch_size=3) == 4 * 2 * 3 * 12968
+
+
+def test_reference_clustering_tensor_size() -> None:
+    # The method doc's figure: ViT-S ImageNet (B 128, 2N 392, K 32) is 629 M elements, 2.5 GB in float32.
+    assert bench_clustering.reference_tensor_bytes(128, 196, 32) == 128 * 392 * 392 * 32 * 4 == 2_517_630_976
+    assert bench_clustering.parse_config("16x49x8") == (16, 49, 8)
+    for bad in ("16x50x8", "16x49", "2x4x9"):
+        with pytest.raises(Exception, match="--configs"):
+            bench_clustering.parse_config(bad)
+
+
+def test_random_crop_positions_match_the_data_pipeline_closed_form() -> None:
+    from data.augmentations import patch_centre_coordinates
+
+    generator = torch.Generator().manual_seed(3)
+    positions = bench_clustering.random_crop_positions(5, 3, 16, generator)
+    assert positions.shape == (5, 2, 9)
+    generator = torch.Generator().manual_seed(3)  # replay the draws: h, w, top, left, flipped
+    draws = [torch.rand(5, 1, generator=generator, dtype=torch.float64) for _ in range(4)]
+    flipped = torch.rand(5, 1, generator=generator) < 0.5
+    height, width = 120 + 260 * draws[0], 120 + 260 * draws[1]
+    top, left = (400 - height) * draws[2], (500 - width) * draws[3]
+    assert flipped.any() and not flipped.all()
+    for b in range(5):
+        expected = patch_centre_coordinates(float(top[b]), float(left[b]), float(height[b]), float(width[b]),
+                                            48, 16, bool(flipped[b]))
+        torch.testing.assert_close(positions[b], expected)
+
+
+def test_format_table_aligns_columns() -> None:
+    table = format_table(["a", "bb"], [[1.23456, None], ["xyz", 1234.5]], title="t")
+    lines = table.splitlines()
+    assert lines[0] == "t" and len({len(line) for line in lines[1:]}) == 1
+    assert "1.23" in table and "1234" in table and " - " in table
+
+
+def test_bench_train_step_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "train_step.json"
+    bench_train_step.main([
+        "--image_size", "32", "--batch_size", "2", "--n_tokens", "2", "--queue_size", "4", "--out_dim", "32",
+        "--steps", "1", "--warmup", "1", "--n_batches", "1", "--scene_size", "48", "--threads", "1",
+        "--in_process", "--out", str(out)])
+    result = json.loads(out.read_text())["results"][0]
+    full, bare = result["full"], result["bare"]
+    assert set(full["sections_median_s"]) == {key for key, _ in bench_train_step.SECTIONS}
+    bare_sections = {"data", "teacher_forward", "teacher_heads", "student_forward", "loss", "backward", "optimizer"}
+    assert set(bare["sections_median_s"]) == bare_sections
+    assert full["nn_active"] == 1.0 and full["bank_images"] == 4  # retrieval ran over a full bank
+    assert result["overhead_ratio"] == pytest.approx(full["median_step_s"] / bare["median_step_s"])
+    (pair_ratio,) = result["pair_ratios"]  # one timed pair (after one warm-up pair)
+    assert pair_ratio == pytest.approx(full["step_seconds"][0] / bare["step_seconds"][0])
+    assert full["peak_rss_process_modes"] == ["full", "bare"]
+    assert full["peak_rss_bytes"] > 0 and full["data_pipeline_s_per_batch"] > 0
+
+
+def test_bench_train_step_bare_alone_in_a_subprocess(tmp_path: Path) -> None:
+    out = tmp_path / "train_step.json"
+    bench_train_step.main([
+        "--image_size", "32", "--batch_size", "2", "--n_tokens", "2", "--queue_size", "4", "--out_dim", "32",
+        "--steps", "1", "--warmup", "0", "--n_batches", "1", "--scene_size", "48", "--threads", "1",
+        "--modes", "bare", "--out", str(out)])
+    result = json.loads(out.read_text())["results"][0]
+    assert result["full"] is None and "overhead_ratio" not in result and "pair_ratios" not in result
+    assert result["bare"]["peak_rss_process_modes"] == ["bare"]  # measured in its own process
+    assert result["bare"]["peak_rss_by_stage_bytes"]["import"] > 0
+    assert "reference_step_s" not in result  # 32 px has no reference figure
+
+
+def test_bench_clustering_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "clustering.json"
+    bench_clustering.main(["--configs", "2x4x2", "--dim", "8", "--repeats", "1", "--threads", "1",
+                           "--out", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["reference_tensor_bytes"] == 2 * 8 * 8 * 2 * 4
+    assert result["median_s"] > 0 and result["peak_extra_measure"] == "ru_maxrss delta"
+    assert 0 < result["valid_clusters_per_image"] <= 2
+
+
+def test_bench_data_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    bench_data.main(["--image_sizes", "32", "--n_images", "2", "--batch_size", "2", "--scene_size", "48",
+                     "--in_process", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert [r["config"]["source"] for r in payload["results"]] == ["synthetic", "jpeg"]
+    assert payload["jpeg_export_seconds"] > 0
+    for result in payload["results"]:
+        assert result["source_image_size"] == [48, 48]
+        assert all(rate > 0 for rate in result["stages"].values())
+
+
+def test_bench_dense_nn_smoke_and_skip(tmp_path: Path) -> None:
+    out = tmp_path / "dense.json"
+    bench_dense_nn.main(["--arch", "vit_tiny", "--input_size", "32", "--n_train", "2", "--n_val", "1",
+                         "--batch_size", "2", "--scene_size", "48", "--memory_sizes", "300", "10000000000",
+                         "--k", "3", "--threads", "1", "--in_process", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    pipeline, index = payload["results"]
+    assert pipeline["memory_entries"] == 2 * 4  # 2 images x 1 pass x (32/16)^2 patches, all kept
+    assert pipeline["images_per_s"]["memory: whole build (extract + index add)"] > 0
+    assert index["memory_size"] == 300 and index["search_queries"] == 4 and index["found_all"]
+    (skipped,) = payload["skipped"]
+    assert skipped["memory_size"] == 10_000_000_000 and "GB" in skipped["reason"]
+
+
+def test_bench_retrieval_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "retrieval.json"
+    bench_retrieval.main(["--queue_sizes", "4", "--n_tokens", "2", "--dim", "8", "--objects", "3",
+                          "--chunk_size", "3", "--push_images", "2", "--repeats", "1", "--in_process",
+                          "--out", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["bank_objects"] == 8 and result["similarity_block_bytes"] == 3 * 3 * 4
+    assert result["median_s"] > 0
+
+
+def test_grad_checkpointing_gives_identical_outputs_and_gradients() -> None:
+    """The memory option of VisionTransformer: recomputing the blocks (drop path included) changes nothing."""
+    from models import build_backbone
+
+    torch.manual_seed(0)
+    plain = build_backbone("vit_tiny", drop_path_rate=0.5, img_size=32, depth=2).train()
+    recomputed = build_backbone("vit_tiny", drop_path_rate=0.5, img_size=32, depth=2).train()
+    recomputed.load_state_dict(plain.state_dict())
+    recomputed.set_grad_checkpointing(True)
+    images = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for model in (plain, recomputed):
+        torch.manual_seed(1)  # same drop-path draws in both forwards
+        cls, patches = model.forward_features(images)
+        (cls.square().sum() + patches.sin().sum()).backward()
+        outputs.append((cls.detach(), patches.detach()))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
+    # Drop path was active (so the replayed draws were checked): the eval-mode output differs.
+    with torch.no_grad():
+        assert not torch.allclose(plain.eval().forward_features(images)[0], outputs[0][0])
