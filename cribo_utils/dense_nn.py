@@ -647,11 +647,19 @@ def _shard_loader(dataset: Any, cfg: DenseNNConfig, device: torch.device) -> Dat
 
 
 def _progress(loader: DataLoader, cfg: DenseNNConfig, description: str) -> Any:
+    """Iterate ``loader`` with a throughput/ETA line on rank 0 (plain periodic lines when not a terminal)."""
     if not (cfg.progress and distributed.is_main_process()):
         return loader
-    from tqdm import tqdm
+    from cribo_utils.progress import Progress
 
-    return tqdm(loader, desc=description, dynamic_ncols=True)
+    def iterate() -> Any:
+        progress = Progress(len(loader), description, items_per_step=loader.batch_size or 1)
+        for batch in loader:
+            yield batch
+            progress.update(1)
+        progress.close()
+
+    return iterate()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cribo_utils import distributed
+from cribo_utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,9 @@ def extract_features(
         raise ValueError("extract_features: the model is in training mode; call model.eval() first")
     device = torch.device(device)
     features, targets, indices = [], [], []
-    for step, batch in enumerate(loader):
+    progress = Progress(len(loader), f"{kind} features", enabled=distributed.is_main_process(),
+                        every=_LOG_EVERY_BATCHES, items_per_step=loader.batch_size or 1)
+    for batch in loader:
         if len(batch) != 3:
             raise ValueError(
                 "extract_features: batches must be (images, targets, indices); use build_eval_loader"
@@ -212,8 +215,8 @@ def extract_features(
         features.append(batch_features.float().cpu())
         targets.append(torch.as_tensor(batch_targets).cpu())
         indices.append(torch.as_tensor(batch_indices))
-        if step % _LOG_EVERY_BATCHES == 0:
-            logger.info("extracting %s features: batch %d/%d", kind, step + 1, len(loader))
+        progress.update(1)
+    progress.close()
     total = len(loader.dataset)  # type: ignore[arg-type]
     # NCCL only moves CUDA tensors; gloo only CPU tensors.
     gather_device = (
