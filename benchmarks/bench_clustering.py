@@ -6,8 +6,9 @@
 
 Each configuration ``BxNxK`` (B images, N tokens per view, K clusters) runs in a fresh process:
 random teacher tokens (B, N, D) for both views, patch positions of two random crops per image (the
-closed form of ``data.augmentations``, checked against it in tests/test_benchmarks.py), then ``joint_cluster`` with the training defaults (5 rounds,
-Sinkhorn lambda 20 x 5 iterations, per-image cost scaling). Reported: the median time of ``--repeats``
+closed form of ``data.augmentations``, checked against it in tests/test_benchmarks.py), then
+``joint_cluster`` with the training defaults (5 rounds, Sinkhorn lambda 20 x 5 iterations, per-image cost
+scaling). Reported: the median time of ``--repeats``
 calls after one untimed call, and the peak extra memory of that first call: on CPU the growth of
 ``ru_maxrss`` over its value just before the call, on GPU ``max_memory_allocated`` minus the memory
 allocated before the call.
@@ -54,7 +55,9 @@ def parse_config(text: str) -> tuple[int, int, int]:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"--configs {text!r}: expected BxNxK, e.g. 128x196x32") from error
     if math.isqrt(tokens) ** 2 != tokens:
-        raise argparse.ArgumentTypeError(f"--configs {text!r}: N={tokens} tokens per view must be a square grid")
+        raise argparse.ArgumentTypeError(
+            f"--configs {text!r}: N={tokens} tokens per view must be a square grid"
+        )
     if not 1 <= clusters <= 2 * tokens or batch < 1:
         raise argparse.ArgumentTypeError(f"--configs {text!r}: need B >= 1 and 1 <= K <= 2N")
     return batch, tokens, clusters
@@ -116,9 +119,17 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator(device=device).manual_seed(0)
 
     def call() -> Any:
-        result = joint_cluster(tokens1, tokens2, positions1, positions2, n_clusters=clusters, alpha=1.0,
-                               n_iter=cfg["n_iter"], cost_normalization=cfg["cost_normalization"],
-                               generator=generator)
+        result = joint_cluster(
+            tokens1,
+            tokens2,
+            positions1,
+            positions2,
+            n_clusters=clusters,
+            alpha=1.0,
+            n_iter=cfg["n_iter"],
+            cost_normalization=cfg["cost_normalization"],
+            generator=generator,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return result
@@ -133,7 +144,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     result = call()
     first_seconds = time.perf_counter() - start
     rss_delta = peak_rss_bytes() - rss_before
-    peak_extra = (torch.cuda.max_memory_allocated(device) - allocated_before) if device.type == "cuda" else rss_delta
+    peak_extra = (
+        (torch.cuda.max_memory_allocated(device) - allocated_before) if device.type == "cuda" else rss_delta
+    )
     seconds = []
     for _ in range(cfg["repeats"]):
         start = time.perf_counter()
@@ -147,7 +160,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "first_call_s": first_seconds,
         "median_s": median(seconds),
         "peak_extra_bytes": int(peak_extra),
-        "peak_extra_measure": "cuda max_memory_allocated delta" if device.type == "cuda" else "ru_maxrss delta",
+        "peak_extra_measure": "cuda max_memory_allocated delta"
+        if device.type == "cuda"
+        else "ru_maxrss delta",
         "rss_delta_bytes": int(rss_delta),
         "peak_rss_bytes": peak_rss_bytes(),
         "valid_clusters_per_image": float(result.counts.float().mean()),
@@ -163,10 +178,15 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time and peak memory of joint_cluster per BxNxK configuration (one process each).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config(c) for c in DEFAULT_CONFIGS],
-                        help="BxNxK: images, tokens per view (a square), clusters. Default: "
-                             + " ".join(DEFAULT_CONFIGS))
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        type=parse_config,
+        default=[parse_config(c) for c in DEFAULT_CONFIGS],
+        help="BxNxK: images, tokens per view (a square), clusters. Default: " + " ".join(DEFAULT_CONFIGS),
+    )
     parser.add_argument("--dim", type=int, default=384, help="Token width D (384: ViT-S).")
     parser.add_argument("--n_iter", type=int, default=5, help="Clustering rounds.")
     parser.add_argument("--cost_normalization", default="image", choices=["image", "batch"])
@@ -175,9 +195,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
     parser.add_argument("--timeout", type=float, default=600, help="Seconds allowed per worker process.")
-    parser.add_argument("--in_process", action="store_true",
-                        help="Measure in this process instead of one fresh process per configuration (quick "
-                             "smoke runs; the peak RSS is then not per configuration).")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process instead of one fresh process per configuration (quick "
+        "smoke runs; the peak RSS is then not per configuration).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -189,26 +212,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     results, rows = [], []
     for batch, tokens, clusters in options.configs:
-        config = {"batch": batch, "tokens": tokens, "clusters": clusters, "dim": options.dim,
-                  "n_iter": options.n_iter, "cost_normalization": options.cost_normalization,
-                  "repeats": options.repeats, "device": options.device, "threads": options.threads}
-        result = run_worker(__file__, config, options.timeout, in_process=worker if options.in_process else None)
+        config = {
+            "batch": batch,
+            "tokens": tokens,
+            "clusters": clusters,
+            "dim": options.dim,
+            "n_iter": options.n_iter,
+            "cost_normalization": options.cost_normalization,
+            "repeats": options.repeats,
+            "device": options.device,
+            "threads": options.threads,
+        }
+        result = run_worker(
+            __file__, config, options.timeout, in_process=worker if options.in_process else None
+        )
         results.append(result)
         reference = result["reference_tensor_bytes"]
-        rows.append([batch, tokens, clusters, options.dim, result["median_s"], gb(result["peak_extra_bytes"]),
-                     gb(reference), reference / max(result["peak_extra_bytes"], 1),
-                     result["valid_clusters_per_image"],
-                     "ImageNet ViT-S" if (batch, tokens, clusters) == IMAGENET_SETTING else ""])
+        rows.append(
+            [
+                batch,
+                tokens,
+                clusters,
+                options.dim,
+                result["median_s"],
+                gb(result["peak_extra_bytes"]),
+                gb(reference),
+                reference / max(result["peak_extra_bytes"], 1),
+                result["valid_clusters_per_image"],
+                "ImageNet ViT-S" if (batch, tokens, clusters) == IMAGENET_SETTING else "",
+            ]
+        )
     loads = [r[k] for r in results for k in ("load_average_start", "load_average_end")]
-    title = (f"joint_cluster on {results[0]['device']} ({results[0]['torch_threads']} threads), {options.n_iter} "
-             f"rounds, median of {options.repeats} calls; load average {min(loads):.2f}-{max(loads):.2f}")
-    print(format_table(["B", "N/view", "K", "D", "seconds", "peak extra GB (ours)",
-                        "one ref. (B,2N,2N,K) fp32 GB", "ref. tensor / ours", "valid clusters/img", ""],
-                       rows, title=title))
-    print("  peak extra = " + results[0]["peak_extra_measure"] + " of the first call; the reference keeps "
-          "several (B,2N,2N,K) tensors alive per round, so one tensor is a lower bound of its memory\n")
-    payload = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv,
-               "results": results}
+    title = (
+        f"joint_cluster on {results[0]['device']} ({results[0]['torch_threads']} threads), {options.n_iter} "
+        f"rounds, median of {options.repeats} calls; load average {min(loads):.2f}-{max(loads):.2f}"
+    )
+    print(
+        format_table(
+            [
+                "B",
+                "N/view",
+                "K",
+                "D",
+                "seconds",
+                "peak extra GB (ours)",
+                "one ref. (B,2N,2N,K) fp32 GB",
+                "ref. tensor / ours",
+                "valid clusters/img",
+                "",
+            ],
+            rows,
+            title=title,
+        )
+    )
+    print(
+        "  peak extra = " + results[0]["peak_extra_measure"] + " of the first call; the reference keeps "
+        "several (B,2N,2N,K) tensors alive per round, so one tensor is a lower bound of its memory\n"
+    )
+    payload = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "results": results,
+    }
     print(f"wrote {write_json(options.out, payload)}")
     return payload
 

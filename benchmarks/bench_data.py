@@ -1,6 +1,6 @@
 """Images per second of the two-view pretraining pipeline in ONE data-loading worker.
 
-    python benchmarks/bench_data.py                                   # synthetic scenes + JPEG files, 224 and 96 px
+    python benchmarks/bench_data.py                          # synthetic scenes + JPEG files, 224 and 96 px
     python benchmarks/bench_data.py --sources jpeg --data_dir /tmp/synthetic_export --scene_size 256
 
 A DataLoader worker runs with one torch thread, so each measurement runs in a fresh process with
@@ -60,11 +60,15 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     count, batch_size = cfg["n_images"], cfg["batch_size"]
     transform = TwoViewTransform(image_size=cfg["image_size"], patch_size=16)
     load_start = load_average()
+    raw: Any
+    full: Any
     if cfg["source"] == "synthetic":
         from data.synthetic import SyntheticScenes
 
         raw = SyntheticScenes("train", image_size=cfg["scene_size"], num_train=count, seed=0)
-        full = SyntheticScenes("train", image_size=cfg["scene_size"], num_train=count, seed=0, transform=transform)
+        full = SyntheticScenes(
+            "train", image_size=cfg["scene_size"], num_train=count, seed=0, transform=transform
+        )
         read_label = "render scene"
     else:
         from data.datasets import UnlabelledImageFolder
@@ -92,8 +96,11 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "config": cfg,
         "n_images": count,
         "source_image_size": list(images[0].size),
-        "stages": {read_label: _rate(count, read_s), "TwoViewTransform": _rate(count, transform_s),
-                   "end to end (+ collate)": _rate(count, end_to_end_s)},
+        "stages": {
+            read_label: _rate(count, read_s),
+            "TwoViewTransform": _rate(count, transform_s),
+            "end to end (+ collate)": _rate(count, end_to_end_s),
+        },
         "torch_threads": torch.get_num_threads(),
         "load_average_start": load_start,
         "load_average_end": load_average(),
@@ -103,32 +110,63 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def export_jpegs(out_dir: Path, count: int, scene_size: int) -> float:
     """``python -m data.synthetic`` into ``out_dir``; returns the seconds it took."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(out_dir), "--num_train", str(count),
-                    "--num_val", "1", "--image_size", str(scene_size)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.synthetic",
+            "--out",
+            str(out_dir),
+            "--num_train",
+            str(count),
+            "--num_val",
+            "1",
+            "--image_size",
+            str(scene_size),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Images/s of the two-view pipeline per data-loading worker (one process per measurement).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Images/s of the two-view pipeline per data-loading worker (a process per measurement).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--sources", nargs="+", default=["synthetic", "jpeg"], choices=["synthetic", "jpeg"])
     parser.add_argument("--image_sizes", nargs="+", type=int, default=[224, 96], help="Global crop sides.")
-    parser.add_argument("--scene_size", type=int, default=128,
-                        help="Side of the synthetic scenes (rendered, and exported as JPEG).")
+    parser.add_argument(
+        "--scene_size",
+        type=int,
+        default=128,
+        help="Side of the synthetic scenes (rendered, and exported as JPEG).",
+    )
     parser.add_argument("--n_images", type=int, default=64, help="Images per measurement.")
     parser.add_argument("--batch_size", type=int, default=16, help="Collate batch size (end-to-end rows).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers use 1).")
-    parser.add_argument("--data_dir", default="",
-                        help="An existing `python -m data.synthetic` export to read (default: export "
-                             "--n_images images into a temporary folder first).")
-    parser.add_argument("--feed_rate", type=float, default=1000.0,
-                        help="Training images/s to feed, for the 'workers needed' column.")
+    parser.add_argument(
+        "--data_dir",
+        default="",
+        help="An existing `python -m data.synthetic` export to read (default: export "
+        "--n_images images into a temporary folder first).",
+    )
+    parser.add_argument(
+        "--feed_rate",
+        type=float,
+        default=1000.0,
+        help="Training images/s to feed, for the 'workers needed' column.",
+    )
     parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
     parser.add_argument("--timeout", type=float, default=600, help="Seconds allowed per worker process.")
-    parser.add_argument("--in_process", action="store_true",
-                        help="Measure in this process instead of one fresh process per configuration (quick "
-                             "smoke runs; the peak RSS is then not per configuration).")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process instead of one fresh process per configuration (quick "
+        "smoke runs; the peak RSS is then not per configuration).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -147,27 +185,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             export_s = export_jpegs(Path(data_dir), options.n_images, options.scene_size)
         for source in options.sources:
             for image_size in options.image_sizes:
-                config = {"source": source, "image_size": image_size, "scene_size": options.scene_size,
-                          "n_images": options.n_images, "batch_size": options.batch_size,
-                          "threads": options.threads, "data_dir": data_dir}
-                results.append(run_worker(__file__, config, options.timeout,
-                                          in_process=worker if options.in_process else None))
+                config = {
+                    "source": source,
+                    "image_size": image_size,
+                    "scene_size": options.scene_size,
+                    "n_images": options.n_images,
+                    "batch_size": options.batch_size,
+                    "threads": options.threads,
+                    "data_dir": data_dir,
+                }
+                results.append(
+                    run_worker(
+                        __file__, config, options.timeout, in_process=worker if options.in_process else None
+                    )
+                )
     rows = []
     for result in results:
         config = result["config"]
         for stage, rate in result["stages"].items():
             workers = options.feed_rate / rate if stage.startswith("end to end") else None
-            rows.append([config["source"], "x".join(map(str, result["source_image_size"])), config["image_size"],
-                         stage, rate, 1000.0 / rate, workers])
+            rows.append(
+                [
+                    config["source"],
+                    "x".join(map(str, result["source_image_size"])),
+                    config["image_size"],
+                    stage,
+                    rate,
+                    1000.0 / rate,
+                    workers,
+                ]
+            )
     loads = [r[k] for r in results for k in ("load_average_start", "load_average_end")]
-    title = (f"two-view pipeline, one worker ({results[0]['torch_threads']} torch thread), {options.n_images} images "
-             f"per row; load average {min(loads):.2f}-{max(loads):.2f}")
-    print(format_table(["source", "source px", "crop px", "stage", "images/s", "ms/image",
-                        f"workers for {options.feed_rate:.0f} img/s"], rows, title=title))
+    title = (
+        f"two-view pipeline, one worker ({results[0]['torch_threads']} torch thread), "
+        f"{options.n_images} images per row; load average {min(loads):.2f}-{max(loads):.2f}"
+    )
+    print(
+        format_table(
+            [
+                "source",
+                "source px",
+                "crop px",
+                "stage",
+                "images/s",
+                "ms/image",
+                f"workers for {options.feed_rate:.0f} img/s",
+            ],
+            rows,
+            title=title,
+        )
+    )
     if export_s is not None:
         print(f"  JPEG export (python -m data.synthetic, {options.n_images} + 1 images): {export_s:.1f} s\n")
-    payload = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv,
-               "jpeg_export_seconds": export_s, "results": results}
+    payload = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "jpeg_export_seconds": export_s,
+        "results": results,
+    }
     print(f"wrote {write_json(options.out, payload)}")
     return payload
 

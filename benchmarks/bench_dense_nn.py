@@ -1,7 +1,7 @@
 """Throughput of the dense nearest-neighbour (Hummingbird) evaluation: building the memory and querying it.
 
     python benchmarks/bench_dense_nn.py                                      # defaults below, CPU
-    python benchmarks/bench_dense_nn.py --memory_sizes 1024000 10240000      # the paper's size where RAM allows
+    python benchmarks/bench_dense_nn.py --memory_sizes 1024000 10240000  # the paper's size where RAM allows
     python benchmarks/bench_dense_nn.py --parts pipeline --arch vit_small --input_size 512 --n_train 32
 
 Two parts, each in a fresh process:
@@ -65,19 +65,34 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         from cribo_utils.checkpoint_formats import load_backbone
 
         load_backbone(backbone, cfg["weights"])
-    train = SyntheticSegmentation("train", image_size=cfg["scene_size"], num_train=cfg["n_train"],
-                                  num_val=cfg["n_val"], seed=0)
-    val = SyntheticSegmentation("val", image_size=cfg["scene_size"], num_train=cfg["n_train"],
-                                num_val=cfg["n_val"], seed=0)
-    config = dense_nn.DenseNNConfig(input_size=cfg["input_size"], memory_size=cfg["pipeline_memory_size"],
-                                    num_neighbours=cfg["k"], augmentation_epochs=cfg["passes"], index="exact",
-                                    batch_size=cfg["batch_size"], num_workers=0, progress=False)
+    train = SyntheticSegmentation(
+        "train", image_size=cfg["scene_size"], num_train=cfg["n_train"], num_val=cfg["n_val"], seed=0
+    )
+    val = SyntheticSegmentation(
+        "val", image_size=cfg["scene_size"], num_train=cfg["n_train"], num_val=cfg["n_val"], seed=0
+    )
+    config = dense_nn.DenseNNConfig(
+        input_size=cfg["input_size"],
+        memory_size=cfg["pipeline_memory_size"],
+        num_neighbours=cfg["k"],
+        augmentation_epochs=cfg["passes"],
+        index="exact",
+        batch_size=cfg["batch_size"],
+        num_workers=0,
+        progress=False,
+    )
     config.validate(cfg["patch_size"])
     side = cfg["input_size"] // cfg["patch_size"]
     plan = dense_nn.plan_memory(len(train), config.augmentation_epochs, side * side, config.memory_size)
     indices = dense_nn.training_subset(len(train), 1.0, config.seed)
-    items = dense_nn.MemoryItems(train, indices, config.augmentation_epochs, dense_nn.memory_transform(config),
-                                 side * side, config.seed)
+    items = dense_nn.MemoryItems(
+        train,
+        indices,
+        config.augmentation_epochs,
+        dense_nn.memory_transform(config),
+        side * side,
+        config.seed,
+    )
     n_items = len(items)
     load_start = load_average()
 
@@ -87,8 +102,9 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     data_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    shard = dense_nn.extract_memory_shard(backbone, items, plan, cfg["patch_size"], train.num_classes, config,
-                                          device)
+    shard = dense_nn.extract_memory_shard(
+        backbone, items, plan, cfg["patch_size"], train.num_classes, config, device
+    )
     extract_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -104,8 +120,12 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "config": cfg,
         "memory_entries": len(memory),
         "memory_items": n_items,
-        "seconds": {"memory data only": data_s, "extract_memory_shard": extract_s,
-                    "assemble_memory (index add)": assemble_s, "evaluate_memory (query)": query_s},
+        "seconds": {
+            "memory data only": data_s,
+            "extract_memory_shard": extract_s,
+            "assemble_memory (index add)": assemble_s,
+            "evaluate_memory (query)": query_s,
+        },
         "images_per_s": {
             "memory: data loading only": n_items / data_s,
             "memory: data + features + sampling": n_items / extract_s,
@@ -151,7 +171,9 @@ def index_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         index.add(chunk)
         add_s += time.perf_counter() - start
     patches_per_image = (cfg["input_size"] // cfg["patch_size"]) ** 2
-    queries = F.normalize(torch.randn(cfg["query_images"] * patches_per_image, dim, generator=generator), dim=1)
+    queries = F.normalize(
+        torch.randn(cfg["query_images"] * patches_per_image, dim, generator=generator), dim=1
+    )
     index.search(queries[:8], cfg["k"])  # warm-up (thread pool, first-touch)
     start = time.perf_counter()
     similarities, ids = index.search(queries, cfg["k"])
@@ -183,37 +205,64 @@ def run_part(cfg: dict[str, Any]) -> dict[str, Any]:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Images/s of the dense-NN memory build and query (real pipeline) and of the faiss index "
-                    "at large memory sizes (random features).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "at large memory sizes (random features).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--parts", nargs="+", default=["pipeline", "index"], choices=["pipeline", "index"])
     parser.add_argument("--arch", default="vit_small", choices=sorted(WIDTHS))
     parser.add_argument("--patch_size", type=int, default=16)
-    parser.add_argument("--weights", default="", help="Backbone checkpoint for the pipeline part (default: random).")
-    parser.add_argument("--input_size", type=int, default=512, help="Network input side (512 in the protocol).")
+    parser.add_argument(
+        "--weights", default="", help="Backbone checkpoint for the pipeline part (default: random)."
+    )
+    parser.add_argument(
+        "--input_size", type=int, default=512, help="Network input side (512 in the protocol)."
+    )
     parser.add_argument("--n_train", type=int, default=8, help="Pipeline: training images in the memory.")
     parser.add_argument("--n_val", type=int, default=4, help="Pipeline: validation (query) images.")
-    parser.add_argument("--passes", type=int, default=1, help="Pipeline: augmentation passes over the memory images.")
-    parser.add_argument("--pipeline_memory_size", type=int, default=0,
-                        help="Pipeline: --memory_size of the protocol (0: keep every patch).")
+    parser.add_argument(
+        "--passes", type=int, default=1, help="Pipeline: augmentation passes over the memory images."
+    )
+    parser.add_argument(
+        "--pipeline_memory_size",
+        type=int,
+        default=0,
+        help="Pipeline: --memory_size of the protocol (0: keep every patch).",
+    )
     parser.add_argument("--scene_size", type=int, default=128, help="Side of the synthetic scenes.")
     parser.add_argument("--batch_size", type=int, default=4, help="Pipeline: images per forward pass.")
-    parser.add_argument("--memory_sizes", nargs="+", type=int, default=[1_024_000, PAPER_MEMORY_SIZE],
-                        help="Index part: memory sizes in patches (sizes that do not fit in RAM are skipped).")
+    parser.add_argument(
+        "--memory_sizes",
+        nargs="+",
+        type=int,
+        default=[1_024_000, PAPER_MEMORY_SIZE],
+        help="Index part: memory sizes in patches (sizes that do not fit in RAM are skipped).",
+    )
     parser.add_argument("--dim", type=int, default=0, help="Index part: feature width (0: the --arch width).")
     parser.add_argument("--index", default="exact", choices=["exact", "ivf"])
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists searched.")
-    parser.add_argument("--query_images", type=int, default=1,
-                        help="Index part: query images, (input_size / patch_size)^2 patches each.")
+    parser.add_argument(
+        "--query_images",
+        type=int,
+        default=1,
+        help="Index part: query images, (input_size / patch_size)^2 patches each.",
+    )
     parser.add_argument("--k", type=int, default=30, help="Neighbours per query patch.")
-    parser.add_argument("--max_ram_fraction", type=float, default=0.6,
-                        help="Skip an index size needing more than this fraction of MemAvailable.")
+    parser.add_argument(
+        "--max_ram_fraction",
+        type=float,
+        default=0.6,
+        help="Skip an index size needing more than this fraction of MemAvailable.",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
     parser.add_argument("--timeout", type=float, default=1200, help="Seconds allowed per worker process.")
-    parser.add_argument("--in_process", action="store_true",
-                        help="Measure in this process instead of one fresh process per configuration (quick "
-                             "smoke runs; the peak RSS is then not per configuration).")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process instead of one fresh process per configuration (quick "
+        "smoke runs; the peak RSS is then not per configuration).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -230,22 +279,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         emit_result(run_part(json.loads(options.worker)))
         return {}
     dim = options.dim or WIDTHS[options.arch]
-    common = {"arch": options.arch, "patch_size": options.patch_size, "input_size": options.input_size,
-              "k": options.k, "device": options.device, "threads": options.threads}
+    common = {
+        "arch": options.arch,
+        "patch_size": options.patch_size,
+        "input_size": options.input_size,
+        "k": options.k,
+        "device": options.device,
+        "threads": options.threads,
+    }
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     if "pipeline" in options.parts:
-        cfg = {**common, "part": "pipeline", "weights": options.weights, "n_train": options.n_train,
-               "n_val": options.n_val, "passes": options.passes, "scene_size": options.scene_size,
-               "batch_size": options.batch_size, "pipeline_memory_size": options.pipeline_memory_size or None}
-        result = run_worker(__file__, cfg, options.timeout, in_process=run_part if options.in_process else None)
+        cfg = {
+            **common,
+            "part": "pipeline",
+            "weights": options.weights,
+            "n_train": options.n_train,
+            "n_val": options.n_val,
+            "passes": options.passes,
+            "scene_size": options.scene_size,
+            "batch_size": options.batch_size,
+            "pipeline_memory_size": options.pipeline_memory_size or None,
+        }
+        result = run_worker(
+            __file__, cfg, options.timeout, in_process=run_part if options.in_process else None
+        )
         results.append(result)
         rows = [[stage, rate] for stage, rate in result["images_per_s"].items()]
         rows.append(["index add (rows/s)", result["index_add_rows_per_s"]])
-        title = (f"dense-NN pipeline: {options.arch}/{options.patch_size} at {options.input_size} px "
-                 f"({'weights ' + options.weights if options.weights else 'random init'}), memory of "
-                 f"{result['memory_entries']} patches from {result['memory_items']} items, {options.n_val} query "
-                 f"images, k={options.k}; load {result['load_average_start']:.2f}-{result['load_average_end']:.2f}")
+        title = (
+            f"dense-NN pipeline: {options.arch}/{options.patch_size} at {options.input_size} px "
+            f"({'weights ' + options.weights if options.weights else 'random init'}), memory of "
+            f"{result['memory_entries']} patches from {result['memory_items']} items, {options.n_val} query "
+            f"images, k={options.k}; load {result['load_average_start']:.2f}-{result['load_average_end']:.2f}"
+        )
         print(format_table(["stage", "images/s"], rows, title=title))
         print(f"  peak RSS {gb(result['peak_rss_bytes']):.2f} GB\n")
     if "index" in options.parts:
@@ -254,26 +321,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             needed = size * dim * 4
             available = available_bytes()
             if available is not None and needed > options.max_ram_fraction * available:
-                reason = (f"needs {gb(needed):.1f} GB for the float32 index, {gb(available):.1f} GB available "
-                          f"(limit {options.max_ram_fraction:.0%}); run on a machine with more RAM or a GPU index")
+                reason = (
+                    f"needs {gb(needed):.1f} GB for the float32 index, {gb(available):.1f} GB available "
+                    f"(limit {options.max_ram_fraction:.0%}); run on a machine with more RAM or a GPU index"
+                )
                 skipped.append({"memory_size": size, "dim": dim, "reason": reason})
                 rows.append([size, dim, gb(needed), None, None, None, "skipped: " + reason])
                 continue
-            cfg = {**common, "part": "index", "memory_size": size, "dim": dim, "index": options.index,
-                   "nprobe": options.nprobe, "query_images": options.query_images}
-            result = run_worker(__file__, cfg, options.timeout, in_process=run_part if options.in_process else None)
+            cfg = {
+                **common,
+                "part": "index",
+                "memory_size": size,
+                "dim": dim,
+                "index": options.index,
+                "nprobe": options.nprobe,
+                "query_images": options.query_images,
+            }
+            result = run_worker(
+                __file__, cfg, options.timeout, in_process=run_part if options.in_process else None
+            )
             results.append(result)
-            rows.append([size, dim, gb(result["index_bytes"]), result["add_rows_per_s"],
-                         result["search_queries_per_s"], result["query_images_per_s"],
-                         f"peak RSS {gb(result['peak_rss_bytes']):.2f} GB, load "
-                         f"{result['load_average_start']:.2f}-{result['load_average_end']:.2f}"])
+            rows.append(
+                [
+                    size,
+                    dim,
+                    gb(result["index_bytes"]),
+                    result["add_rows_per_s"],
+                    result["search_queries_per_s"],
+                    result["query_images_per_s"],
+                    f"peak RSS {gb(result['peak_rss_bytes']):.2f} GB, load "
+                    f"{result['load_average_start']:.2f}-{result['load_average_end']:.2f}",
+                ]
+            )
         patches = (options.input_size // options.patch_size) ** 2
-        print(format_table(["memory patches", "D", "index GB", "add rows/s", "search queries/s",
-                            f"query images/s ({patches} patches)", "notes"], rows,
-                           title=f"faiss {options.index} index on RANDOM unit features (timing only), k={options.k}"))
+        print(
+            format_table(
+                [
+                    "memory patches",
+                    "D",
+                    "index GB",
+                    "add rows/s",
+                    "search queries/s",
+                    f"query images/s ({patches} patches)",
+                    "notes",
+                ],
+                rows,
+                title=f"faiss {options.index} index on RANDOM unit features (timing only), k={options.k}",
+            )
+        )
         print()
-    payload = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv,
-               "results": results, "skipped": skipped}
+    payload = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "results": results,
+        "skipped": skipped,
+    }
     print(f"wrote {write_json(options.out, payload)}")
     return payload
 

@@ -1,6 +1,6 @@
 """Time and peak extra memory of the cross-image retrieval against the memory-bank size.
 
-    python benchmarks/bench_retrieval.py                                 # queues of 1,024 and 8,192 images, CPU
+    python benchmarks/bench_retrieval.py                         # queues of 1,024 and 8,192 images, CPU
     python benchmarks/bench_retrieval.py --queue_sizes 25000 --device cuda
 
 Each queue size runs in a fresh process: a ``CentroidMemoryBank(Q, K, D)`` is filled with Q images of K
@@ -71,7 +71,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     result = call()
     first_s = time.perf_counter() - start
     rss_delta = peak_rss_bytes() - rss_before
-    peak_extra = (torch.cuda.max_memory_allocated(device) - allocated_before) if device.type == "cuda" else rss_delta
+    peak_extra = (
+        (torch.cuda.max_memory_allocated(device) - allocated_before) if device.type == "cuda" else rss_delta
+    )
     seconds = []
     for _ in range(cfg["repeats"]):
         start = time.perf_counter()
@@ -82,10 +84,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "config": cfg,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "bank_objects": bank.num_objects,
-        "bank_bytes": bank.centroids.numel() * 4,
+        "bank_bytes": 2 * bank.capacity * cfg["dim"] * 4,
         "one_view_bytes": view_bytes,
         "peak_extra_bytes": int(peak_extra),
-        "peak_extra_measure": "cuda max_memory_allocated delta" if device.type == "cuda" else "ru_maxrss delta",
+        "peak_extra_measure": "cuda max_memory_allocated delta"
+        if device.type == "cuda"
+        else "ru_maxrss delta",
         "similarity_block_bytes": cfg["objects"] * min(cfg["chunk_size"], bank.num_objects) * 4,
         "first_call_s": first_s,
         "seconds": seconds,
@@ -100,12 +104,16 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time and peak extra memory of find_cycle_consistent_neighbours per bank size.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--queue_sizes", nargs="+", type=int, default=[1024, 8192], help="Bank sizes Q in images.")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--queue_sizes", nargs="+", type=int, default=[1024, 8192], help="Bank sizes Q in images."
+    )
     parser.add_argument("--n_tokens", type=int, default=32, help="Objects per bank image (K, all valid).")
     parser.add_argument("--dim", type=int, default=384, help="Object width D (384: ViT-S).")
-    parser.add_argument("--objects", type=int, default=320,
-                        help="Current objects M (e.g. 16 images x 20 valid objects).")
+    parser.add_argument(
+        "--objects", type=int, default=320, help="Current objects M (e.g. 16 images x 20 valid objects)."
+    )
     parser.add_argument("--chunk_size", type=int, default=65536, help="--retrieval_chunk_size of training.")
     parser.add_argument("--push_images", type=int, default=16, help="Images per push while filling the bank.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed calls after the first one.")
@@ -113,9 +121,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
     parser.add_argument("--timeout", type=float, default=600, help="Seconds allowed per worker process.")
-    parser.add_argument("--in_process", action="store_true",
-                        help="Measure in this process instead of one fresh process per configuration (quick "
-                             "smoke runs; the peak RSS is then not per configuration).")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process instead of one fresh process per configuration (quick "
+        "smoke runs; the peak RSS is then not per configuration).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -127,22 +138,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     results, rows = [], []
     for queue_size in options.queue_sizes:
-        config = {"queue_size": queue_size, "n_tokens": options.n_tokens, "dim": options.dim,
-                  "objects": options.objects, "chunk_size": options.chunk_size, "push_images": options.push_images,
-                  "repeats": options.repeats, "device": options.device, "threads": options.threads}
-        result = run_worker(__file__, config, options.timeout, in_process=worker if options.in_process else None)
+        config = {
+            "queue_size": queue_size,
+            "n_tokens": options.n_tokens,
+            "dim": options.dim,
+            "objects": options.objects,
+            "chunk_size": options.chunk_size,
+            "push_images": options.push_images,
+            "repeats": options.repeats,
+            "device": options.device,
+            "threads": options.threads,
+        }
+        result = run_worker(
+            __file__, config, options.timeout, in_process=worker if options.in_process else None
+        )
         results.append(result)
-        rows.append([queue_size, result["bank_objects"], gb(result["bank_bytes"]), gb(result["one_view_bytes"]),
-                     gb(result["peak_extra_bytes"]), gb(result["similarity_block_bytes"]),
-                     result["peak_extra_bytes"] / result["one_view_bytes"], result["median_s"]])
+        rows.append(
+            [
+                queue_size,
+                result["bank_objects"],
+                gb(result["bank_bytes"]),
+                gb(result["one_view_bytes"]),
+                gb(result["peak_extra_bytes"]),
+                gb(result["similarity_block_bytes"]),
+                result["peak_extra_bytes"] / result["one_view_bytes"],
+                result["median_s"],
+            ]
+        )
     loads = [r[k] for r in results for k in ("load_average_start", "load_average_end")]
-    title = (f"retrieval of M={options.objects} objects, D={options.dim}, chunk {options.chunk_size}, on "
-             f"{results[0]['device']}; median of {options.repeats} calls; load {min(loads):.2f}-{max(loads):.2f}")
-    print(format_table(["Q images", "bank objects", "bank GB (2 views)", "one bank view GB", "peak extra GB",
-                        "(M, chunk) block GB", "extra / one view", "seconds"], rows, title=title))
+    title = (
+        f"retrieval of M={options.objects} objects, D={options.dim}, chunk {options.chunk_size}, on "
+        f"{results[0]['device']}; median of {options.repeats} calls; load {min(loads):.2f}-{max(loads):.2f}"
+    )
+    print(
+        format_table(
+            [
+                "Q images",
+                "bank objects",
+                "bank GB (2 views)",
+                "one bank view GB",
+                "peak extra GB",
+                "(M, chunk) block GB",
+                "extra / one view",
+                "seconds",
+            ],
+            rows,
+            title=title,
+        )
+    )
     print("  peak extra = " + results[0]["peak_extra_measure"] + " of the first call\n")
-    payload = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv,
-               "results": results}
+    payload = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "results": results,
+    }
     print(f"wrote {write_json(options.out, payload)}")
     return payload
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -71,10 +70,26 @@ SECTIONS = (
 # The official implementation on this machine kind (2 CPU cores, fp32, batch 16, n_tokens 32, queue 1024,
 # out_dim = out_dim_c = 4096), from shared/docs/reference-performance.md: seconds per step by part.
 REFERENCE_PARTS = {
-    ("vit_tiny", 224): {"teacher_forward": 0.56, "clustering": 2.49, "teacher_heads": 0.04, "memory_bank": 0.05,
-                        "student_forward": 0.68, "loss": 0.02, "backward": 1.23, "optimizer+ema": 0.02},
-    ("vit_small", 224): {"teacher_forward": 1.93, "clustering": 2.17, "teacher_heads": 0.03, "memory_bank": 0.20,
-                         "student_forward": 2.24, "loss": 0.02, "backward": 4.03, "optimizer+ema": 0.04},
+    ("vit_tiny", 224): {
+        "teacher_forward": 0.56,
+        "clustering": 2.49,
+        "teacher_heads": 0.04,
+        "memory_bank": 0.05,
+        "student_forward": 0.68,
+        "loss": 0.02,
+        "backward": 1.23,
+        "optimizer+ema": 0.02,
+    },
+    ("vit_small", 224): {
+        "teacher_forward": 1.93,
+        "clustering": 2.17,
+        "teacher_heads": 0.03,
+        "memory_bank": 0.20,
+        "student_forward": 2.24,
+        "loss": 0.02,
+        "backward": 4.03,
+        "optimizer+ema": 0.04,
+    },
 }
 REFERENCE_TOTAL = {  # (arch, image size, precision): (seconds per step, peak RSS in GB or None)
     ("vit_tiny", 224, "fp32"): (5.1, 4.7),
@@ -95,7 +110,9 @@ def backbone_forward_flops(embed_dim: int, depth: int, image_size: int, patch_si
     return float(blocks + 2 * patches * 3 * patch_size**2 * embed_dim)
 
 
-def training_step_flops(embed_dim: int, depth: int, image_size: int, patch_size: int, batch_size: int) -> float:
+def training_step_flops(
+    embed_dim: int, depth: int, image_size: int, patch_size: int, batch_size: int
+) -> float:
     """Backbone FLOPs of one step: 4 forward passes (teacher, student, 2x for backward) over 2B views."""
     return 4 * 2 * batch_size * backbone_forward_flops(embed_dim, depth, image_size, patch_size)
 
@@ -108,11 +125,32 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
     from cribo_utils.parser import get_args_parser, validate_args
 
     argv = [
-        "--arch", cfg["arch"], "--patch_size", str(cfg["patch_size"]), "--image_size", str(cfg["image_size"]),
-        "--batch_size_per_gpu", str(cfg["batch_size"]), "--n_tokens", str(cfg["n_tokens"]),
-        "--queue_size", str(cfg["queue_size"]), "--out_dim", str(cfg["out_dim"]), "--out_dim_c", str(cfg["out_dim"]),
-        "--precision", cfg["precision"], "--device", cfg["device"], "--epochs", "100", "--num_workers", "0",
-        "--synthetic_image_size", str(cfg["scene_size"]),
+        "--arch",
+        cfg["arch"],
+        "--patch_size",
+        str(cfg["patch_size"]),
+        "--image_size",
+        str(cfg["image_size"]),
+        "--batch_size_per_gpu",
+        str(cfg["batch_size"]),
+        "--n_tokens",
+        str(cfg["n_tokens"]),
+        "--queue_size",
+        str(cfg["queue_size"]),
+        "--out_dim",
+        str(cfg["out_dim"]),
+        "--out_dim_c",
+        str(cfg["out_dim"]),
+        "--precision",
+        cfg["precision"],
+        "--device",
+        cfg["device"],
+        "--epochs",
+        "100",
+        "--num_workers",
+        "0",
+        "--synthetic_image_size",
+        str(cfg["scene_size"]),
     ]
     args = get_args_parser().parse_args(argv)
     args.dataset_type, args.data_path, args.used_synthetic_preset = "synthetic", "", False
@@ -123,7 +161,7 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
 
 
 def random_batches(args: argparse.Namespace, n_batches: int) -> list[Any]:
-    """Batches of random pixels with the patch positions of random crops (``--random_views``: no torchvision)."""
+    """Random pixels with the patch positions of random crops (``--random_views``: no torchvision)."""
     import torch
 
     from benchmarks.bench_clustering import random_crop_positions
@@ -150,10 +188,16 @@ def make_batches(args: argparse.Namespace, n_batches: int) -> tuple[list[Any], l
 
     torch.manual_seed(0)
     random.seed(0)
-    transform = TwoViewTransform(image_size=args.image_size, patch_size=args.patch_size,
-                                 global_crops_scale=args.global_crops_scale)
-    dataset = SyntheticScenes("train", image_size=args.synthetic_image_size,
-                              num_train=n_batches * args.batch_size_per_gpu, seed=0, transform=transform)
+    transform = TwoViewTransform(
+        image_size=args.image_size, patch_size=args.patch_size, global_crops_scale=args.global_crops_scale
+    )
+    dataset = SyntheticScenes(
+        "train",
+        image_size=args.synthetic_image_size,
+        num_train=n_batches * args.batch_size_per_gpu,
+        seed=0,
+        transform=transform,
+    )
     batches, seconds = [], []
     for b in range(n_batches):
         start = time.perf_counter()
@@ -248,13 +292,16 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device, backend=None)
     n_steps = cfg["warmup"] + cfg["steps"]
     # Each of the (up to) 2 n_steps steps gets its own schedule entry inside epoch 1.
-    parts = build_training_parts(args, env, dataset_size=args.batch_size_per_gpu * (2 * n_steps + 1),
-                                 with_loader=False)
+    parts = build_training_parts(
+        args, env, dataset_size=args.batch_size_per_gpu * (2 * n_steps + 1), with_loader=False
+    )
+    backbone: Any = parts.student.backbone
     if cfg.get("grad_checkpointing"):
-        parts.student.backbone.set_grad_checkpointing(True)
+        backbone.set_grad_checkpointing(True)
     peak_rss_stages = {"import": rss_after_import, "build": peak_rss_bytes()}
+    data_seconds: list[float] = []
     if cfg.get("random_views"):
-        batches, data_seconds = random_batches(args, cfg["n_batches"]), []
+        batches = random_batches(args, cfg["n_batches"])
     else:
         batches, data_seconds = make_batches(args, cfg["n_batches"])
     peak_rss_stages["batches"] = peak_rss_bytes()
@@ -263,7 +310,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if "full" in modes:
         fill_bank(parts.bank, args.batch_size_per_gpu)
     else:
-        parts.bank = None  # the bare step has no bank: free it so the peak RSS is the backbone's
+        parts.bank = None  # type: ignore[assignment]  # no bank in the bare step: free it for the peak RSS
     peak_rss_stages["bank"] = peak_rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -298,15 +345,17 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
                 section_seconds[mode].setdefault(name, []).append(seconds)
         peak_rss_stages[f"step_{i}"] = peak_rss_bytes()
 
-    backbone = parts.student.backbone
-    flops = training_step_flops(backbone.embed_dim, backbone.depth, args.image_size, args.patch_size,
-                                args.batch_size_per_gpu)
+    flops = training_step_flops(
+        backbone.embed_dim, backbone.depth, args.image_size, args.patch_size, args.batch_size_per_gpu
+    )
     shared: dict[str, Any] = {
         "config": cfg,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(),
         "data_pipeline_s_per_batch": median(data_seconds) if data_seconds else None,
-        "data_pipeline_images_per_s": args.batch_size_per_gpu / median(data_seconds) if data_seconds else None,
+        "data_pipeline_images_per_s": args.batch_size_per_gpu / median(data_seconds)
+        if data_seconds
+        else None,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_process_modes": list(modes),
         "rss_after_import_bytes": rss_after_import,
@@ -337,8 +386,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             bank_images=parts.bank.num_images,
         )
     if cfg["mode"] == "paired":
-        results["pair_ratios"] = [full / bare for full, bare in zip(step_seconds["full"], step_seconds["bare"],
-                                                                     strict=True)]
+        results["pair_ratios"] = [
+            full / bare for full, bare in zip(step_seconds["full"], step_seconds["bare"], strict=True)
+        ]
     return results
 
 
@@ -348,12 +398,25 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " One fresh process per configuration and mode.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["vit_tiny"], choices=sorted(WIDTHS),
-                        help="Architectures (each one is a configuration).")
-    parser.add_argument("--image_size", nargs="+", type=int, default=[224], help="Global crop sides in pixels.")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
-                        help="Autocast dtype of the forward passes (fp16 needs a GPU).")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        default=["vit_tiny"],
+        choices=sorted(WIDTHS),
+        help="Architectures (each one is a configuration).",
+    )
+    parser.add_argument(
+        "--image_size", nargs="+", type=int, default=[224], help="Global crop sides in pixels."
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16", "fp16"],
+        help="Autocast dtype of the forward passes (fp16 needs a GPU).",
+    )
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step (two views each).")
     parser.add_argument("--n_tokens", type=int, default=32, help="Clusters per image (K).")
@@ -365,31 +428,58 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scene_size", type=int, default=128, help="Side of the synthetic scene images.")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
-    parser.add_argument("--omp_wait_policy", default="", choices=["", "active", "passive"],
-                        help="OMP_WAIT_POLICY of the workers ('': inherit). 'passive' stops idle OpenMP threads "
-                             "from spinning, which matters when other processes share the cores.")
-    parser.add_argument("--random_views", action="store_true",
-                        help="Random pixels and random-crop positions instead of the real two-view pipeline "
-                             "(for machines without torchvision; the data pipeline is then not timed).")
-    parser.add_argument("--grad_checkpointing", action="store_true",
-                        help="Recompute the student's blocks in backward (VisionTransformer.set_grad_checkpointing): "
-                             "less activation memory for one more forward. Training has no flag for it yet.")
-    parser.add_argument("--worker_env", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="Environment variables of the worker processes, e.g. MALLOC_MMAP_THRESHOLD_=8388608 "
-                             "(glibc: tensors of 8 MB and more are mmapped and returned to the system when freed, "
-                             "which stops the heap from growing step after step).")
-    parser.add_argument("--modes", nargs="+", default=["paired"], choices=["paired", "full", "bare"],
-                        help="paired: full and bare steps alternate in one process (robust ratio on a loaded "
-                             "machine; peak RSS = the full step's); full / bare: one step kind per process "
-                             "(each its own peak RSS).")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="Fresh processes per configuration and mode; the run with the median step is kept "
-                             "(and the largest peak RSS).")
+    parser.add_argument(
+        "--omp_wait_policy",
+        default="",
+        choices=["", "active", "passive"],
+        help="OMP_WAIT_POLICY of the workers ('': inherit). 'passive' stops idle OpenMP threads "
+        "from spinning, which matters when other processes share the cores.",
+    )
+    parser.add_argument(
+        "--random_views",
+        action="store_true",
+        help="Random pixels and random-crop positions instead of the real two-view pipeline "
+        "(for machines without torchvision; the data pipeline is then not timed).",
+    )
+    parser.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="Recompute the student's blocks in backward (VisionTransformer.set_grad_checkpointing): "
+        "less activation memory for one more forward. Training has no flag for it yet.",
+    )
+    parser.add_argument(
+        "--worker_env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Environment variables of the worker processes, e.g. MALLOC_MMAP_THRESHOLD_=8388608 "
+        "(glibc: tensors of 8 MB and more are mmapped and returned to the system when freed, "
+        "which stops the heap from growing step after step).",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["paired"],
+        choices=["paired", "full", "bare"],
+        help="paired: full and bare steps alternate in one process (robust ratio on a loaded "
+        "machine; peak RSS = the full step's); full / bare: one step kind per process "
+        "(each its own peak RSS).",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Fresh processes per configuration and mode; the run with the median step is kept "
+        "(and the largest peak RSS).",
+    )
     parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds allowed per worker process.")
-    parser.add_argument("--in_process", action="store_true",
-                        help="Measure in this process instead of one fresh process per configuration (quick "
-                             "smoke runs; the peak RSS is then not per configuration).")
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process instead of one fresh process per configuration (quick "
+        "smoke runs; the peak RSS is then not per configuration).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -414,20 +504,31 @@ def _pick_median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
-def summarise(config: dict[str, Any], runs: dict[str, dict[str, Any]], pair_ratios: list[float]) -> dict[str, Any]:
+def summarise(
+    config: dict[str, Any], runs: dict[str, dict[str, Any]], pair_ratios: list[float]
+) -> dict[str, Any]:
     """Ratios and reference figures of one configuration (``runs``: full / bare / full_alone / bare_alone)."""
     full, bare = runs.get("full"), runs.get("bare")
     key = (config["arch"], config["image_size"])
     reference = REFERENCE_TOTAL.get((*key, config["precision"]))
     default_setting = (config["batch_size"], config["n_tokens"], config["queue_size"], config["out_dim"]) == (
-        16, 32, 1024, 4096) and config["device"] == "cpu"
-    summary: dict[str, Any] = {"config": config, "full": full, "bare": bare,
-                               **{k: v for k, v in runs.items() if k.endswith("_alone")}}
+        16,
+        32,
+        1024,
+        4096,
+    ) and config["device"] == "cpu"
+    summary: dict[str, Any] = {
+        "config": config,
+        "full": full,
+        "bare": bare,
+        **{k: v for k, v in runs.items() if k.endswith("_alone")},
+    }
     if full and bare:
         summary["overhead_ratio"] = full["median_step_s"] / bare["median_step_s"]
         # The bare step has no EMA (it is not a CrIBo cost): the ratio with the full step's EMA taken out.
         summary["overhead_ratio_without_ema"] = (
-            full["median_step_s"] - full["sections_median_s"].get("ema", 0.0)) / bare["median_step_s"]
+            full["median_step_s"] - full["sections_median_s"].get("ema", 0.0)
+        ) / bare["median_step_s"]
     if pair_ratios:
         summary["pair_ratios"] = pair_ratios
         summary["overhead_ratio_pairs_median"] = median(pair_ratios)
@@ -440,14 +541,19 @@ def summarise(config: dict[str, Any], runs: dict[str, dict[str, Any]], pair_rati
 
 def print_summary(summary: dict[str, Any]) -> None:
     config, full, bare = summary["config"], summary["full"], summary["bare"]
-    reference_parts = REFERENCE_PARTS.get((config["arch"], config["image_size"])) if "reference_step_s" in summary \
-        and config["precision"] == "fp32" else None
-    title = (f"{config['arch']}/{config['patch_size']} {config['image_size']} px, batch {config['batch_size']}, "
-             f"n_tokens {config['n_tokens']}, queue {config['queue_size']}, out_dim {config['out_dim']}, "
-             f"{config['precision']}, {config['device']}"
-             f"{', student activation checkpointing' if config.get('grad_checkpointing') else ''}"
-             f"{', env ' + ' '.join(config['worker_env']) if config.get('worker_env') else ''} "
-             f"(median of {config['steps']} steps, seconds)")
+    reference_parts = (
+        REFERENCE_PARTS.get((config["arch"], config["image_size"]))
+        if "reference_step_s" in summary and config["precision"] == "fp32"
+        else None
+    )
+    title = (
+        f"{config['arch']}/{config['patch_size']} {config['image_size']} px, batch {config['batch_size']}, "
+        f"n_tokens {config['n_tokens']}, queue {config['queue_size']}, out_dim {config['out_dim']}, "
+        f"{config['precision']}, {config['device']}"
+        f"{', student activation checkpointing' if config.get('grad_checkpointing') else ''}"
+        f"{', env ' + ' '.join(config['worker_env']) if config.get('worker_env') else ''} "
+        f"(median of {config['steps']} steps, seconds)"
+    )
     rows = []
     for key, label in SECTIONS:
         ref = None
@@ -456,51 +562,108 @@ def print_summary(summary: dict[str, Any]) -> None:
             if key == "optimizer":
                 ref = reference_parts["optimizer+ema"]
                 label = "optimizer (ref: + EMA)"
-        rows.append([label, full["sections_median_s"].get(key) if full else None,
-                     bare["sections_median_s"].get(key) if bare else None, ref])
-    rows.append(["whole step", full["median_step_s"] if full else None, bare["median_step_s"] if bare else None,
-                 summary.get("reference_step_s")])
-    rows.append(["images / s", full["images_per_s"] if full else None, bare["images_per_s"] if bare else None,
-                 16 / summary["reference_step_s"] if "reference_step_s" in summary else None])
+        rows.append(
+            [
+                label,
+                full["sections_median_s"].get(key) if full else None,
+                bare["sections_median_s"].get(key) if bare else None,
+                ref,
+            ]
+        )
+    rows.append(
+        [
+            "whole step",
+            full["median_step_s"] if full else None,
+            bare["median_step_s"] if bare else None,
+            summary.get("reference_step_s"),
+        ]
+    )
+    rows.append(
+        [
+            "images / s",
+            full["images_per_s"] if full else None,
+            bare["images_per_s"] if bare else None,
+            16 / summary["reference_step_s"] if "reference_step_s" in summary else None,
+        ]
+    )
     paired = bool(full and bare and full["peak_rss_process_modes"] == ["full", "bare"])
-    rows.append(["peak RSS (GB)", gb(full["peak_rss_bytes"]) if full else None,
-                 gb(bare["peak_rss_bytes"]) if bare and not paired else None, summary.get("reference_peak_rss_gb")])
+    rows.append(
+        [
+            "peak RSS (GB)",
+            gb(full["peak_rss_bytes"]) if full else None,
+            gb(bare["peak_rss_bytes"]) if bare and not paired else None,
+            summary.get("reference_peak_rss_gb"),
+        ]
+    )
     for mode in ("full", "bare"):
         alone = summary.get(f"{mode}_alone")
         if alone:
-            rows.append([f"{mode} step alone: s / peak RSS GB",
-                         f"{alone['median_step_s']:.3g} / {gb(alone['peak_rss_bytes']):.3g}", None, None])
+            rows.append(
+                [
+                    f"{mode} step alone: s / peak RSS GB",
+                    f"{alone['median_step_s']:.3g} / {gb(alone['peak_rss_bytes']):.3g}",
+                    None,
+                    None,
+                ]
+            )
     if (full or bare or {}).get("peak_gpu_bytes") is not None:
-        rows.append(["peak GPU memory (GB)", gb(full.get("peak_gpu_bytes")) if full else None,
-                     gb(bare.get("peak_gpu_bytes")) if bare else None, None])
-    rows.append(["backbone TFLOP/s", full["achieved_tflops"] if full else None,
-                 bare["achieved_tflops"] if bare else None, None])
+        rows.append(
+            [
+                "peak GPU memory (GB)",
+                gb(full.get("peak_gpu_bytes")) if full else None,
+                gb(bare.get("peak_gpu_bytes")) if bare else None,
+                None,
+            ]
+        )
+    rows.append(
+        [
+            "backbone TFLOP/s",
+            full["achieved_tflops"] if full else None,
+            bare["achieved_tflops"] if bare else None,
+            None,
+        ]
+    )
     print(format_table(["part", "full (ours)", "bare backbone", "reference"], rows, title=title))
     run = full or bare
     if run["data_pipeline_s_per_batch"] is None:
         notes = ["data pipeline: not measured (--random_views: random pixels, random-crop positions)"]
     else:
-        notes = [f"data pipeline (render + TwoViewTransform + collate, 1 process): "
-                 f"{run['data_pipeline_s_per_batch']:.3f} s/batch = {run['data_pipeline_images_per_s']:.1f} images/s"]
+        notes = [
+            f"data pipeline (render + TwoViewTransform + collate, 1 process): "
+            f"{run['data_pipeline_s_per_batch']:.3f} s/batch = "
+            f"{run['data_pipeline_images_per_s']:.1f} images/s"
+        ]
     if "overhead_ratio" in summary:
-        notes.append(f"overhead ratio full / bare = {summary['overhead_ratio']:.3f} "
-                     f"({summary['overhead_ratio_without_ema']:.3f} without the full step's EMA)")
+        notes.append(
+            f"overhead ratio full / bare = {summary['overhead_ratio']:.3f} "
+            f"({summary['overhead_ratio_without_ema']:.3f} without the full step's EMA)"
+        )
     if "overhead_ratio_pairs_median" in summary:
         ratios = summary["pair_ratios"]
-        notes.append(f"paired steps (alternating in one process): median full/bare ratio "
-                     f"{summary['overhead_ratio_pairs_median']:.3f} over {len(ratios)} pairs "
-                     f"(range {min(ratios):.3f}-{max(ratios):.3f}); the peak RSS is that process's "
-                     "(the full step's peak)")
+        notes.append(
+            f"paired steps (alternating in one process): median full/bare ratio "
+            f"{summary['overhead_ratio_pairs_median']:.3f} over {len(ratios)} pairs "
+            f"(range {min(ratios):.3f}-{max(ratios):.3f}); the peak RSS is that process's "
+            "(the full step's peak)"
+        )
     if "speedup_vs_reference" in summary:
         notes.append(f"speed-up vs reference = {summary['speedup_vs_reference']:.2f}x")
     if full:
-        notes.append(f"retrieval active in every timed step: {bool(full['nn_active'])} (bank {full['bank_images']} "
-                     f"images, cycle-consistent fraction {full['nn_fraction']:.2f}, "
-                     f"{full['clusters_per_image']:.1f} objects/image)")
-    loads = [r[k] for r in (full, bare, summary.get("full_alone"), summary.get("bare_alone")) if r
-             for k in ("load_average_start", "load_average_end")]
-    notes.append(f"load average during the runs: {min(loads):.2f}-{max(loads):.2f}; torch threads "
-                 f"{run['torch_threads']}; device {run['device']}")
+        notes.append(
+            f"retrieval active in every timed step: {bool(full['nn_active'])} (bank {full['bank_images']} "
+            f"images, cycle-consistent fraction {full['nn_fraction']:.2f}, "
+            f"{full['clusters_per_image']:.1f} objects/image)"
+        )
+    loads = [
+        r[k]
+        for r in (full, bare, summary.get("full_alone"), summary.get("bare_alone"))
+        if r
+        for k in ("load_average_start", "load_average_end")
+    ]
+    notes.append(
+        f"load average during the runs: {min(loads):.2f}-{max(loads):.2f}; torch threads "
+        f"{run['torch_threads']}; device {run['device']}"
+    )
     print("\n".join("  " + note for note in notes) + "\n")
 
 
@@ -509,19 +672,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if options.worker:
         emit_result(worker(json.loads(options.worker)))
         return {}
-    base = {key: getattr(options, key) for key in ("patch_size", "batch_size", "n_tokens", "queue_size", "out_dim",
-                                                    "steps", "warmup", "n_batches", "scene_size", "device",
-                                                    "threads", "omp_wait_policy", "grad_checkpointing",
-                                                    "random_views", "worker_env")}
+    base = {
+        key: getattr(options, key)
+        for key in (
+            "patch_size",
+            "batch_size",
+            "n_tokens",
+            "queue_size",
+            "out_dim",
+            "steps",
+            "warmup",
+            "n_batches",
+            "scene_size",
+            "device",
+            "threads",
+            "omp_wait_policy",
+            "grad_checkpointing",
+            "random_views",
+            "worker_env",
+        )
+    }
     summaries = []
     for arch, image_size, precision in itertools.product(options.arch, options.image_size, options.precision):
         config = {**base, "arch": arch, "image_size": image_size, "precision": precision}
         measured: dict[str, list[dict[str, Any]]] = {}
         pair_ratios: list[float] = []
-        for _ in range(options.repeats):  # modes interleaved, so that a change of machine load hits all of them
+        for _ in range(
+            options.repeats
+        ):  # modes interleaved, so that a change of machine load hits all of them
             for mode in options.modes:
-                output = run_worker(__file__, {**config, "mode": mode}, options.timeout, omp_environment(options),
-                                    in_process=worker if options.in_process else None)
+                output = run_worker(
+                    __file__,
+                    {**config, "mode": mode},
+                    options.timeout,
+                    omp_environment(options),
+                    in_process=worker if options.in_process else None,
+                )
                 for step_mode, result in output["modes"].items():
                     alone = mode != "paired" and "paired" in options.modes
                     measured.setdefault(f"{step_mode}_alone" if alone else step_mode, []).append(result)
@@ -530,10 +716,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = summarise(config, runs, pair_ratios)
         print_summary(summary)
         summaries.append(summary)
-    payload = {"benchmark": NAME, "machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv,
-               "results": summaries,
-               "notes": "seconds per step are medians after warm-up; peak RSS is per fresh worker process; "
-                        "reference = official implementation, shared/docs/reference-performance.md"}
+    payload = {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "results": summaries,
+        "notes": "seconds per step are medians after warm-up; peak RSS is per fresh worker process; "
+        "reference = official implementation, shared/docs/reference-performance.md",
+    }
     path = write_json(options.out, payload)
     print(f"wrote {path}")
     return payload

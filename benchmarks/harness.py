@@ -119,10 +119,12 @@ def run_worker(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired as error:
-        raise RuntimeError(f"{Path(script).name} worker timed out after {timeout_s:.0f} s for {config}") from error
+        raise RuntimeError(
+            f"{Path(script).name} worker timed out after {timeout_s:.0f} s for {config}"
+        ) from error
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     tail = "\n".join((completed.stderr or completed.stdout).splitlines()[-25:])
     raise RuntimeError(
         f"{Path(script).name} worker failed (exit code {completed.returncode}) for {config}:\n{tail}"
@@ -148,8 +150,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
         return str(value)
 
     text_rows = [[cell(value) for value in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(h))
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(str(h)), *(len(r[i]) for r in text_rows)) if text_rows else len(str(h))
+        for i, h in enumerate(headers)
+    ]
     lines = [title] if title else []
     lines.append("| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")

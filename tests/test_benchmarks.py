@@ -19,8 +19,13 @@ SCRIPTS = ("bench_train_step", "bench_clustering", "bench_dense_nn", "bench_data
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_has_help(name: str) -> None:
-    completed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
-                               capture_output=True, text=True, cwd=ROOT, timeout=60)
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert completed.returncode == 0, completed.stderr
     assert "--out" in completed.stdout
 
@@ -56,8 +61,9 @@ def test_random_crop_positions_match_the_data_pipeline_closed_form() -> None:
     top, left = (400 - height) * draws[2], (500 - width) * draws[3]
     assert flipped.any() and not flipped.all()
     for b in range(5):
-        expected = patch_centre_coordinates(float(top[b]), float(left[b]), float(height[b]), float(width[b]),
-                                            48, 16, bool(flipped[b]))
+        expected = patch_centre_coordinates(
+            float(top[b]), float(left[b]), float(height[b]), float(width[b]), 48, 16, bool(flipped[b])
+        )
         torch.testing.assert_close(positions[b], expected)
 
 
@@ -70,14 +76,45 @@ def test_format_table_aligns_columns() -> None:
 
 def test_bench_train_step_smoke(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    bench_train_step.main([
-        "--image_size", "32", "--batch_size", "2", "--n_tokens", "2", "--queue_size", "4", "--out_dim", "32",
-        "--steps", "1", "--warmup", "1", "--n_batches", "1", "--scene_size", "48", "--threads", "1",
-        "--in_process", "--out", str(out)])
+    bench_train_step.main(
+        [
+            "--image_size",
+            "32",
+            "--batch_size",
+            "2",
+            "--n_tokens",
+            "2",
+            "--queue_size",
+            "4",
+            "--out_dim",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--n_batches",
+            "1",
+            "--scene_size",
+            "48",
+            "--threads",
+            "1",
+            "--in_process",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())["results"][0]
     full, bare = result["full"], result["bare"]
     assert set(full["sections_median_s"]) == {key for key, _ in bench_train_step.SECTIONS}
-    bare_sections = {"data", "teacher_forward", "teacher_heads", "student_forward", "loss", "backward", "optimizer"}
+    bare_sections = {
+        "data",
+        "teacher_forward",
+        "teacher_heads",
+        "student_forward",
+        "loss",
+        "backward",
+        "optimizer",
+    }
     assert set(bare["sections_median_s"]) == bare_sections
     assert full["nn_active"] == 1.0 and full["bank_images"] == 4  # retrieval ran over a full bank
     assert result["overhead_ratio"] == pytest.approx(full["median_step_s"] / bare["median_step_s"])
@@ -89,10 +126,34 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
 
 def test_bench_train_step_bare_alone_in_a_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    bench_train_step.main([
-        "--image_size", "32", "--batch_size", "2", "--n_tokens", "2", "--queue_size", "4", "--out_dim", "32",
-        "--steps", "1", "--warmup", "0", "--n_batches", "1", "--scene_size", "48", "--threads", "1",
-        "--modes", "bare", "--out", str(out)])
+    bench_train_step.main(
+        [
+            "--image_size",
+            "32",
+            "--batch_size",
+            "2",
+            "--n_tokens",
+            "2",
+            "--queue_size",
+            "4",
+            "--out_dim",
+            "32",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--n_batches",
+            "1",
+            "--scene_size",
+            "48",
+            "--threads",
+            "1",
+            "--modes",
+            "bare",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())["results"][0]
     assert result["full"] is None and "overhead_ratio" not in result and "pair_ratios" not in result
     assert result["bare"]["peak_rss_process_modes"] == ["bare"]  # measured in its own process
@@ -102,8 +163,9 @@ def test_bench_train_step_bare_alone_in_a_subprocess(tmp_path: Path) -> None:
 
 def test_bench_clustering_smoke(tmp_path: Path) -> None:
     out = tmp_path / "clustering.json"
-    bench_clustering.main(["--configs", "2x4x2", "--dim", "8", "--repeats", "1", "--threads", "1",
-                           "--out", str(out)])
+    bench_clustering.main(
+        ["--configs", "2x4x2", "--dim", "8", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    )
     (result,) = json.loads(out.read_text())["results"]
     assert result["reference_tensor_bytes"] == 2 * 8 * 8 * 2 * 4
     assert result["median_s"] > 0 and result["peak_extra_measure"] == "ru_maxrss delta"
@@ -112,8 +174,21 @@ def test_bench_clustering_smoke(tmp_path: Path) -> None:
 
 def test_bench_data_smoke(tmp_path: Path) -> None:
     out = tmp_path / "data.json"
-    bench_data.main(["--image_sizes", "32", "--n_images", "2", "--batch_size", "2", "--scene_size", "48",
-                     "--in_process", "--out", str(out)])
+    bench_data.main(
+        [
+            "--image_sizes",
+            "32",
+            "--n_images",
+            "2",
+            "--batch_size",
+            "2",
+            "--scene_size",
+            "48",
+            "--in_process",
+            "--out",
+            str(out),
+        ]
+    )
     payload = json.loads(out.read_text())
     assert [r["config"]["source"] for r in payload["results"]] == ["synthetic", "jpeg"]
     assert payload["jpeg_export_seconds"] > 0
@@ -124,9 +199,32 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
 
 def test_bench_dense_nn_smoke_and_skip(tmp_path: Path) -> None:
     out = tmp_path / "dense.json"
-    bench_dense_nn.main(["--arch", "vit_tiny", "--input_size", "32", "--n_train", "2", "--n_val", "1",
-                         "--batch_size", "2", "--scene_size", "48", "--memory_sizes", "300", "10000000000",
-                         "--k", "3", "--threads", "1", "--in_process", "--out", str(out)])
+    bench_dense_nn.main(
+        [
+            "--arch",
+            "vit_tiny",
+            "--input_size",
+            "32",
+            "--n_train",
+            "2",
+            "--n_val",
+            "1",
+            "--batch_size",
+            "2",
+            "--scene_size",
+            "48",
+            "--memory_sizes",
+            "300",
+            "10000000000",
+            "--k",
+            "3",
+            "--threads",
+            "1",
+            "--in_process",
+            "--out",
+            str(out),
+        ]
+    )
     payload = json.loads(out.read_text())
     pipeline, index = payload["results"]
     assert pipeline["memory_entries"] == 2 * 4  # 2 images x 1 pass x (32/16)^2 patches, all kept
@@ -138,9 +236,27 @@ def test_bench_dense_nn_smoke_and_skip(tmp_path: Path) -> None:
 
 def test_bench_retrieval_smoke(tmp_path: Path) -> None:
     out = tmp_path / "retrieval.json"
-    bench_retrieval.main(["--queue_sizes", "4", "--n_tokens", "2", "--dim", "8", "--objects", "3",
-                          "--chunk_size", "3", "--push_images", "2", "--repeats", "1", "--in_process",
-                          "--out", str(out)])
+    bench_retrieval.main(
+        [
+            "--queue_sizes",
+            "4",
+            "--n_tokens",
+            "2",
+            "--dim",
+            "8",
+            "--objects",
+            "3",
+            "--chunk_size",
+            "3",
+            "--push_images",
+            "2",
+            "--repeats",
+            "1",
+            "--in_process",
+            "--out",
+            str(out),
+        ]
+    )
     (result,) = json.loads(out.read_text())["results"]
     assert result["bank_objects"] == 8 and result["similarity_block_bytes"] == 3 * 3 * 4
     assert result["median_s"] > 0
