@@ -25,37 +25,14 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cribo_utils.distributed import all_reduce_sum
+from cribo_utils.schedules import teacher_temperature
 
 logger = logging.getLogger(__name__)
-
-
-def teacher_temperature(warmup_temp: float, final_temp: float, warmup_epochs: int, epoch: int) -> float:
-    """Teacher temperature of an epoch: linear warm-up indexed by epoch, then constant.
-
-    ``tau(e) = linspace(warmup_temp, final_temp, warmup_epochs)[e]`` for ``e < warmup_epochs``, else
-    ``final_temp`` (so ``final_temp`` is first reached at ``e = warmup_epochs - 1``; ``warmup_epochs = 0``
-    means no warm-up; a run shorter than the warm-up simply stops inside it).
-
-    Args:
-        warmup_temp: temperature at epoch 0 (0.04).
-        final_temp: temperature after the warm-up (0.07).
-        warmup_epochs: W_e (30, or 50 for ViT-B).
-        epoch: e >= 0.
-
-    Returns:
-        tau(e).
-    """
-    if epoch < 0:
-        raise ValueError(f"teacher_temperature: epoch must be >= 0, got {epoch}.")
-    if epoch < warmup_epochs:
-        return float(np.linspace(warmup_temp, final_temp, warmup_epochs)[epoch])
-    return float(final_temp)
 
 
 def _cross_entropy_rows(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:

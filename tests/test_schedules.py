@@ -25,8 +25,8 @@ def test_momentum_schedule_stays_below_one():
 
 
 def test_teacher_temperature_by_epoch():
-    assert teacher_temperature(0, 0.04, 0.07, 30) == 0.04
-    assert math.isclose(teacher_temperature(29, 0.04, 0.07, 30), 0.07)
-    assert math.isclose(teacher_temperature(15, 0.04, 0.07, 31), 0.055)
-    assert teacher_temperature(100, 0.04, 0.07, 30) == 0.07
-    assert teacher_temperature(0, 0.04, 0.07, 0) == 0.07
+    assert teacher_temperature(0.04, 0.07, 30, 0) == 0.04
+    assert math.isclose(teacher_temperature(0.04, 0.07, 30, 29), 0.07)
+    assert math.isclose(teacher_temperature(0.04, 0.07, 31, 15), 0.055)
+    assert teacher_temperature(0.04, 0.07, 30, 100) == 0.07
+    assert teacher_temperature(0.04, 0.07, 0, 0) == 0.07
