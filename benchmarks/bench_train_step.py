@@ -495,10 +495,15 @@ def omp_environment(options: argparse.Namespace) -> dict[str, str]:
     return environment
 
 
-def _pick_median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repeat whose median step is the median of the repeats (lower middle for an even count)."""
-    ordered = sorted(runs, key=lambda run: run["median_step_s"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
+def _median_index(values: list[float]) -> int:
+    """Index of the median of ``values`` (the lower middle for an even count)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return order[(len(order) - 1) // 2]
+
+
+def _pick_run(runs: list[dict[str, Any]], index: int) -> dict[str, Any]:
+    """Repeat ``index`` of ``runs``, with every repeat's median step and the largest peak RSS."""
+    chosen = dict(runs[index])
     chosen["repeat_median_step_s"] = [run["median_step_s"] for run in runs]
     chosen["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
     return chosen
@@ -697,9 +702,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = {**base, "arch": arch, "image_size": image_size, "precision": precision}
         measured: dict[str, list[dict[str, Any]]] = {}
         pair_ratios: list[float] = []
-        for _ in range(
-            options.repeats
-        ):  # modes interleaved, so that a change of machine load hits all of them
+        # Modes interleaved, so that a change of machine load hits all of them.
+        for _ in range(options.repeats):
             for mode in options.modes:
                 output = run_worker(
                     __file__,
@@ -712,7 +716,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     alone = mode != "paired" and "paired" in options.modes
                     measured.setdefault(f"{step_mode}_alone" if alone else step_mode, []).append(result)
                 pair_ratios.extend(output.get("pair_ratios", []))
-        runs = {key: _pick_median_run(results) for key, results in measured.items()}
+        # The repeat with the median full step; a paired run's bare step comes from the same process.
+        indices = {
+            key: _median_index([r["median_step_s"] for r in results]) for key, results in measured.items()
+        }
+        if "full" in measured and "bare" in measured:
+            indices["bare"] = indices["full"]
+        runs = {key: _pick_run(results, indices[key]) for key, results in measured.items()}
         summary = summarise(config, runs, pair_ratios)
         print_summary(summary)
         summaries.append(summary)
