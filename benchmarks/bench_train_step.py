@@ -319,6 +319,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     iteration = parts.iters_per_epoch  # epoch 1: the cross-image loss is on (and the bank is full)
     step_seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    step_cpu_seconds: dict[str, list[float]] = {mode: [] for mode in modes}
     section_seconds: dict[str, dict[str, list[float]]] = {mode: {} for mode in modes}
     step_metrics: list[dict[str, float]] = []
     for i in range(n_steps):
@@ -327,18 +328,19 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             timer = StepTimer(enabled=True, device=device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if mode == "full":
                 metrics = training_step(parts, batch, iteration, 1, timer)
             else:
                 metrics = bare_backbone_step(parts, batch, iteration, timer)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             iteration += 1
             if i < cfg["warmup"]:
                 continue
             step_seconds[mode].append(elapsed)
+            step_cpu_seconds[mode].append(cpu_elapsed)
             if mode == "full":
                 step_metrics.append(metrics)
             for name, seconds in timer.times.items():
@@ -374,6 +376,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             "mode": mode,
             "step_seconds": step_seconds[mode],
             "median_step_s": step,
+            # CPU time of all threads of the process: the work done, insensitive to other users' load.
+            "step_cpu_seconds": step_cpu_seconds[mode],
+            "median_step_cpu_s": median(step_cpu_seconds[mode]),
             "sections_median_s": {name: median(values) for name, values in section_seconds[mode].items()},
             "images_per_s": args.batch_size_per_gpu / step,
             "achieved_tflops": flops / step / 1e12,
@@ -386,6 +391,9 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             bank_images=parts.bank.num_images,
         )
     if cfg["mode"] == "paired":
+        results["pair_cpu_ratios"] = [
+            full / bare for full, bare in zip(step_cpu_seconds["full"], step_cpu_seconds["bare"], strict=True)
+        ]
         results["pair_ratios"] = [
             full / bare for full, bare in zip(step_seconds["full"], step_seconds["bare"], strict=True)
         ]
@@ -510,7 +518,10 @@ def _pick_run(runs: list[dict[str, Any]], index: int) -> dict[str, Any]:
 
 
 def summarise(
-    config: dict[str, Any], runs: dict[str, dict[str, Any]], pair_ratios: list[float]
+    config: dict[str, Any],
+    runs: dict[str, dict[str, Any]],
+    pair_ratios: list[float],
+    pair_cpu_ratios: list[float] | None = None,
 ) -> dict[str, Any]:
     """Ratios and reference figures of one configuration (``runs``: full / bare / full_alone / bare_alone)."""
     full, bare = runs.get("full"), runs.get("bare")
@@ -537,6 +548,9 @@ def summarise(
     if pair_ratios:
         summary["pair_ratios"] = pair_ratios
         summary["overhead_ratio_pairs_median"] = median(pair_ratios)
+    if pair_cpu_ratios:
+        summary["pair_cpu_ratios"] = pair_cpu_ratios
+        summary["overhead_ratio_cpu_time"] = median(pair_cpu_ratios)
     if reference and default_setting:
         summary["reference_step_s"], summary["reference_peak_rss_gb"] = reference
         if full:
@@ -581,6 +595,14 @@ def print_summary(summary: dict[str, Any]) -> None:
             full["median_step_s"] if full else None,
             bare["median_step_s"] if bare else None,
             summary.get("reference_step_s"),
+        ]
+    )
+    rows.append(
+        [
+            "CPU time / step, all threads",
+            full.get("median_step_cpu_s") if full else None,
+            bare.get("median_step_cpu_s") if bare else None,
+            None,
         ]
     )
     rows.append(
@@ -651,6 +673,11 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"(range {min(ratios):.3f}-{max(ratios):.3f}); the peak RSS is that process's "
             "(the full step's peak)"
         )
+    if "overhead_ratio_cpu_time" in summary:
+        notes.append(
+            f"CPU time (all threads) per step, paired: median full/bare ratio "
+            f"{summary['overhead_ratio_cpu_time']:.3f} (the work ratio, insensitive to other users' load)"
+        )
     if "speedup_vs_reference" in summary:
         notes.append(f"speed-up vs reference = {summary['speedup_vs_reference']:.2f}x")
     if full:
@@ -702,6 +729,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config = {**base, "arch": arch, "image_size": image_size, "precision": precision}
         measured: dict[str, list[dict[str, Any]]] = {}
         pair_ratios: list[float] = []
+        pair_cpu_ratios: list[float] = []
         # Modes interleaved, so that a change of machine load hits all of them.
         for _ in range(options.repeats):
             for mode in options.modes:
@@ -716,6 +744,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     alone = mode != "paired" and "paired" in options.modes
                     measured.setdefault(f"{step_mode}_alone" if alone else step_mode, []).append(result)
                 pair_ratios.extend(output.get("pair_ratios", []))
+                pair_cpu_ratios.extend(output.get("pair_cpu_ratios", []))
         # The repeat with the median full step; a paired run's bare step comes from the same process.
         indices = {
             key: _median_index([r["median_step_s"] for r in results]) for key, results in measured.items()
@@ -723,7 +752,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "full" in measured and "bare" in measured:
             indices["bare"] = indices["full"]
         runs = {key: _pick_run(results, indices[key]) for key, results in measured.items()}
-        summary = summarise(config, runs, pair_ratios)
+        summary = summarise(config, runs, pair_ratios, pair_cpu_ratios)
         print_summary(summary)
         summaries.append(summary)
     payload = {

@@ -120,6 +120,9 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
     assert result["overhead_ratio"] == pytest.approx(full["median_step_s"] / bare["median_step_s"])
     (pair_ratio,) = result["pair_ratios"]  # one timed pair (after one warm-up pair)
     assert pair_ratio == pytest.approx(full["step_seconds"][0] / bare["step_seconds"][0])
+    (cpu_ratio,) = result["pair_cpu_ratios"]  # CPU time of the process's threads, same pair
+    assert cpu_ratio == pytest.approx(full["step_cpu_seconds"][0] / bare["step_cpu_seconds"][0])
+    assert result["overhead_ratio_cpu_time"] == pytest.approx(cpu_ratio) and cpu_ratio > 0
     assert full["peak_rss_process_modes"] == ["full", "bare"]
     assert full["peak_rss_bytes"] > 0 and full["data_pipeline_s_per_batch"] > 0
 
