@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
     ROOT,
-    default_out,
+    add_runner_args,
     emit_result,
     format_table,
     load_average,
@@ -159,15 +159,7 @@ def get_parser() -> argparse.ArgumentParser:
         default=1000.0,
         help="Training images/s to feed, for the 'workers needed' column.",
     )
-    parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
-    parser.add_argument("--timeout", type=float, default=600, help="Seconds allowed per worker process.")
-    parser.add_argument(
-        "--in_process",
-        action="store_true",
-        help="Measure in this process instead of one fresh process per configuration (quick "
-        "smoke runs; the peak RSS is then not per configuration).",
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_runner_args(parser, NAME, timeout_s=600)
     return parser
 
 

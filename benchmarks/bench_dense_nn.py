@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
-    default_out,
+    add_runner_args,
     emit_result,
     format_table,
     gb,
@@ -255,15 +255,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
-    parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
-    parser.add_argument("--timeout", type=float, default=1200, help="Seconds allowed per worker process.")
-    parser.add_argument(
-        "--in_process",
-        action="store_true",
-        help="Measure in this process instead of one fresh process per configuration (quick "
-        "smoke runs; the peak RSS is then not per configuration).",
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_runner_args(parser, NAME, timeout_s=1200)
     return parser
 
 

@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import (  # noqa: E402
-    default_out,
+    add_runner_args,
     emit_result,
     format_table,
     gb,
@@ -480,15 +480,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="Fresh processes per configuration and mode; the run with the median step is kept "
         "(and the largest peak RSS).",
     )
-    parser.add_argument("--out", default=default_out(NAME), help="JSON result file.")
-    parser.add_argument("--timeout", type=float, default=900, help="Seconds allowed per worker process.")
-    parser.add_argument(
-        "--in_process",
-        action="store_true",
-        help="Measure in this process instead of one fresh process per configuration (quick "
-        "smoke runs; the peak RSS is then not per configuration).",
-    )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_runner_args(parser, NAME, timeout_s=900)
     return parser
 
 

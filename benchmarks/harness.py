@@ -10,6 +10,7 @@ result records the 1-minute load average at its start and end (``os.getloadavg``
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -129,6 +130,21 @@ def run_worker(
     raise RuntimeError(
         f"{Path(script).name} worker failed (exit code {completed.returncode}) for {config}:\n{tail}"
     )
+
+
+def add_runner_args(parser: argparse.ArgumentParser, name: str, timeout_s: float = 600) -> None:
+    """The flags every benchmark shares: ``--out``, ``--timeout``, ``--in_process`` and the hidden ``--worker``."""
+    parser.add_argument("--out", default=default_out(name), help="JSON result file.")
+    parser.add_argument(
+        "--timeout", type=float, default=timeout_s, help="Seconds allowed per worker process."
+    )
+    parser.add_argument(
+        "--in_process",
+        action="store_true",
+        help="Measure in this process instead of one fresh process per configuration (quick "
+        "smoke runs; the peak RSS is then not per configuration).",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
 
 
 def emit_result(result: dict[str, Any]) -> None:
