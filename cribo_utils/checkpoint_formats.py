@@ -468,8 +468,28 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="vit_tiny, vit_small or vit_base; must match the checkpoint.",
     )
     group.add_argument("--patch_size", default=16, type=int, help="Patch size; must match the checkpoint.")
-    group.add_argument("--depth", default=None, type=int,
-                       help="Blocks of a randomly initialised network (checkpoints use their own depth).")
-    group.add_argument("--init_seed", default=0, type=int,
-                       help="Seed of the random initialisation when no weights are given.")
+    group.add_argument(
+        "--depth",
+        default=None,
+        type=int,
+        help="Blocks of a randomly initialised network (checkpoints use their own depth).",
+    )
+    group.add_argument(
+        "--init_seed",
+        default=0,
+        type=int,
+        help="Seed of the random initialisation when no weights are given.",
+    )
     return parser
+
+
+def backbone_from_args(args: argparse.Namespace) -> nn.Module:
+    """:func:`build_pretrained_backbone` from the flags that :func:`add_backbone_args` defines."""
+    return build_pretrained_backbone(
+        args.arch,
+        args.patch_size,
+        args.pretrained_weights or None,
+        args.checkpoint_key,
+        depth=args.depth,
+        init_seed=args.init_seed,
+    )

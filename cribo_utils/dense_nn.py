@@ -1253,7 +1253,7 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     """
     import json
 
-    from cribo_utils.checkpoint_formats import build_pretrained_backbone
+    from cribo_utils.checkpoint_formats import backbone_from_args
 
     env = distributed.init_distributed()
     cfg = config_from_args(args)
@@ -1262,10 +1262,7 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     output_json = args.output_json or default_output_json(args.pretrained_weights)
     train_dataset, val_dataset = build_datasets(args)
     num_classes, class_names = dataset_classes(val_dataset)
-    backbone = build_pretrained_backbone(
-        args.arch, args.patch_size, args.pretrained_weights or None, args.checkpoint_key,
-        depth=getattr(args, "depth", None), init_seed=getattr(args, "init_seed", 0)
-    ).to(env.device)
+    backbone = backbone_from_args(args).to(env.device)
     results = evaluate_dense_nn(
         backbone, train_dataset, val_dataset, cfg, env.device, num_classes, class_names
     )

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import add_backbone_args, build_pretrained_backbone
+from cribo_utils.checkpoint_formats import add_backbone_args, backbone_from_args
 from cribo_utils.features import (
     add_eval_data_args,
     build_classification_split,
@@ -252,10 +252,7 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
     val_set = build_classification_split(args, "val", transform)
     logger.info("k-NN on %s: %d train / %d val images", args.dataset, len(train_set), len(val_set))
 
-    model = build_pretrained_backbone(
-        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
-        depth=getattr(args, "depth", None), init_seed=getattr(args, "init_seed", 0)
-    )
+    model = backbone_from_args(args)
     model.to(env.device)
     features, labels = {}, {}
     for name, dataset in (("train", train_set), ("test", val_set)):

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import add_backbone_args, build_pretrained_backbone
+from cribo_utils.checkpoint_formats import add_backbone_args, backbone_from_args
 from cribo_utils.features import (
     add_eval_data_args,
     build_classification_split,
@@ -350,10 +350,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     )
     val_set = build_classification_split(args, "val", val_transform)
 
-    model = build_pretrained_backbone(
-        args.arch, args.patch_size, args.pretrained_weights, args.checkpoint_key,
-        depth=getattr(args, "depth", None), init_seed=getattr(args, "init_seed", 0)
-    )
+    model = backbone_from_args(args)
     model.to(env.device)
     feature_kwargs = {
         "kind": "linear",

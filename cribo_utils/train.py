@@ -298,7 +298,8 @@ def training_step(
     with timer("data"):
         (crops, positions), _ = batch
         batch_size = crops[0].shape[0]
-        images = torch.cat([crops[0], crops[1]]).to(device, non_blocking=True)
+        # copy each pinned view on its own: a CPU-side cat would make a pageable (synchronous) copy
+        images = torch.cat([crops[0].to(device, non_blocking=True), crops[1].to(device, non_blocking=True)])
         positions1 = positions[0].to(device, non_blocking=True)
         positions2 = positions[1].to(device, non_blocking=True)
 
@@ -433,11 +434,14 @@ def check_finite_weights(parts: TrainingParts, iteration: int) -> None:
             )
 
 
+def args_as_plain_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """``vars(args)`` with tuples as lists: what ``args.json`` and the checkpoint's ``args`` hold."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in vars(args).items()}
+
+
 def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[str, Any]:
     """The plain-data checkpoint dictionary (see :mod:`cribo_utils.checkpoint`)."""
-    args_dict = {
-        key: list(value) if isinstance(value, tuple) else value for key, value in vars(parts.args).items()
-    }
+    args_dict = args_as_plain_dict(parts.args)
     state = {
         "student": with_prefix(parts.student.state_dict(), "module."),
         "teacher": parts.teacher.state_dict(),
@@ -604,9 +608,7 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
     torch.manual_seed(mix_seed(args.seed, env.rank))
     if distributed.is_main_process():
         with open(os.path.join(args.output_dir, "args.json"), "w") as handle:
-            json.dump(
-                {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, handle, indent=2
-            )
+            json.dump(args_as_plain_dict(args), handle, indent=2)
     parts = build_training_parts(args, env)
     parts.stop_signal = stop_signal
     log_run_summary(parts)
