@@ -80,6 +80,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument(
+        "--synthetic_object_colours",
+        default="random",
+        choices=("random", "fixed"),
+        help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
+        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
+    )
+    group.add_argument(
         "--synthetic_seed",
         default=0,
         type=int,

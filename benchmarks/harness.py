@@ -133,7 +133,7 @@ def run_worker(
 
 
 def add_runner_args(parser: argparse.ArgumentParser, name: str, timeout_s: float = 600) -> None:
-    """The flags every benchmark shares: ``--out``, ``--timeout``, ``--in_process`` and the hidden ``--worker``."""
+    """The flags every benchmark shares: ``--out``, ``--timeout``, ``--in_process``, hidden ``--worker``."""
     parser.add_argument("--out", default=default_out(name), help="JSON result file.")
     parser.add_argument(
         "--timeout", type=float, default=timeout_s, help="Seconds allowed per worker process."

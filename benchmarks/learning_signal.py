@@ -36,6 +36,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num_val", default=300, type=int, help="Synthetic validation images.")
     parser.add_argument("--memory_size", default=32000, type=int, help="Dense NN memory (patches).")
+    parser.add_argument(
+        "--object_colours",
+        default="random",
+        choices=("random", "fixed"),
+        help="Synthetic scenes colour mode (--synthetic_object_colours of the evaluations; match training).",
+    )
     parser.add_argument("--skip_linear", action="store_true", help="Only dense NN and k-NN.")
     parser.add_argument("--out", default="benchmarks/results/learning_signal.json")
     return parser
@@ -54,6 +60,8 @@ def run_eval(script: str, weights_flags: list[str], args: argparse.Namespace, ex
             str(args.patch_size),
             "--output_json",
             out,
+            "--synthetic_object_colours",
+            args.object_colours,
             *extra,
         ]
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

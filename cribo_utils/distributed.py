@@ -377,7 +377,10 @@ def init_distributed(timeout_s: float = 1800, backend: str | None = None) -> Dis
         # through it after a collective fails: see :func:`find_lost_ranks`.
         # The rendezvous may wait longer than a collective: ranks can start minutes apart on a busy cluster.
         store = dist.TCPStore(
-            launch.master_addr, launch.master_port, launch.world_size, is_master=launch.rank == 0,
+            launch.master_addr,
+            launch.master_port,
+            launch.world_size,
+            is_master=launch.rank == 0,
             timeout=max(timeout, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)),
         )
         dist.init_process_group(
@@ -484,13 +487,17 @@ def diagnose_collective_failure(error: BaseException, wait_s: float, timeout_s: 
         who = "rank 0 (which hosts the rendezvous store) cannot be reached: it died or its node is down"
     elif lost:
         names = ", ".join(str(r) for r in lost)
-        who = (f"rank{'s' if len(lost) > 1 else ''} {names} did not respond within {wait_s:g} s: "
-               f"{'they' if len(lost) > 1 else 'it'} died or hang{'' if len(lost) > 1 else 's'}")
+        who = (
+            f"rank{'s' if len(lost) > 1 else ''} {names} did not respond within {wait_s:g} s: "
+            f"{'they' if len(lost) > 1 else 'it'} died or hang{'' if len(lost) > 1 else 's'}"
+        )
     else:
         who = "every rank is still alive, so the failure is in the communication itself"
-    message = (f"rank {rank}: a collective operation failed or timed out (--dist_timeout {timeout_s:g} s): "
-               f"{who} [{first_line[:300]}]. Check that process's log, then rerun: the run resumes from the "
-               "last checkpoint")
+    message = (
+        f"rank {rank}: a collective operation failed or timed out (--dist_timeout {timeout_s:g} s): "
+        f"{who} [{first_line[:300]}]. Check that process's log, then rerun: the run resumes from the "
+        "last checkpoint"
+    )
     return CollectiveFailure(message, rank, lost)
 
 

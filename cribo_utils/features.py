@@ -201,8 +201,13 @@ def extract_features(
         raise ValueError("extract_features: the model is in training mode; call model.eval() first")
     device = torch.device(device)
     features, targets, indices = [], [], []
-    progress = Progress(len(loader), f"{kind} features", enabled=distributed.is_main_process(),
-                        every=_LOG_EVERY_BATCHES, items_per_step=loader.batch_size or 1)
+    progress = Progress(
+        len(loader),
+        f"{kind} features",
+        enabled=distributed.is_main_process(),
+        every=_LOG_EVERY_BATCHES,
+        items_per_step=loader.batch_size or 1,
+    )
     for batch in loader:
         if len(batch) != 3:
             raise ValueError(
@@ -269,6 +274,13 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_seed", default=0, type=int, help="Seed of the synthetic scene generator.")
     group.add_argument(
+        "--synthetic_object_colours",
+        default="random",
+        choices=("random", "fixed"),
+        help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
+        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
+    )
+    group.add_argument(
         "--batch_size_per_gpu", default=128, type=int, help="Images per GPU (process) and batch."
     )
     group.add_argument("--num_workers", default=8, type=int, help="Data-loading workers per GPU (process).")
@@ -316,6 +328,7 @@ def build_classification_split(args: argparse.Namespace, split: str, transform: 
         "num_train": args.synthetic_num_train,
         "num_val": args.synthetic_num_val,
         "seed": args.synthetic_seed,
+        "object_colours": args.synthetic_object_colours,
     }
     return build_classification_dataset(args.dataset, args.data_path, split, transform, synthetic_kwargs)
 

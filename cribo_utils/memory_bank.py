@@ -353,7 +353,9 @@ class CentroidMemoryBank(nn.Module):
         n_images = int(nonzero[-1]) + 1 if nonzero.numel() else 0
         if num_images is not None:
             if not n_images <= num_images <= self.queue_size:
-                raise ValueError(f"load_reference_layout: num_images={num_images} is inconsistent with the counts.")
+                raise ValueError(
+                    f"load_reference_layout: num_images={num_images} is inconsistent with the counts."
+                )
             n_images = num_images
         counts_newest_first = cpv[:n_images]
         n_objects = int(counts_newest_first.sum())

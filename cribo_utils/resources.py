@@ -75,8 +75,11 @@ class MemoryEstimate:
 
     def largest_part(self) -> str:
         """Name of the largest of ``"bank"``, ``"networks"`` and ``"activations"``."""
-        sizes = {"bank": self.bank_bytes, "networks": self.networks_bytes,
-                 "activations": self.activations_bytes}
+        sizes = {
+            "bank": self.bank_bytes,
+            "networks": self.networks_bytes,
+            "activations": self.activations_bytes,
+        }
         return max(sizes, key=sizes.__getitem__)
 
 
@@ -191,8 +194,12 @@ def cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
     """
     for limit_file, usage_file, stat_file, cache_key in (
         ("memory.max", "memory.current", "memory.stat", "inactive_file"),
-        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
-         "total_inactive_file"),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
     ):
         limit = _read_int(os.path.join(root, limit_file))
         usage = _read_int(os.path.join(root, usage_file))
@@ -228,12 +235,18 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
 
 def format_estimate(args: argparse.Namespace, estimate: MemoryEstimate) -> str:
     """One line: total and its three parts, with the bank formula spelled out."""
-    gib = {name: getattr(estimate, f"{name}_bytes") / GIB
-           for name in ("total", "bank", "networks", "activations")}
-    bank = (f"memory bank {gib['bank']:.1f} GiB = 2 views x --n_tokens {args.n_tokens} x --queue_size "
-            f"{args.queue_size} x width {estimate.embed_dim} x 4 bytes")
-    networks = (f"networks and optimiser {gib['networks']:.1f} GiB for 2 x {estimate.parameters / 1e6:.1f}M "
-                "parameters")
+    gib = {
+        name: getattr(estimate, f"{name}_bytes") / GIB
+        for name in ("total", "bank", "networks", "activations")
+    }
+    bank = (
+        f"memory bank {gib['bank']:.1f} GiB = 2 views x --n_tokens {args.n_tokens} x --queue_size "
+        f"{args.queue_size} x width {estimate.embed_dim} x 4 bytes"
+    )
+    networks = (
+        f"networks and optimiser {gib['networks']:.1f} GiB for 2 x {estimate.parameters / 1e6:.1f}M "
+        "parameters"
+    )
     return f"{gib['total']:.1f} GiB ({bank}; {networks}; activations ~{gib['activations']:.1f} GiB)"
 
 
@@ -244,8 +257,12 @@ _ADVICE = {
 }
 
 
-def check_memory(args: argparse.Namespace, device: torch.device, activation_bytes: int = FP32_BYTES,
-                 processes_per_node: int | None = None) -> MemoryEstimate:
+def check_memory(
+    args: argparse.Namespace,
+    device: torch.device,
+    activation_bytes: int = FP32_BYTES,
+    processes_per_node: int | None = None,
+) -> MemoryEstimate:
     """Refuse to start when the estimated memory exceeds what is available.
 
     Args:
@@ -276,5 +293,6 @@ def check_memory(args: argparse.Namespace, device: torch.device, activation_byte
         raise InsufficientMemoryError(
             f"not enough memory: the run needs about {format_estimate(args, estimate)}{per} but only "
             f"{free_bytes / GIB:.1f} GiB is available on {device.type} ({source}); "
-            f"{_ADVICE[estimate.largest_part()]}, or pass --check_memory false to start anyway")
+            f"{_ADVICE[estimate.largest_part()]}, or pass --check_memory false to start anyway"
+        )
     return estimate

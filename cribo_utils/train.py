@@ -166,6 +166,7 @@ def build_pretrain_loader(
             "num_train": args.synthetic_num_train,
             "num_val": args.synthetic_num_val,
             "seed": args.seed,
+            "object_colours": args.synthetic_object_colours,
         },
         skip_bad_files=False,
     )

@@ -89,6 +89,7 @@ _FALLBACK: dict[str, Any] = {
     **{key: SYNTHETIC_PRESET[key] for key in ("arch", "patch_size", "depth", "image_size", "n_tokens")},
     "pos_alpha": 1.0,
     "synthetic_image_size": 128,
+    "synthetic_object_colours": "random",
 }
 
 
@@ -307,13 +308,25 @@ def load_folder_images(
 
 
 def synthetic_images(
-    count: int, split: str = "val", image_size: int = 128, seed: int = 0, offset: int = 0
+    count: int,
+    split: str = "val",
+    image_size: int = 128,
+    seed: int = 0,
+    offset: int = 0,
+    object_colours: str = "random",
 ) -> list[Image.Image]:
     """Images ``offset .. offset + count - 1`` of a split of the synthetic scenes (PIL RGB)."""
     from data.synthetic import SyntheticScenes
 
     total = max(offset + count, 1)
-    dataset = SyntheticScenes(split=split, image_size=image_size, num_train=total, num_val=total, seed=seed)
+    dataset = SyntheticScenes(
+        split=split,
+        image_size=image_size,
+        num_train=total,
+        num_val=total,
+        seed=seed,
+        object_colours=object_colours,
+    )
     return [dataset.render(index)[0] for index in range(offset, offset + count)]
 
 
@@ -1511,6 +1524,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         help="Side of the synthetic scenes (default: the training value, else 128).",
     )
+    group.add_argument(
+        "--synthetic_object_colours",
+        default=None,
+        choices=("random", "fixed"),
+        help="Colour mode of the synthetic scenes (default: the training value, else random).",
+    )
 
     clustering = argparse.ArgumentParser(add_help=False)
     group = clustering.add_argument_group("clustering")
@@ -1592,7 +1611,9 @@ def _figure_images(
 ) -> list[Image.Image]:
     if args.images:
         return load_folder_images(args.images, count, offset, args.recursive)
-    return synthetic_images(count, split, synthetic_size, seed=0, offset=offset)
+    return synthetic_images(
+        count, split, synthetic_size, seed=0, offset=offset, object_colours=args.synthetic_object_colours
+    )
 
 
 def _dense_sources(
@@ -1611,6 +1632,7 @@ def _dense_sources(
         "num_train": max(args.memory_images, 1),
         "num_val": max(args.num_images, 1),
         "seed": 0,
+        "object_colours": args.synthetic_object_colours,
     }
     train_split, val_split = DEFAULT_SPLITS[args.dataset]
     train: Any = build_segmentation_dataset(args.dataset, args.data_path, train_split, None, synthetic_kwargs)
@@ -1670,6 +1692,9 @@ def make_figure(args: argparse.Namespace) -> Path:
     image_size = args.image_size or figure_model.image_size
     _check_image_size(image_size, figure_model.patch_size)
     synthetic_size = int(figure_model.setting("synthetic_image_size", args.synthetic_image_size))
+    args.synthetic_object_colours = figure_model.setting(
+        "synthetic_object_colours", args.synthetic_object_colours
+    )
     if args.figure == "attention":
         images = _figure_images(args, args.num_images, 0, "val", synthetic_size)
         return plot_attention(backbone, images, out_path, image_size, dpi=args.dpi)

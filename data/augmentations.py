@@ -168,7 +168,7 @@ class RandomSolarization:
 
 
 def colour_distortion(hue: float = 0.1, grayscale_p: float = 0.2) -> T.Compose:
-    """DINO's colour pipeline: ColorJitter(0.4, 0.4, 0.2, hue) with p = 0.8, then grayscale with p = grayscale_p.
+    """DINO's colour pipeline: ColorJitter(0.4, 0.4, 0.2, hue) with p = 0.8, then grayscale (p = grayscale_p).
 
     DINO uses hue 0.1 and grayscale 0.2 (the defaults).
     """

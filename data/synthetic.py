@@ -8,6 +8,8 @@ problem rather than noise:
   class, and both must be read from several patches;
 * every object gets two random colours (its texture alternates between them), so colour never identifies
   a class: the per-class mean colour converges to mid-grey for every class;
+  ``object_colours="fixed"`` paints every object with one dark/light pair instead (an easier variant:
+  colour then cannot tell two objects apart either, only shape, texture, size and pose can);
 * objects have a random size (diameter about 25-60% of the image side, i.e. 2-5 patches of 16 px at
   128 px), rotation and position, and later objects occlude earlier ones;
 * backgrounds come from three texture families (smooth gradient, low-frequency "clouds", fine dots) with
@@ -62,6 +64,11 @@ SPLITS: tuple[str, ...] = ("train", "val")
 _SPLIT_CODES: dict[str, int] = {"train": 1, "val": 2}
 _SEED_DOMAIN: int = 0x5C3E  # keeps these streams apart from any other use of SeedSequence([seed, ...])
 
+# How objects are coloured: "random" draws two random colours per object (colour is then an instance cue
+# that self-supervised matching can use instead of shape and texture); "fixed" paints every object with the
+# same dark/light pair, so only shape, texture, size and pose tell objects apart.
+OBJECT_COLOUR_MODES: tuple[str, ...] = ("random", "fixed")
+FIXED_OBJECT_COLOURS: tuple[tuple[int, int, int], tuple[int, int, int]] = ((20, 20, 20), (235, 235, 235))
 MAX_OBJECTS: int = 4
 MIN_IMAGE_SIZE: int = 16
 # Object "radius" r as a fraction of the image side: diameters of 25-60% of the side.
@@ -173,8 +180,14 @@ def _place_centre(
     return None
 
 
-def sample_scene(rng: np.random.Generator, image_size: int) -> Scene:
-    """Draw a scene description (all random choices of one image, in a fixed order)."""
+def sample_scene(rng: np.random.Generator, image_size: int, object_colours: str = "random") -> Scene:
+    """Draw a scene description (all random choices of one image, in a fixed order).
+
+    ``object_colours`` is one of :data:`OBJECT_COLOUR_MODES`. The random colours are drawn in both modes,
+    so a scene has the same layout, classes and background whichever mode renders it.
+    """
+    if object_colours not in OBJECT_COLOUR_MODES:
+        raise ValueError(f"object_colours={object_colours!r}: expected one of {OBJECT_COLOUR_MODES}")
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     base = rng.integers(30, 226, size=3)
     second = np.clip(base + rng.integers(-MAX_BACKGROUND_OFFSET, MAX_BACKGROUND_OFFSET + 1, size=3), 0, 255)
@@ -188,6 +201,8 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> Scene:
         radius = float(rng.uniform(*RADIUS_RANGE) * image_size)
         angle = float(rng.uniform(0.0, 2.0 * math.pi))
         colours = _sample_object_colours(rng)
+        if object_colours == "fixed":
+            colours = FIXED_OBJECT_COLOURS
         period = float(rng.uniform(*TEXTURE_PERIOD_RANGE) * image_size)
         phase = (float(rng.uniform(0, period)), float(rng.uniform(0, period)))
         centre = _place_centre(rng, radius, objects, image_size)
@@ -385,7 +400,11 @@ def label_from_mask(mask: np.ndarray) -> int:
 class _SyntheticSplit(Dataset):
     """Shared indexing, seeding and rendering of the two synthetic dataset views."""
 
-    def __init__(self, split: str, image_size: int, num_train: int, num_val: int, seed: int) -> None:
+    def __init__(
+        self, split: str, image_size: int, num_train: int, num_val: int, seed: int, object_colours: str
+    ) -> None:
+        if object_colours not in OBJECT_COLOUR_MODES:
+            raise ValueError(f"object_colours={object_colours!r}: expected one of {OBJECT_COLOUR_MODES}")
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: the synthetic dataset has splits {SPLITS}")
         if image_size < MIN_IMAGE_SIZE:
@@ -399,6 +418,7 @@ class _SyntheticSplit(Dataset):
         self.num_train = num_train
         self.num_val = num_val
         self.seed = seed
+        self.object_colours = object_colours
         self.length = num_train if split == "train" else num_val
 
     def __len__(self) -> int:
@@ -414,7 +434,7 @@ class _SyntheticSplit(Dataset):
     def scene(self, index: int) -> Scene:
         """The scene description of image ``index`` (deterministic in (seed, split, index))."""
         index = self._check_index(index)
-        return sample_scene(scene_rng(self.seed, self.split, index), self.image_size)
+        return sample_scene(scene_rng(self.seed, self.split, index), self.image_size, self.object_colours)
 
     def render_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(S, S, 3) uint8 image and (S, S) uint8 mask of image ``index``."""
@@ -447,6 +467,7 @@ class SyntheticScenes(_SyntheticSplit):
         num_train: number of training images.
         num_val: number of validation images.
         seed: dataset seed; (seed, split, index) fixes the image.
+        object_colours: one of :data:`OBJECT_COLOUR_MODES` (``"random"`` or ``"fixed"``).
         transform: applied to the PIL RGB image (e.g. the two-view pretraining transform).
     """
 
@@ -458,8 +479,9 @@ class SyntheticScenes(_SyntheticSplit):
         num_val: int = 500,
         seed: int = 0,
         transform: Callable[[Image.Image], Any] | None = None,
+        object_colours: str = "random",
     ) -> None:
-        super().__init__(split, image_size, num_train, num_val, seed)
+        super().__init__(split, image_size, num_train, num_val, seed, object_colours)
         self.transform = transform
         self.classes: list[str] = list(OBJECT_CLASSES)
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
@@ -476,7 +498,8 @@ class SyntheticSegmentation(_SyntheticSplit):
     """Segmentation view of the synthetic scenes: ``(image, mask)`` with 13 classes (0 = background).
 
     Args:
-        split, image_size, num_train, num_val, seed: as for :class:`SyntheticScenes` (same images).
+        split, image_size, num_train, num_val, seed, object_colours: as for :class:`SyntheticScenes`
+            (same images).
         transforms: joint callable ``transforms(image, mask)`` on the PIL image and PIL "L" mask.
     """
 
@@ -488,8 +511,9 @@ class SyntheticSegmentation(_SyntheticSplit):
         num_val: int = 500,
         seed: int = 0,
         transforms: Callable[[Image.Image, Image.Image], Any] | None = None,
+        object_colours: str = "random",
     ) -> None:
-        super().__init__(split, image_size, num_train, num_val, seed)
+        super().__init__(split, image_size, num_train, num_val, seed, object_colours)
         self.transforms = transforms
         self.num_classes = NUM_SEG_CLASSES
         self.ignore_index = IGNORE_INDEX
@@ -508,10 +532,17 @@ def sample_id(split: str, index: int) -> str:
 
 
 def _export_one(
-    out_dir: Path, split: str, index: int, image_size: int, num_train: int, num_val: int, seed: int
+    out_dir: Path,
+    split: str,
+    index: int,
+    image_size: int,
+    num_train: int,
+    num_val: int,
+    seed: int,
+    object_colours: str,
 ) -> None:
     """Render one image and write it in both layouts (a top-level function so worker processes can run it)."""
-    dataset = _SyntheticSplit(split, image_size, num_train, num_val, seed)
+    dataset = _SyntheticSplit(split, image_size, num_train, num_val, seed, object_colours)
     image, mask = dataset.render_arrays(index)
     stem = sample_id(split, index)
     voc = out_dir / "VOC2012"
@@ -526,10 +557,10 @@ def _export_one(
     picture.save(out_dir / "imagefolder" / split / class_name / f"{stem}.png")
 
 
-def _export_chunk(job: tuple[Path, str, list[int], int, int, int, int]) -> int:
-    out_dir, split, indices, image_size, num_train, num_val, seed = job
+def _export_chunk(job: tuple[Path, str, list[int], int, int, int, int, str]) -> int:
+    out_dir, split, indices, image_size, num_train, num_val, seed, object_colours = job
     for index in indices:
-        _export_one(out_dir, split, index, image_size, num_train, num_val, seed)
+        _export_one(out_dir, split, index, image_size, num_train, num_val, seed, object_colours)
     return len(indices)
 
 
@@ -541,6 +572,7 @@ def export_dataset(
     seed: int = 0,
     num_workers: int = 0,
     chunk_size: int = 64,
+    object_colours: str = "random",
 ) -> Path:
     """Write the synthetic scenes to disk in the Pascal VOC and ImageFolder layouts.
 
@@ -554,14 +586,14 @@ def export_dataset(
 
     Args:
         out_dir: output folder (created).
-        image_size, num_train, num_val, seed: as for :class:`SyntheticScenes`.
+        image_size, num_train, num_val, seed, object_colours: as for :class:`SyntheticScenes`.
         num_workers: worker processes (0 renders in this process); the files do not depend on it.
         chunk_size: images per work item.
     Returns:
         The output folder.
     """
     out_dir = Path(out_dir)
-    _SyntheticSplit("train", image_size, num_train, num_val, seed)  # validates the arguments first
+    _SyntheticSplit("train", image_size, num_train, num_val, seed, object_colours)  # validates the arguments
     voc = out_dir / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         (voc / folder).mkdir(parents=True, exist_ok=True)
@@ -584,6 +616,7 @@ def export_dataset(
             num_train,
             num_val,
             seed,
+            object_colours,
         )
         for split, size in sizes.items()
         for start in range(0, size, chunk_size)
@@ -636,6 +669,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0,
         help="Worker processes for rendering and writing (0 = this process only).",
     )
+    parser.add_argument(
+        "--object_colours",
+        default="random",
+        choices=OBJECT_COLOUR_MODES,
+        help="random: two random colours per object; fixed: one dark/light pair for every object.",
+    )
     return parser
 
 
@@ -651,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         num_val=args.num_val,
         seed=args.seed,
         num_workers=args.num_workers,
+        object_colours=args.object_colours,
     )
 
 

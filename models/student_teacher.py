@@ -107,9 +107,10 @@ def build_student_teacher(args: Any) -> tuple[CrIBoNetwork, CrIBoNetwork]:
 
     Reads ``args.arch``, ``args.patch_size``, ``args.drop_path_rate``, ``args.out_dim``,
     ``args.out_dim_c``, ``args.use_bn_in_head``, ``args.norm_last_layer`` and, when present,
-    ``args.image_size`` (default 224) and ``args.depth`` (default: the architecture's).
-    The teacher is a copy of the student with stochastic depth switched off, no gradients and
-    eval mode.
+    ``args.image_size`` (default 224), ``args.depth`` (default: the architecture's) and
+    ``args.grad_checkpointing`` (default False: recompute the student's blocks in backward).
+    The teacher is a copy of the student with stochastic depth and checkpointing switched off, no
+    gradients and eval mode.
 
     Args:
         args: parsed training flags (an ``argparse.Namespace`` or anything with those attributes).
@@ -137,6 +138,8 @@ def build_student_teacher(args: Any) -> tuple[CrIBoNetwork, CrIBoNetwork]:
             module.drop_prob = 0.0
     teacher.requires_grad_(False)
     teacher.eval()
+    if getattr(args, "grad_checkpointing", False) and hasattr(backbone, "set_grad_checkpointing"):
+        backbone.set_grad_checkpointing(True)
     logger.info(
         "Built student and teacher %s/%d: backbone %.1fM parameters, head %.1fM parameters",
         args.arch,

@@ -22,8 +22,11 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAS
 
 def child_env(**extra: str) -> dict[str, str]:
     """The test process's environment without launcher variables, single-threaded, CPU only."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in LAUNCH_VARIABLES and not key.startswith(("SLURM_", "TORCHELASTIC_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in LAUNCH_VARIABLES and not key.startswith(("SLURM_", "TORCHELASTIC_"))
+    }
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
@@ -33,12 +36,19 @@ def training_command(output_dir: Path, *flags: str) -> list[str]:
     return [sys.executable, "main_cribo.py", "--output_dir", str(output_dir), *TINY, *flags]
 
 
-def start(command: list[str], log_prefix: Path, env: dict[str, str] | None = None,
-          new_session: bool = False) -> subprocess.Popen:
+def start(
+    command: list[str], log_prefix: Path, env: dict[str, str] | None = None, new_session: bool = False
+) -> subprocess.Popen:
     """Start ``command`` in the repository root; stdout/stderr go to ``<log_prefix>.out`` / ``.err``."""
     with open(f"{log_prefix}.out", "w") as stdout, open(f"{log_prefix}.err", "w") as stderr:
-        return subprocess.Popen(command, cwd=REPO, env=env or child_env(), stdout=stdout, stderr=stderr,
-                                start_new_session=new_session)
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env or child_env(),
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=new_session,
+        )
 
 
 def output_of(log_prefix: Path) -> tuple[str, str]:
@@ -61,8 +71,9 @@ def step_records(output_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def wait_for_steps(process: subprocess.Popen, output_dir: Path, after_iteration: int,
-                   timeout: float = 120.0) -> list[dict[str, Any]]:
+def wait_for_steps(
+    process: subprocess.Popen, output_dir: Path, after_iteration: int, timeout: float = 120.0
+) -> list[dict[str, Any]]:
     """Wait until ``log.txt`` holds a step record beyond ``after_iteration``; fail if the run exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

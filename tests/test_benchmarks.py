@@ -11,10 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_clustering, bench_data, bench_dense_nn, bench_retrieval, bench_train_step
+from benchmarks import (
+    bench_clustering,
+    bench_data,
+    bench_dense_nn,
+    bench_retrieval,
+    bench_train_step,
+    feature_geometry,
+)
 from benchmarks.harness import ROOT, format_table
 
-SCRIPTS = ("bench_train_step", "bench_clustering", "bench_dense_nn", "bench_data", "bench_retrieval")
+SCRIPTS = (
+    "bench_train_step",
+    "bench_clustering",
+    "bench_dense_nn",
+    "bench_data",
+    "bench_retrieval",
+    "feature_geometry",
+    "learning_signal",
+)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -287,3 +302,43 @@ def test_grad_checkpointing_gives_identical_outputs_and_gradients() -> None:
     # Drop path was active (so the replayed draws were checked): the eval-mode output differs.
     with torch.no_grad():
         assert not torch.allclose(plain.eval().forward_features(images)[0], outputs[0][0])
+
+
+def test_feature_geometry_measures_by_hand() -> None:
+    torch.manual_seed(0)
+    line = torch.randn(50, 1) * torch.randn(1, 8)  # every row on one line through the origin
+    assert feature_geometry.effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    axes = torch.linalg.qr(torch.randn(8, 8))[0]
+    isotropic = torch.cat([axes, -axes]).repeat(20, 1)  # zero mean, equal variance along 8 axes
+    assert feature_geometry.effective_rank(isotropic) == pytest.approx(8.0, rel=1e-3)
+    groups = torch.arange(40) % 4
+    per_group = torch.randn(4, 8)[groups]  # features constant within each group
+    assert feature_geometry.explained_variance(per_group, groups) == pytest.approx(1.0)
+    noise = torch.randn(4000, 8)
+    assert feature_geometry.explained_variance(noise, torch.arange(4000) % 4) < 0.01
+
+
+def test_feature_geometry_oracle_features_retrieve_every_grouping_perfectly() -> None:
+    """One-hot features of the true class: every patch's neighbours share its class, mIoU 100 everywhere."""
+    args = feature_geometry.get_args_parser().parse_args(["--num_neighbours", "3"])
+    memory_labels = torch.arange(13).repeat(5)
+    query_labels = torch.arange(13).repeat(2)
+    memory = torch.nn.functional.one_hot(memory_labels, 13).float()
+    queries = torch.nn.functional.one_hot(query_labels, 13).float()
+    scores = feature_geometry.retrieval_miou(memory, memory_labels, queries, query_labels, args)
+    assert scores == {name: pytest.approx(100.0) for name in feature_geometry.GROUPINGS}
+    # Texture grouping: classes 1-6 are checkered, 7-12 striped.
+    groups = feature_geometry.label_groups(torch.tensor([0, 1, 6, 7, 12]))
+    assert groups["texture"].tolist() == [0, 1, 1, 2, 2]
+    assert groups["shape"].tolist() == [0, 1, 6, 1, 6]
+
+
+def test_feature_geometry_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "geometry.json"
+    summary = feature_geometry.main(
+        ["--depth", "1", "--random_seeds", "1", "--num_train", "4", "--num_val", "2", "--input_size", "32"]
+        + ["--object_colours", "fixed", "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["rows"][1]["network"] == "random init, seed 0"
+    assert 1.0 <= summary["rows"][1]["effective_rank"] <= 192
+    assert 0.0 <= summary["rows"][1]["retrieval_fg"] <= 100.0

@@ -19,20 +19,44 @@ DIST_TIMEOUT = 5
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim, fault", [
-    (1, signal.SIGKILL),  # a crashed process: its sockets close, the next collective fails at once
-    (1, signal.SIGSTOP),  # a frozen process (dead node, stuck I/O): only the timeout can end the wait
-    (0, signal.SIGKILL),  # rank 0 also hosts the rendezvous store
-])
+@pytest.mark.parametrize(
+    "victim, fault",
+    [
+        (1, signal.SIGKILL),  # a crashed process: its sockets close, the next collective fails at once
+        (1, signal.SIGSTOP),  # a frozen process (dead node, stuck I/O): only the timeout can end the wait
+        (0, signal.SIGKILL),  # rank 0 also hosts the rendezvous store
+    ],
+)
 def test_a_lost_rank_ends_the_other_with_a_message_in_bounded_time(tmp_path, victim, fault):
     output_dir = tmp_path / "run"
     port = str(find_free_port())
     # --batch_size 4 over 2 processes: 2 images per process (the global flag); 200 iterations: never finishes
-    command = training_command(output_dir, "--batch_size", "4", "--epochs", "50", "--saveckp_freq", "100",
-                               "--dist_timeout", str(DIST_TIMEOUT))
-    ranks = [start(command, tmp_path / f"rank{rank}", env=child_env(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=port)) for rank in (0, 1)]
+    command = training_command(
+        output_dir,
+        "--batch_size",
+        "4",
+        "--epochs",
+        "50",
+        "--saveckp_freq",
+        "100",
+        "--dist_timeout",
+        str(DIST_TIMEOUT),
+    )
+    ranks = [
+        start(
+            command,
+            tmp_path / f"rank{rank}",
+            env=child_env(
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+        )
+        for rank in (0, 1)
+    ]
     survivor = 1 - victim
     try:
         wait_for_steps(ranks[0], output_dir, 1)
@@ -49,8 +73,10 @@ def test_a_lost_rank_ends_the_other_with_a_message_in_bounded_time(tmp_path, vic
     _, err = output_of(tmp_path / f"rank{survivor}")
     assert status == 1, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"main_cribo.py: error: rank {survivor}: a collective operation failed or timed "
-                           f"out (--dist_timeout {DIST_TIMEOUT} s): ")
+    assert line.startswith(
+        f"main_cribo.py: error: rank {survivor}: a collective operation failed or timed "
+        f"out (--dist_timeout {DIST_TIMEOUT} s): "
+    )
     if victim == 1:
         assert f"rank 1 did not respond within {DIST_TIMEOUT} s: it died or hangs" in line
     else:

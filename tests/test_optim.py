@@ -50,3 +50,28 @@ def test_clipping_is_per_tensor():
     assert abs(params[0].grad.norm().item() - 1.0) < 1e-4  # clipped to the threshold
     torch.testing.assert_close(params[1].grad, grads[1])  # small gradients untouched
     torch.testing.assert_close(params[2].grad, grads[2])
+
+
+def test_adamw_step_matches_the_decoupled_update_equation():
+    """One fused AdamW step: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), m_hat = g, v_hat = g^2."""
+    from cribo_utils.optim import build_optimizer
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3, 4), torch.randn(4)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(weight)
+        model.bias.copy_(bias[:3])
+    optimizer = build_optimizer(get_params_groups(model), "adamw")
+    lr, wd, eps = 0.1, 0.5, 1e-8
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.param_groups[0]["weight_decay"] = wd
+    model(torch.randn(2, 4)).square().sum().backward()
+    grad_w, grad_b = model.weight.grad.clone(), model.bias.grad.clone()
+    optimizer.step()
+    # After one step the bias-corrected moments are m_hat = g and v_hat = g^2.
+    expected_w = weight * (1 - lr * wd) - lr * grad_w / (grad_w.abs() + eps)
+    expected_b = bias[:3] - lr * grad_b / (grad_b.abs() + eps)
+    torch.testing.assert_close(model.weight.detach(), expected_w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.bias.detach(), expected_b, atol=1e-6, rtol=1e-5)

@@ -87,8 +87,13 @@ def test_preempted_three_times_then_finished_without_losing_an_iteration(tmp_pat
     # it to the task; the task checkpoints and exits with 75, and the script requeues the job.
     bin_dir = _fake_slurm_bin(tmp_path)
     scontrol_log = tmp_path / "scontrol.log"
-    env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
-                    SLURM_CPUS_PER_TASK="1", OUTPUT_DIR=str(output_dir), FAKE_SCONTROL_LOG=str(scontrol_log))
+    env = child_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_CPUS_PER_TASK="1",
+        OUTPUT_DIR=str(output_dir),
+        FAKE_SCONTROL_LOG=str(scontrol_log),
+    )
     job_command = ["bash", str(REPO / "run_slurm.sh"), *TINY, *FLAGS]
     job = start(job_command, tmp_path / "job", env=env)
     stopped_3 = _preempt(job, output_dir, stopped_2, lambda: job.send_signal(signal.SIGUSR1))

@@ -53,8 +53,13 @@ def assert_same_training_state(a, b, atol=1e-6):
     assert state_a.keys() == state_b.keys() and len(state_a) > 0
     for index in state_a:
         for name in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(state_a[index][name], state_b[index][name], atol=atol, rtol=0,
-                                       msg=f"optimizer state {index}.{name}")
+            torch.testing.assert_close(
+                state_a[index][name],
+                state_b[index][name],
+                atol=atol,
+                rtol=0,
+                msg=f"optimizer state {index}.{name}",
+            )
     for name in ("center", "center_c"):
         torch.testing.assert_close(a["dino_loss"][name], b["dino_loss"][name], atol=atol, rtol=0)
     torch.testing.assert_close(a["centroids_queue_cpu"], b["centroids_queue_cpu"], atol=atol, rtol=0)
@@ -205,9 +210,11 @@ def make_messy_imagefolder(root):
     Image.fromarray(pixels).convert("CMYK").save(train_dir / "a" / "cmyk.jpg")
     Image.fromarray(np.dstack([pixels, np.full((48, 48), 128, np.uint8)])).save(train_dir / "b" / "rgba.png")
     Image.fromarray(pixels[..., 1].astype(np.uint16) * 257).save(train_dir / "b" / "sixteen.png")  # I;16
-    bad = [write_bad_file(train_dir / "a" / "truncated.png", "truncated"),
-           write_bad_file(train_dir / "b" / "empty.jpg", "empty"),
-           write_bad_file(train_dir / "b" / "notes.png", "text")]
+    bad = [
+        write_bad_file(train_dir / "a" / "truncated.png", "truncated"),
+        write_bad_file(train_dir / "b" / "empty.jpg", "empty"),
+        write_bad_file(train_dir / "b" / "notes.png", "text"),
+    ]
     return bad
 
 
@@ -229,8 +236,16 @@ def test_colour_modes_are_converted_and_only_unreadable_files_are_flagged(tmp_pa
 def test_training_skips_unreadable_files_and_counts_them_per_epoch(tmp_path):
     bad = make_messy_imagefolder(tmp_path / "data")
     output_dir = tmp_path / "run"
-    run(output_dir, "--dataset_type", "imagefolder", "--data_path", str(tmp_path / "data"),
-        *IMAGEFOLDER_FLAGS, "--num_workers", "2")
+    run(
+        output_dir,
+        "--dataset_type",
+        "imagefolder",
+        "--data_path",
+        str(tmp_path / "data"),
+        *IMAGEFOLDER_FLAGS,
+        "--num_workers",
+        "2",
+    )
     records = [record for record in train_log(output_dir) if "epoch_loss" in record]
     # 24 images, batch 4: every file is drawn once per epoch, so each epoch meets the 3 unreadable ones
     assert [record["epoch_skipped_files"] for record in records] == [3, 3]
@@ -250,9 +265,21 @@ def train_log(output_dir):
 
 def test_unreadable_file_stops_the_run_when_skipping_is_off(tmp_path, monkeypatch):
     bad = make_messy_imagefolder(tmp_path / "data")
-    message = run_script(monkeypatch, "--output_dir", str(tmp_path / "run"), *TINY, "--dataset_type",
-                         "imagefolder", "--data_path", str(tmp_path / "data"), *IMAGEFOLDER_FLAGS,
-                         "--skip_bad_files", "false", "--num_workers", "2")
+    message = run_script(
+        monkeypatch,
+        "--output_dir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--dataset_type",
+        "imagefolder",
+        "--data_path",
+        str(tmp_path / "data"),
+        *IMAGEFOLDER_FLAGS,
+        "--skip_bad_files",
+        "false",
+        "--num_workers",
+        "2",
+    )
     assert isinstance(message, str) and "\n" not in message and "Traceback" not in message
     assert message.startswith("main_cribo.py: error: cannot read image")
     assert any(str(path) in message for path in bad) and "--skip_bad_files" in message
@@ -271,18 +298,30 @@ def _too_few(root):
     make_imagefolder(root, classes=("a",), images_per_class=2, splits=("train",))
 
 
-@pytest.mark.parametrize("make, expected", [
-    (_empty, "has no class subfolders; expected"),
-    (_flat, "holds images directly"),
-    (lambda root: None, "does not exist or is not a folder; expected"),
-    (_too_few, "fewer than one global batch"),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (_empty, "has no class subfolders; expected"),
+        (_flat, "holds images directly"),
+        (lambda root: None, "does not exist or is not a folder; expected"),
+        (_too_few, "fewer than one global batch"),
+    ],
+)
 def test_empty_or_misplaced_dataset_stops_before_training(tmp_path, monkeypatch, make, expected):
     data = tmp_path / "data"
     make(data)
     monkeypatch.setattr(train, "build_student_teacher", _no_model)
-    message = run_script(monkeypatch, "--output_dir", str(tmp_path / "run"), *TINY, "--dataset_type",
-                         "imagefolder", "--data_path", str(data), *IMAGEFOLDER_FLAGS)
+    message = run_script(
+        monkeypatch,
+        "--output_dir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--dataset_type",
+        "imagefolder",
+        "--data_path",
+        str(data),
+        *IMAGEFOLDER_FLAGS,
+    )
     assert isinstance(message, str) and "\n" not in message
     assert expected in message and str(data) in message
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
@@ -317,8 +356,9 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 def test_checkpoint_refuses_non_finite_weights(tmp_path):
     args = resolve_args(["--output_dir", str(tmp_path), *TINY])
     validate_args(args, 1)
-    parts = train.build_training_parts(args, DistEnv(0, 0, 1, torch.device("cpu"), None), dataset_size=16,
-                                       with_loader=False)
+    parts = train.build_training_parts(
+        args, DistEnv(0, 0, 1, torch.device("cpu"), None), dataset_size=16, with_loader=False
+    )
     train.save(parts, 0, 1)
     good = (tmp_path / "checkpoint.pth").read_bytes()
     with torch.no_grad():
@@ -333,14 +373,17 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--arch", "vit_huge"], "--arch vit_huge: unknown architecture"),
-    (["--image_size", "40"], "--image_size 40 is not divisible by --patch_size 16"),
-    (["--n_tokens", "5"], "--n_tokens 5: needs 1 <= n_tokens <= 4 patches"),
-    (["--queue_size", "2"], "--queue_size 2 is smaller than one global batch"),
-    (["--batch_size", "-4"], "--batch_size -4: must be positive"),
-    (["--dist_timeout", "0"], "--dist_timeout 0"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--arch", "vit_huge"], "--arch vit_huge: unknown architecture"),
+        (["--image_size", "40"], "--image_size 40 is not divisible by --patch_size 16"),
+        (["--n_tokens", "5"], "--n_tokens 5: needs 1 <= n_tokens <= 4 patches"),
+        (["--queue_size", "2"], "--queue_size 2 is smaller than one global batch"),
+        (["--batch_size", "-4"], "--batch_size -4: must be positive"),
+        (["--dist_timeout", "0"], "--dist_timeout 0"),
+    ],
+)
 def test_bad_configuration_stops_with_one_line_before_any_network(tmp_path, monkeypatch, flags, expected):
     monkeypatch.setattr(train, "build_student_teacher", _no_model)
     message = run_script(monkeypatch, "--output_dir", str(tmp_path), *TINY, *flags)
@@ -387,7 +430,11 @@ def test_network_size_on_the_meta_device_matches_the_real_networks():
         assert size.parameters == sum(p.numel() for p in teacher.parameters())
         assert size.trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
         assert (size.embed_dim, size.depth, size.hidden_dim, size.bottleneck_dim) == (
-            192, args.depth, 2048, 256)
+            192,
+            args.depth,
+            2048,
+            256,
+        )
 
 
 def test_memory_estimate_by_hand():
@@ -407,11 +454,14 @@ def test_memory_estimate_by_hand():
     assert estimate.total_bytes == estimate.bank_bytes + estimate.networks_bytes + estimate.activations_bytes
 
 
-@pytest.mark.parametrize("flags, advice", [
-    (["--queue_size", "100000000"], "lower --queue_size"),
-    (["--batch_size_per_gpu", "200000"], "lower --batch_size_per_gpu"),
-    (["--out_dim", "20000000"], "--out_dim"),
-])
+@pytest.mark.parametrize(
+    "flags, advice",
+    [
+        (["--queue_size", "100000000"], "lower --queue_size"),
+        (["--batch_size_per_gpu", "200000"], "lower --batch_size_per_gpu"),
+        (["--out_dim", "20000000"], "--out_dim"),
+    ],
+)
 def test_memory_check_names_the_largest_part(monkeypatch, flags, advice):
     monkeypatch.setattr(resources, "available_memory", lambda device: (2 * resources.GIB, "test"))
     args = resolve_args([*TINY, *flags])
@@ -430,15 +480,33 @@ def test_memory_check_counts_the_processes_sharing_a_node(monkeypatch):
         resources.check_memory(args, torch.device("cpu"), processes_per_node=2)
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"memory.max": "1000000\n", "memory.current": "300000\n",
-      "memory.stat": "anon 1\ninactive_file 50000\n"}, 1000000 - 300000 + 50000),
-    ({"memory.max": "max\n", "memory.current": "300000\n"}, None),
-    ({"memory/memory.limit_in_bytes": "2000000\n", "memory/memory.usage_in_bytes": "500000\n",
-      "memory/memory.stat": "cache 7\ntotal_inactive_file 1000\n"}, 2000000 - 500000 + 1000),
-    ({"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5\n"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (
+            {
+                "memory.max": "1000000\n",
+                "memory.current": "300000\n",
+                "memory.stat": "anon 1\ninactive_file 50000\n",
+            },
+            1000000 - 300000 + 50000,
+        ),
+        ({"memory.max": "max\n", "memory.current": "300000\n"}, None),
+        (
+            {
+                "memory/memory.limit_in_bytes": "2000000\n",
+                "memory/memory.usage_in_bytes": "500000\n",
+                "memory/memory.stat": "cache 7\ntotal_inactive_file 1000\n",
+            },
+            2000000 - 500000 + 1000,
+        ),
+        (
+            {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "5\n"},
+            None,
+        ),
+        ({}, None),
+    ],
+)
 def test_cgroup_headroom_reads_v1_and_v2(tmp_path, files, expected):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

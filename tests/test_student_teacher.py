@@ -102,6 +102,12 @@ def test_drop_path_only_in_student_and_flags_are_read() -> None:
     del without_optional.image_size, without_optional.depth
     student, _ = build_student_teacher(without_optional)
     assert student.backbone.pos_embed.shape == (1, 197, 192) and student.backbone.depth == 12
+    assert not student.backbone.grad_checkpointing
+
+
+def test_grad_checkpointing_only_in_the_student() -> None:
+    student, teacher = build_student_teacher(_args(depth=2, grad_checkpointing=True))
+    assert student.backbone.grad_checkpointing and not teacher.backbone.grad_checkpointing
 
 
 def test_key_names_equal_released_layout_and_load_strictly() -> None:

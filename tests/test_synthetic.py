@@ -486,3 +486,23 @@ def test_export_cli_subprocess_with_workers_matches_in_process(tmp_path: Path) -
     assert inline == workers and len(inline) == 9 * 4 + 3
     for relative in inline:
         assert (tmp_path / "inline" / relative).read_bytes() == (tmp_path / "workers" / relative).read_bytes()
+
+
+def test_fixed_object_colours_keep_the_layout_and_paint_every_object_with_one_pair() -> None:
+    from data.synthetic import FIXED_OBJECT_COLOURS
+
+    random_split = SyntheticSegmentation("val", image_size=64, num_val=6)
+    fixed_split = SyntheticSegmentation("val", image_size=64, num_val=6, object_colours="fixed")
+    pair = np.asarray(FIXED_OBJECT_COLOURS, dtype=np.int64)  # (2, 3)
+    for index in range(6):
+        image_random, mask_random = random_split.render_arrays(index)
+        image_fixed, mask_fixed = fixed_split.render_arrays(index)
+        np.testing.assert_array_equal(mask_random, mask_fixed)  # same scene, only the colours change
+        objects = image_fixed[mask_fixed > 0].astype(np.int64)  # (n, 3)
+        # Every object pixel is one of the two colours up to the pixel noise (|n| <= 7 per channel).
+        distance = np.abs(objects[:, None, :] - pair[None]).max(axis=-1).min(axis=1)
+        assert distance.max() <= 7
+        background = mask_fixed == 0
+        np.testing.assert_array_equal(image_random[background], image_fixed[background])
+    with pytest.raises(ValueError, match="object_colours"):
+        SyntheticScenes("train", object_colours="pastel")

@@ -184,3 +184,15 @@ def test_start_checkpoint_path_seeds_from_released_layout(tmp_path):
     # with lr 0 the student is unchanged, so it must equal the released student
     for name, value in without_prefix(ours["student"], "module.").items():
         torch.testing.assert_close(without_prefix(seeded["student"], "module.")[name], value)
+
+
+def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path):
+    """--grad_checkpointing only trades memory for recomputation: the trained weights are unchanged."""
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    run(plain, "--max_iters", "3")
+    run(recomputed, "--max_iters", "3", "--grad_checkpointing", "true")
+    a = torch.load(plain / "checkpoint.pth", weights_only=True)
+    b = torch.load(recomputed / "checkpoint.pth", weights_only=True)
+    assert b["args"]["grad_checkpointing"] is True
+    for name in a["student"]:
+        torch.testing.assert_close(a["student"][name], b["student"][name], atol=1e-5, rtol=1e-4, msg=name)
