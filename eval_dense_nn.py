@@ -34,6 +34,7 @@ from cribo_utils import distributed
 from cribo_utils.checkpoint_formats import add_backbone_args
 from cribo_utils.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
 from cribo_utils.logger import setup_logging
+from data.synthetic import add_object_colours_arg
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
-    group.add_argument(
-        "--synthetic_object_colours",
-        default="random",
-        choices=("random", "fixed"),
-        help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
-        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
-    )
+    add_object_colours_arg(group)
     group.add_argument(
         "--synthetic_seed",
         default=0,

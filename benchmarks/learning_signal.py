@@ -20,6 +20,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from data.synthetic import OBJECT_COLOUR_MODES  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--object_colours",
         default="random",
-        choices=("random", "fixed"),
+        choices=OBJECT_COLOUR_MODES,
         help="Synthetic scenes colour mode (--synthetic_object_colours of the evaluations; match training).",
     )
     parser.add_argument("--skip_linear", action="store_true", help="Only dense NN and k-NN.")

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cribo_utils import distributed
 from cribo_utils.progress import Progress
+from data.synthetic import add_object_colours_arg
 
 logger = logging.getLogger(__name__)
 
@@ -273,13 +274,7 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_seed", default=0, type=int, help="Seed of the synthetic scene generator.")
-    group.add_argument(
-        "--synthetic_object_colours",
-        default="random",
-        choices=("random", "fixed"),
-        help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
-        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
-    )
+    add_object_colours_arg(group)
     group.add_argument(
         "--batch_size_per_gpu", default=128, type=int, help="Images per GPU (process) and batch."
     )

@@ -18,6 +18,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from data.synthetic import add_object_colours_arg
+
 logger = logging.getLogger(__name__)
 
 DATASET_TYPES = ("synthetic", "imagenet1k", "imagefolder", "coco")
@@ -329,13 +331,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
-    group.add_argument(
-        "--synthetic_object_colours",
-        default="random",
-        choices=("random", "fixed"),
-        help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
-        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
-    )
+    add_object_colours_arg(group)
     group.add_argument(
         "--skip_bad_files",
         default=True,

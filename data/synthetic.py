@@ -644,6 +644,19 @@ def export_dataset(
     return out_dir
 
 
+def add_object_colours_arg(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str = "--synthetic_object_colours"
+) -> None:
+    """The command-line flag choosing one of :data:`OBJECT_COLOUR_MODES` (training and every evaluation)."""
+    parser.add_argument(
+        flag,
+        default="random",
+        choices=OBJECT_COLOUR_MODES,
+        help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
+        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "Export the synthetic scenes in the Pascal VOC and ImageFolder layouts", add_help=True
@@ -669,12 +682,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0,
         help="Worker processes for rendering and writing (0 = this process only).",
     )
-    parser.add_argument(
-        "--object_colours",
-        default="random",
-        choices=OBJECT_COLOUR_MODES,
-        help="random: two random colours per object; fixed: one dark/light pair for every object.",
-    )
+    add_object_colours_arg(parser, "--object_colours")
     return parser
 
 
