@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from benchmarks.harness import (  # noqa: E402
     gb,
     load_average,
     machine_info,
-    median,
+    measure_calls,
     peak_rss_bytes,
     run_worker,
     write_json,
@@ -135,35 +134,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         return result
 
     load_start = load_average()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        allocated_before = torch.cuda.memory_allocated(device)
-    rss_before = peak_rss_bytes()
-    start = time.perf_counter()
-    result = call()
-    first_seconds = time.perf_counter() - start
-    rss_delta = peak_rss_bytes() - rss_before
-    peak_extra = (
-        (torch.cuda.max_memory_allocated(device) - allocated_before) if device.type == "cuda" else rss_delta
-    )
-    seconds = []
-    for _ in range(cfg["repeats"]):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
+    result, timing = measure_calls(call, device, cfg["repeats"])
     return {
         "config": cfg,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch_threads": torch.get_num_threads(),
-        "seconds": seconds,
-        "first_call_s": first_seconds,
-        "median_s": median(seconds),
-        "peak_extra_bytes": int(peak_extra),
-        "peak_extra_measure": "cuda max_memory_allocated delta"
-        if device.type == "cuda"
-        else "ru_maxrss delta",
-        "rss_delta_bytes": int(rss_delta),
+        **timing,
         "peak_rss_bytes": peak_rss_bytes(),
         "valid_clusters_per_image": float(result.counts.float().mean()),
         "reference_tensor_bytes": reference_tensor_bytes(batch, tokens, clusters),

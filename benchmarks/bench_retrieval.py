@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ from benchmarks.harness import (  # noqa: E402
     gb,
     load_average,
     machine_info,
-    median,
-    peak_rss_bytes,
+    measure_calls,
     run_worker,
     write_json,
 )
@@ -62,23 +60,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         return result
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        allocated_before = torch.cuda.memory_allocated(device)
-    rss_before = peak_rss_bytes()
-    start = time.perf_counter()
-    result = call()
-    first_s = time.perf_counter() - start
-    rss_delta = peak_rss_bytes() - rss_before
-    peak_extra = (
-        (torch.cuda.max_memory_allocated(device) - allocated_before) if device.type == "cuda" else rss_delta
-    )
-    seconds = []
-    for _ in range(cfg["repeats"]):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
+    result, timing = measure_calls(call, device, cfg["repeats"])
     view_bytes = bank.num_objects * cfg["dim"] * 4
     return {
         "config": cfg,
@@ -86,14 +68,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "bank_objects": bank.num_objects,
         "bank_bytes": 2 * bank.capacity * cfg["dim"] * 4,
         "one_view_bytes": view_bytes,
-        "peak_extra_bytes": int(peak_extra),
-        "peak_extra_measure": "cuda max_memory_allocated delta"
-        if device.type == "cuda"
-        else "ru_maxrss delta",
         "similarity_block_bytes": cfg["objects"] * min(cfg["chunk_size"], bank.num_objects) * 4,
-        "first_call_s": first_s,
-        "seconds": seconds,
-        "median_s": median(seconds),
+        **timing,
         "cycle_consistent_fraction": float(result.mask1.float().mean()),
         "torch_threads": torch.get_num_threads(),
         "load_average_start": load_start,

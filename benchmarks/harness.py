@@ -66,6 +66,45 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def measure_calls(call: Callable[[], Any], device: Any, repeats: int) -> tuple[Any, dict[str, Any]]:
+    """Run ``call`` once for its peak extra memory, then ``repeats`` more times for its speed.
+
+    The first call's peak extra memory is the CUDA ``max_memory_allocated`` delta on a GPU and the
+    ``ru_maxrss`` delta on CPU (a high-water mark, so only growth beyond the earlier peak shows). ``call``
+    must synchronise the device itself.
+
+    Returns:
+        The first call's result, and the fields ``first_call_s``, ``seconds`` (one per repeat),
+        ``median_s``, ``peak_extra_bytes``, ``peak_extra_measure`` and ``rss_delta_bytes``.
+    """
+    import torch
+
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        allocated_before = torch.cuda.memory_allocated(device)
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    result = call()
+    first_seconds = time.perf_counter() - start
+    rss_delta = peak_rss_bytes() - rss_before
+    peak_extra = (torch.cuda.max_memory_allocated(device) - allocated_before) if on_cuda else rss_delta
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return result, {
+        "first_call_s": first_seconds,
+        "seconds": seconds,
+        "median_s": median(seconds),
+        "peak_extra_bytes": int(peak_extra),
+        "peak_extra_measure": "cuda max_memory_allocated delta" if on_cuda else "ru_maxrss delta",
+        "rss_delta_bytes": int(rss_delta),
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """Host, CPU count, Python / torch versions, threads and GPU name (imports torch)."""
     import torch
