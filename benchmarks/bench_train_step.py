@@ -151,6 +151,8 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
         "0",
         "--synthetic_image_size",
         str(cfg["scene_size"]),
+        "--grad_checkpointing",
+        str(bool(cfg.get("grad_checkpointing"))),
     ]
     args = get_args_parser().parse_args(argv)
     args.dataset_type, args.data_path, args.used_synthetic_preset = "synthetic", "", False
@@ -296,8 +298,6 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         args, env, dataset_size=args.batch_size_per_gpu * (2 * n_steps + 1), with_loader=False
     )
     backbone: Any = parts.student.backbone
-    if cfg.get("grad_checkpointing"):
-        backbone.set_grad_checkpointing(True)
     peak_rss_stages = {"import": rss_after_import, "build": peak_rss_bytes()}
     data_seconds: list[float] = []
     if cfg.get("random_views"):
@@ -452,8 +452,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grad_checkpointing",
         action="store_true",
-        help="Recompute the student's blocks in backward (VisionTransformer.set_grad_checkpointing): "
-        "less activation memory for one more forward. Training has no flag for it yet.",
+        help="Recompute the student's blocks in backward (the training flag --grad_checkpointing true): "
+        "less activation memory for one more forward.",
     )
     parser.add_argument(
         "--worker_env",
