@@ -4,6 +4,7 @@ activation checkpointing the memory benchmark relies on."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ from benchmarks import (
     bench_retrieval,
     bench_train_step,
     feature_geometry,
+    supervised_ceiling,
 )
 from benchmarks.harness import ROOT, format_table
+from cribo_utils.checkpoint_formats import build_pretrained_backbone
 
 SCRIPTS = (
     "bench_train_step",
@@ -29,6 +32,7 @@ SCRIPTS = (
     "bench_retrieval",
     "feature_geometry",
     "learning_signal",
+    "supervised_ceiling",
 )
 
 
@@ -89,35 +93,16 @@ def test_format_table_aligns_columns() -> None:
     assert "1.23" in table and "1234" in table and " - " in table
 
 
+# One timed step of a 32 px ViT-Tiny on 2 images: the smallest train-step benchmark that runs every section.
+TINY_TRAIN_STEP = [
+    *("--image_size", "32", "--batch_size", "2", "--n_tokens", "2", "--queue_size", "4", "--out_dim", "32"),
+    *("--steps", "1", "--n_batches", "1", "--scene_size", "48", "--threads", "1"),
+]
+
+
 def test_bench_train_step_smoke(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    bench_train_step.main(
-        [
-            "--image_size",
-            "32",
-            "--batch_size",
-            "2",
-            "--n_tokens",
-            "2",
-            "--queue_size",
-            "4",
-            "--out_dim",
-            "32",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--n_batches",
-            "1",
-            "--scene_size",
-            "48",
-            "--threads",
-            "1",
-            "--in_process",
-            "--out",
-            str(out),
-        ]
-    )
+    bench_train_step.main([*TINY_TRAIN_STEP, "--warmup", "1", "--in_process", "--out", str(out)])
     result = json.loads(out.read_text())["results"][0]
     full, bare = result["full"], result["bare"]
     assert set(full["sections_median_s"]) == {key for key, _ in bench_train_step.SECTIONS}
@@ -144,34 +129,7 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
 
 def test_bench_train_step_bare_alone_in_a_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    bench_train_step.main(
-        [
-            "--image_size",
-            "32",
-            "--batch_size",
-            "2",
-            "--n_tokens",
-            "2",
-            "--queue_size",
-            "4",
-            "--out_dim",
-            "32",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--n_batches",
-            "1",
-            "--scene_size",
-            "48",
-            "--threads",
-            "1",
-            "--modes",
-            "bare",
-            "--out",
-            str(out),
-        ]
-    )
+    bench_train_step.main([*TINY_TRAIN_STEP, "--warmup", "0", "--modes", "bare", "--out", str(out)])
     result = json.loads(out.read_text())["results"][0]
     assert result["full"] is None and "overhead_ratio" not in result and "pair_ratios" not in result
     assert result["bare"]["peak_rss_process_modes"] == ["bare"]  # measured in its own process
@@ -342,3 +300,36 @@ def test_feature_geometry_smoke(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["rows"][1]["network"] == "random init, seed 0"
     assert 1.0 <= summary["rows"][1]["effective_rank"] <= 192
     assert 0.0 <= summary["rows"][1]["retrieval_fg"] <= 100.0
+
+
+def test_supervised_ceiling_schedule_and_saved_backbone(tmp_path: Path) -> None:
+    args = supervised_ceiling.get_args_parser().parse_args(["--iterations", "10", "--warmup_iterations", "4"])
+    rates = [supervised_ceiling.learning_rate(i, args) for i in range(10)]
+    assert rates[0] == pytest.approx(1e-3 * 0.25)  # warm-up: (i + 1) / 4, cosine factor 1 at i = 0
+    assert rates[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 10)))
+    assert all(a >= b for a, b in zip(rates[3:], rates[4:], strict=False))  # decays after the warm-up
+
+    out = tmp_path / "backbone.pth"
+    flags = ["--input_size", "32", "--depth", "1", "--num_train", "8", "--batch_size", "8"]
+    summary = supervised_ceiling.main([*flags, "--iterations", "40", "--lr", "3e-3", "--out", str(out)])
+    assert summary["last_loss"] < 0.8 * summary["first_loss"]  # the per-patch classifier learns
+    backbone = build_pretrained_backbone("vit_tiny", 16, str(out))  # strict load of the bare state dict
+    saved = torch.load(out, weights_only=True)
+    torch.testing.assert_close(backbone.pos_embed, saved["pos_embed"])
+
+
+def test_supervised_ceiling_full_crops_keep_the_layout_up_to_a_flip() -> None:
+    args = supervised_ceiling.get_args_parser().parse_args(["--input_size", "64", "--crop_scale", "1", "1"])
+    masks = torch.zeros(6, 128, 128, dtype=torch.uint8)
+    masks[:, :, :64], masks[:, :, 64:] = 1, 2  # left half class 1, right half class 2
+    images = masks[:, None].float().expand(-1, 3, -1, -1).contiguous()
+    crops, labels = supervised_ceiling.random_crops(images, masks, args, torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 64, 64) and labels.shape == (6, 4, 4)
+    left_right = torch.tensor([1, 1, 2, 2]).expand(4, 4)
+    for crop, label in zip(crops, labels, strict=True):
+        flipped = bool(label[0, 0] == 2)
+        assert torch.equal(label, left_right.flip(-1) if flipped else left_right)
+        torch.testing.assert_close(
+            crop[0], label.repeat_interleave(16, 0).repeat_interleave(16, 1).float(), atol=0.5, rtol=0
+        )
+    assert {bool(label[0, 0] == 2) for label in labels} == {False, True}  # both orientations occur
