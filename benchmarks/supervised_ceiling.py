@@ -4,10 +4,9 @@ Trains the same backbone as the default run (ViT-Tiny/16, 6 blocks, 96 px) on th
 scenes with a per-patch linear classifier and the cross-entropy against each patch's majority label,
 ``L = mean_{b,n} -log softmax(W z_{b,n} + c)[y_{b,n}]``, for a fixed number of iterations (the
 pretraining's random resized crops of the 128 px scenes and horizontal flips, AdamW, linear warm-up then
-cosine decay), and saves the backbone as a bare state dict
-(DINO's backbone-only layout) that every evaluation and ``learning_signal.py`` load. It answers
-"is the protocol able to see learned dense features, and how far can this network get in this budget?";
-it is not self-supervised and never part of training.
+cosine decay), and saves the backbone as a bare state dict (DINO's backbone-only layout) that every
+evaluation and ``learning_signal.py`` load. It answers "can the protocol see learned dense features, and
+how far does this network get in this budget?"; it is not self-supervised and never part of training.
 
     python benchmarks/supervised_ceiling.py --iterations 384 --out output/supervised/backbone.pth
     python benchmarks/learning_signal.py --checkpoints output/supervised/backbone.pth --depth 6
