@@ -200,6 +200,16 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path)
 IMAGEFOLDER_FLAGS = ("--arch", "vit_tiny", "--drop_path_rate", "0")
 
 
+def run_script_on_imagefolder(monkeypatch, output_dir, data, *extra):
+    """``run_script`` on the tiny config with an ImageFolder dataset at ``data``; returns the exit code."""
+    return run_script(
+        monkeypatch,
+        *("--output_dir", str(output_dir), *TINY),
+        *("--dataset_type", "imagefolder", "--data_path", str(data), *IMAGEFOLDER_FLAGS),
+        *extra,
+    )
+
+
 def make_messy_imagefolder(root):
     """24 files in 2 class folders: 16 good RGB PNGs, 1 good JPEG, 4 odd colour modes, 3 unreadable files."""
     make_imagefolder(root, classes=("a", "b"), images_per_class=8, splits=("train",), size=(48, 48))
@@ -265,20 +275,8 @@ def train_log(output_dir):
 
 def test_unreadable_file_stops_the_run_when_skipping_is_off(tmp_path, monkeypatch):
     bad = make_messy_imagefolder(tmp_path / "data")
-    message = run_script(
-        monkeypatch,
-        "--output_dir",
-        str(tmp_path / "run"),
-        *TINY,
-        "--dataset_type",
-        "imagefolder",
-        "--data_path",
-        str(tmp_path / "data"),
-        *IMAGEFOLDER_FLAGS,
-        "--skip_bad_files",
-        "false",
-        "--num_workers",
-        "2",
+    message = run_script_on_imagefolder(
+        monkeypatch, tmp_path / "run", tmp_path / "data", "--skip_bad_files", "false", "--num_workers", "2"
     )
     assert isinstance(message, str) and "\n" not in message and "Traceback" not in message
     assert message.startswith("main_cribo.py: error: cannot read image")
@@ -311,17 +309,7 @@ def test_empty_or_misplaced_dataset_stops_before_training(tmp_path, monkeypatch,
     data = tmp_path / "data"
     make(data)
     monkeypatch.setattr(train, "build_student_teacher", _no_model)
-    message = run_script(
-        monkeypatch,
-        "--output_dir",
-        str(tmp_path / "run"),
-        *TINY,
-        "--dataset_type",
-        "imagefolder",
-        "--data_path",
-        str(data),
-        *IMAGEFOLDER_FLAGS,
-    )
+    message = run_script_on_imagefolder(monkeypatch, tmp_path / "run", data)
     assert isinstance(message, str) and "\n" not in message
     assert expected in message and str(data) in message
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
