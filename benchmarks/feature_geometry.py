@@ -67,19 +67,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_split(split: str, count: int, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
-    """Normalised (n, 3, S, S) inputs and (n, g*g) majority labels per patch."""
+SCENE_SIZE = 128  # side of the rendered scenes, as in training (--synthetic_image_size)
+
+
+def render_scenes(split: str, count: int, object_colours: str) -> tuple[Tensor, Tensor]:
+    """The first ``count`` scenes of ``split`` at 128 px: (n, 3, 128, 128) pixels in [0, 1], (n, 128, 128)
+    uint8 masks."""
     dataset = SyntheticSegmentation(
-        split, image_size=128, num_train=count, num_val=count, object_colours=args.object_colours
+        split, image_size=SCENE_SIZE, num_train=count, num_val=count, object_colours=object_colours
     )
     images, masks = zip(*(dataset.render_arrays(index) for index in range(count)), strict=True)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    pixels = F.interpolate(pixels, size=args.input_size, mode="bilinear", antialias=True, align_corners=False)
+    return pixels, torch.from_numpy(np.stack(masks))
+
+
+def normalise(pixels: Tensor) -> Tensor:
+    """ImageNet mean/std normalisation of (n, 3, H, W) pixels in [0, 1]."""
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (pixels - mean) / std
+
+
+def load_split(split: str, count: int, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    """Normalised (n, 3, S, S) inputs and (n, g*g) majority labels per patch."""
+    pixels, masks = render_scenes(split, count, args.object_colours)
+    pixels = F.interpolate(pixels, size=args.input_size, mode="bilinear", antialias=True, align_corners=False)
     grid = args.input_size // args.patch_size
-    one_hot = F.one_hot(torch.from_numpy(np.stack(masks)).long(), NUM_SEG_CLASSES).permute(0, 3, 1, 2)
+    one_hot = F.one_hot(masks.long(), NUM_SEG_CLASSES).permute(0, 3, 1, 2)
     labels = F.adaptive_avg_pool2d(one_hot.float(), grid).argmax(1).flatten(1)
-    return (pixels - mean) / std, labels
+    return normalise(pixels), labels
 
 
 def label_groups(labels: Tensor) -> dict[str, Tensor]:

@@ -21,19 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.feature_geometry import normalise, render_scenes  # noqa: E402
 from cribo_utils.checkpoint import atomic_save  # noqa: E402
-from data.synthetic import NUM_SEG_CLASSES, OBJECT_COLOUR_MODES, SyntheticSegmentation  # noqa: E402
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from data.synthetic import NUM_SEG_CLASSES, OBJECT_COLOUR_MODES  # noqa: E402
 from models import ARCHS, build_backbone  # noqa: E402
-
-SCENE_SIZE = 128  # side of the rendered scenes, as in training (--synthetic_image_size)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,17 +64,6 @@ def learning_rate(iteration: int, args: argparse.Namespace) -> float:
     """Linear warm-up to ``lr`` over ``warmup_iterations``, then half-cosine decay to 0."""
     warmup = min(1.0, (iteration + 1) / max(1, args.warmup_iterations))
     return args.lr * warmup * 0.5 * (1.0 + math.cos(math.pi * iteration / args.iterations))
-
-
-def load_scenes(count: int, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
-    """Normalised (n, 3, 128, 128) training scenes and their (n, 128, 128) uint8 masks."""
-    dataset = SyntheticSegmentation(
-        "train", image_size=SCENE_SIZE, num_train=count, object_colours=args.object_colours
-    )
-    images, masks = zip(*(dataset.render_arrays(index) for index in range(count)), strict=True)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (pixels - mean) / std, torch.from_numpy(np.stack(masks))
 
 
 def random_crops(
@@ -114,7 +100,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         )
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    images, masks = load_scenes(args.num_train, args)
+    pixels, masks = render_scenes("train", args.num_train, args.object_colours)
+    images = normalise(pixels)
     backbone = build_backbone(args.arch, args.patch_size, img_size=args.input_size, depth=args.depth)
     classifier = torch.nn.Linear(backbone.embed_dim, NUM_SEG_CLASSES)
     optimizer = torch.optim.AdamW(
