@@ -180,14 +180,19 @@ def _place_centre(
     return None
 
 
+def check_object_colours(object_colours: str) -> None:
+    """Raise ValueError unless ``object_colours`` is one of :data:`OBJECT_COLOUR_MODES`."""
+    if object_colours not in OBJECT_COLOUR_MODES:
+        raise ValueError(f"object_colours={object_colours!r}: expected one of {OBJECT_COLOUR_MODES}")
+
+
 def sample_scene(rng: np.random.Generator, image_size: int, object_colours: str = "random") -> Scene:
     """Draw a scene description (all random choices of one image, in a fixed order).
 
     ``object_colours`` is one of :data:`OBJECT_COLOUR_MODES`. The random colours are drawn in both modes,
     so a scene has the same layout, classes and background whichever mode renders it.
     """
-    if object_colours not in OBJECT_COLOUR_MODES:
-        raise ValueError(f"object_colours={object_colours!r}: expected one of {OBJECT_COLOUR_MODES}")
+    check_object_colours(object_colours)
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     base = rng.integers(30, 226, size=3)
     second = np.clip(base + rng.integers(-MAX_BACKGROUND_OFFSET, MAX_BACKGROUND_OFFSET + 1, size=3), 0, 255)
@@ -403,8 +408,7 @@ class _SyntheticSplit(Dataset):
     def __init__(
         self, split: str, image_size: int, num_train: int, num_val: int, seed: int, object_colours: str
     ) -> None:
-        if object_colours not in OBJECT_COLOUR_MODES:
-            raise ValueError(f"object_colours={object_colours!r}: expected one of {OBJECT_COLOUR_MODES}")
+        check_object_colours(object_colours)
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: the synthetic dataset has splits {SPLITS}")
         if image_size < MIN_IMAGE_SIZE:
