@@ -53,6 +53,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cribo_utils.parser import SYNTHETIC_PRESET
+from data.synthetic import OBJECT_COLOUR_MODES
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -1527,7 +1528,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--synthetic_object_colours",
         default=None,
-        choices=("random", "fixed"),
+        choices=OBJECT_COLOUR_MODES,
         help="Colour mode of the synthetic scenes (default: the training value, else random).",
     )
 
