@@ -44,6 +44,7 @@ from data.synthetic import NUM_SEG_CLASSES, OBJECT_COLOUR_MODES, SHAPES, Synthet
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 GROUPINGS = ("full", "texture", "shape", "fg")
+SCENE_SIZE = 128  # side of the rendered scenes, as in training (--synthetic_image_size)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,7 +68,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SCENE_SIZE = 128  # side of the rendered scenes, as in training (--synthetic_image_size)
+def check_input_size(args: argparse.Namespace) -> None:
+    """Raise ValueError unless ``--input_size`` is a multiple of ``--patch_size``."""
+    if args.input_size % args.patch_size:
+        raise ValueError(
+            f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size}"
+        )
 
 
 def render_scenes(split: str, count: int, object_colours: str) -> tuple[Tensor, Tensor]:
@@ -203,10 +209,7 @@ def diagnose(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    if args.input_size % args.patch_size:
-        raise ValueError(
-            f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size}"
-        )
+    check_input_size(args)
     torch.manual_seed(0)
     start = time.perf_counter()
     train, val = load_split("train", args.num_train, args), load_split("val", args.num_val, args)

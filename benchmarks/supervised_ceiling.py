@@ -27,7 +27,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.feature_geometry import normalise, render_scenes  # noqa: E402
+from benchmarks.feature_geometry import check_input_size, normalise, render_scenes  # noqa: E402
 from cribo_utils.checkpoint import atomic_save  # noqa: E402
 from data.synthetic import NUM_SEG_CLASSES, OBJECT_COLOUR_MODES  # noqa: E402
 from models import ARCHS, build_backbone  # noqa: E402
@@ -94,10 +94,7 @@ def random_crops(
 
 def train(args: argparse.Namespace) -> dict[str, float]:
     """Train, save the backbone atomically, return the losses and the wall time."""
-    if args.input_size % args.patch_size:
-        raise ValueError(
-            f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size}"
-        )
+    check_input_size(args)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     pixels, masks = render_scenes("train", args.num_train, args.object_colours)
