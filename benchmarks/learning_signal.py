@@ -40,6 +40,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_val", default=300, type=int, help="Synthetic validation images.")
     parser.add_argument("--memory_size", default=32000, type=int, help="Dense NN memory (patches).")
     parser.add_argument(
+        "--input_size",
+        default=128,
+        type=int,
+        help="Side of the evaluated images in pixels (128: the scenes' own size; 96: the preset's training "
+        "resolution).",
+    )
+    parser.add_argument(
         "--object_colours",
         default="random",
         choices=OBJECT_COLOUR_MODES,
@@ -86,6 +93,8 @@ def evaluate(weights_flags: list[str], args: argparse.Namespace) -> dict[str, fl
             str(args.num_val),
             "--memory_size",
             str(args.memory_size),
+            "--input_size",
+            str(args.input_size),
             "--augmentation_epochs",
             "1",
             "--no_progress",
@@ -102,6 +111,8 @@ def evaluate(weights_flags: list[str], args: argparse.Namespace) -> dict[str, fl
             str(args.num_val),
             "--nb_knn",
             "20",
+            "--image_size",
+            str(args.input_size),
         ],
     )
     scores = {"dense_miou": 100 * dense["miou"], "knn_top1": knn["results"]["20"]["top1"]}
@@ -110,7 +121,14 @@ def evaluate(weights_flags: list[str], args: argparse.Namespace) -> dict[str, fl
             "eval_linear.py",
             weights_flags,
             args,
-            ["--synthetic_num_train", str(args.num_train), "--synthetic_num_val", str(args.num_val)],
+            [
+                "--synthetic_num_train",
+                str(args.num_train),
+                "--synthetic_num_val",
+                str(args.num_val),
+                "--image_size",
+                str(args.input_size),
+            ],
         )
         scores["linear_top1"] = float(linear.get("last_top1", linear.get("best_top1", float("nan"))))
     return scores

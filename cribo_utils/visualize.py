@@ -85,10 +85,10 @@ ADE20K_PALETTE_SEED = 20160
 _EMBED_DIM_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
 
 # Settings used when neither the command line nor the checkpoint gives them: the synthetic CPU preset
-# (the default data set), and the parser's defaults for the two keys the preset leaves alone.
+# (the default data set), and the parser's defaults for the two data-set keys the preset leaves alone.
 _FALLBACK: dict[str, Any] = {
     **{key: SYNTHETIC_PRESET[key] for key in ("arch", "patch_size", "depth", "image_size", "n_tokens")},
-    "pos_alpha": 1.0,
+    "pos_alpha": SYNTHETIC_PRESET["pos_alpha"][0],
     "synthetic_image_size": 128,
     "synthetic_object_colours": "random",
 }

@@ -12,7 +12,7 @@ the augmentation streams distinct per worker and reproducible per seed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.transforms as T
@@ -253,6 +253,17 @@ class RandomResizedCropWithPositions:
         )
 
 
+def _renderings(img: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
+    """One image or a non-empty sequence of same-size renderings, as a list of RGB images."""
+    if not isinstance(img, (list, tuple)):
+        return [_as_rgb(img)]
+    renderings = [_as_rgb(item) for item in img]
+    if not renderings or any(item.size != renderings[0].size for item in renderings):
+        sizes = [item.size for item in renderings]
+        raise ValueError(f"expected one image or renderings of one size; got sizes {sizes}")
+    return renderings
+
+
 class TwoViewTransform:
     """CrIBo's augmentation: two global views (plus optional local crops) with patch-centre coordinates.
 
@@ -317,26 +328,31 @@ class TwoViewTransform:
         rows, cols = patch_grid_shape(self.global_crop.size, self.global_crop.patch_size)
         return rows * cols
 
-    def __call__(self, img: Image.Image) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(
+        self, img: Image.Image | Sequence[Image.Image]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Augment one image.
 
         Args:
-            img: PIL image of any size (converted to RGB if needed).
+            img: PIL image of any size (converted to RGB if needed), or a sequence of m renderings of the
+                same image (same size; e.g. differently coloured, see
+                :class:`data.synthetic.SyntheticScenes`): crop v (global views first, then local crops) is
+                cut from rendering v mod m, with coordinates in the common pixel frame.
         Returns:
             (crops, positions): ``crops[0]``, ``crops[1]`` global views (3, S, S), then the local crops
             (3, s, s); ``positions[i]`` (2, N_i) float32 patch centres of crop i in original-image pixels
             (row 0 = x, row 1 = y, tokens row-major).
         """
-        img = _as_rgb(img)
+        renderings = _renderings(img)
         crops: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
-        for photometric in self.global_photometric:
-            view, view_positions = self.global_crop(img)
+        for v, photometric in enumerate(self.global_photometric):
+            view, view_positions = self.global_crop(renderings[v % len(renderings)])
             crops.append(self.to_tensor(photometric(view)))
             positions.append(view_positions)
         if self.local_crop is not None:
-            for _ in range(self.local_crops_number):
-                view, view_positions = self.local_crop(img)
+            for j in range(self.local_crops_number):
+                view, view_positions = self.local_crop(renderings[(2 + j) % len(renderings)])
                 crops.append(self.to_tensor(self.local_photometric(view)))
                 positions.append(view_positions)
         return crops, positions

@@ -35,12 +35,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -222,6 +223,22 @@ def sample_scene(rng: np.random.Generator, image_size: int, object_colours: str 
         background_phase=background_phase,
         objects=tuple(objects),
         noise_seed=int(rng.integers(2**62)),
+    )
+
+
+def recolour_scene(scene: Scene, rng: np.random.Generator, object_colours: str = "random") -> Scene:
+    """The same scene with a freshly drawn colour pair for every object (as :func:`sample_scene` draws them).
+
+    Everything else is unchanged: layout, classes, sizes, poses, textures, the background (pattern and
+    colours) and the pixel noise, so the masks are identical. ``"fixed"`` objects keep
+    :data:`FIXED_OBJECT_COLOURS`, so recolouring a fixed-colour scene changes nothing. (Redrawing the
+    background colours as well made the self-supervised features worse; see the README's Results.)
+    """
+    check_object_colours(object_colours)
+    if object_colours == "fixed":
+        return scene
+    return replace(
+        scene, objects=tuple(replace(item, colours=_sample_object_colours(rng)) for item in scene.objects)
     )
 
 
@@ -465,6 +482,12 @@ class _SyntheticSplit(Dataset):
 class SyntheticScenes(_SyntheticSplit):
     """Classification view of the synthetic scenes: ``(image, label)``.
 
+    With ``colourings = m > 1`` the image is a list of m renderings of the same scene: the first is the
+    scene as stored, the others come from :func:`recolour_scene` (new object colours, same masks).
+    :class:`data.augmentations.TwoViewTransform` cuts view v from rendering v mod m, so the two views of an
+    object cannot be matched by their colours. The extra colours are drawn from a seed taken
+    from torch's global RNG, which :class:`data.loading.PerSampleSeededDataset` seeds per sample and epoch.
+
     Args:
         split: "train" or "val" (different seed streams, so the splits share no image).
         image_size: side S of the square images.
@@ -472,7 +495,9 @@ class SyntheticScenes(_SyntheticSplit):
         num_val: number of validation images.
         seed: dataset seed; (seed, split, index) fixes the image.
         object_colours: one of :data:`OBJECT_COLOUR_MODES` (``"random"`` or ``"fixed"``).
-        transform: applied to the PIL RGB image (e.g. the two-view pretraining transform).
+        transform: applied to the PIL RGB image (e.g. the two-view pretraining transform), or to the list
+            of renderings when ``colourings > 1``.
+        colourings: number of differently coloured renderings per item (1: a single PIL image).
     """
 
     def __init__(
@@ -484,8 +509,12 @@ class SyntheticScenes(_SyntheticSplit):
         seed: int = 0,
         transform: Callable[[Image.Image], Any] | None = None,
         object_colours: str = "random",
+        colourings: int = 1,
     ) -> None:
         super().__init__(split, image_size, num_train, num_val, seed, object_colours)
+        if isinstance(colourings, bool) or not isinstance(colourings, int) or colourings < 1:
+            raise ValueError(f"colourings={colourings!r}: expected an integer >= 1")
+        self.colourings = colourings
         self.transform = transform
         self.classes: list[str] = list(OBJECT_CLASSES)
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
@@ -493,9 +522,22 @@ class SyntheticScenes(_SyntheticSplit):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, mask = self.render_arrays(index)
-        picture = Image.fromarray(image)
         label = label_from_mask(mask)
+        picture: Image.Image | list[Image.Image] = Image.fromarray(image)
+        if self.colourings > 1:
+            picture = [picture, *self.recoloured_renderings(index, self.colourings - 1)]
         return (self.transform(picture) if self.transform is not None else picture), label
+
+    def recoloured_renderings(self, index: int, count: int) -> list[Image.Image]:
+        """``count`` renderings of scene ``index`` with colours redrawn by :func:`recolour_scene`."""
+        rng = np.random.default_rng(int(torch.randint(2**62, ())))
+        scene = self.scene(index)
+        renderings = []
+        for _ in range(count):
+            image, _, _ = render_scene(recolour_scene(scene, rng, self.object_colours))
+            assert image is not None
+            renderings.append(Image.fromarray(image))
+        return renderings
 
 
 class SyntheticSegmentation(_SyntheticSplit):

@@ -369,3 +369,27 @@ def test_blur_radius_range(monkeypatch):
     radii = np.array(radii)
     assert len(radii) == 1000 and radii.min() >= 0.1 and radii.max() <= 2.0
     assert abs(radii.mean() - 1.05) < 0.05
+
+
+def test_renderings_feed_the_views_in_turn_with_the_single_image_crops():
+    """With m renderings, crop v comes from rendering v mod m; boxes and coordinates are as for one image."""
+    colours = [(255, 0, 0), (0, 0, 255), (0, 255, 0)]
+    renderings = [Image.new("RGB", (40, 56), colour) for colour in colours]
+    transform = TwoViewTransform(image_size=32, patch_size=16, local_crops_number=3, local_crops_size=16)
+    transform.global_photometric = (_identity, _identity)
+    transform.local_photometric = _identity
+    for count in (2, 3):
+        torch.manual_seed(7)
+        crops, positions = transform(renderings[:count])
+        for v, crop in enumerate(crops):
+            expected = torch.tensor(colours[v % count], dtype=torch.float32).view(3, 1, 1)
+            torch.testing.assert_close(_unnormalise(crop), expected.expand_as(crop), atol=1e-3, rtol=0)
+        torch.manual_seed(7)
+        _, single_positions = transform(renderings[0])
+        assert all(torch.equal(a, b) for a, b in zip(positions, single_positions, strict=True))
+    with pytest.raises(ValueError, match="renderings of one size"):
+        transform([renderings[0], Image.new("RGB", (40, 40))])
+    with pytest.raises(ValueError, match="renderings of one size"):
+        transform([])
+    with pytest.raises(TypeError, match="PIL"):
+        transform(torch.zeros(3, 8, 8))

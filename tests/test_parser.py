@@ -83,6 +83,7 @@ def _valid(**overrides):
         ({"queue_size": 40, "batch_size_per_gpu": 16}, 4, "one global batch"),
         ({"local_crops_number": 2}, 1, "local_crops_number"),
         ({"dataset_type": "imagenet1k", "data_path": ""}, 1, "needs --data_path"),
+        ({"dataset_type": "coco", "data_path": "/coco", "synthetic_recolour_views": True}, 1, "re-coloured"),
     ],
 )
 def test_bad_configurations_fail_with_one_line(overrides, world, message):

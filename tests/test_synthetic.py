@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -506,3 +507,86 @@ def test_fixed_object_colours_keep_the_layout_and_paint_every_object_with_one_pa
         np.testing.assert_array_equal(image_random[background], image_fixed[background])
     with pytest.raises(ValueError, match="object_colours"):
         SyntheticScenes("train", object_colours="pastel")
+
+
+def test_recolour_scene_keeps_everything_but_the_colours() -> None:
+    from data.synthetic import FIXED_OBJECT_COLOURS, MIN_OBJECT_CONTRAST, recolour_scene
+
+    split = SyntheticSegmentation("val", image_size=64, num_val=8)
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        scene = split.scene(index)
+        other = recolour_scene(scene, rng)
+        image, mask, instances = render_scene(scene)
+        other_image, other_mask, other_instances = render_scene(other)
+        np.testing.assert_array_equal(mask, other_mask)
+        np.testing.assert_array_equal(instances, other_instances)
+        assert other.background_colours == scene.background_colours
+        for before, after in zip(scene.objects, other.objects, strict=True):
+            assert after.colours != before.colours
+            assert np.linalg.norm(np.subtract(after.colours[0], after.colours[1])) >= MIN_OBJECT_CONTRAST
+            # Nothing but the colours changes.
+            assert (after.class_id, after.centre, after.radius, after.angle) == (
+                before.class_id,
+                before.centre,
+                before.radius,
+                before.angle,
+            )
+            assert (after.texture_period, after.texture_phase) == (
+                before.texture_period,
+                before.texture_phase,
+            )
+        assert replace(other, objects=scene.objects) == scene
+        background = mask == 0
+        np.testing.assert_array_equal(image[background], other_image[background])
+        assert not np.array_equal(image, other_image)
+    fixed = SyntheticSegmentation("val", image_size=64, num_val=2, object_colours="fixed").scene(0)
+    assert recolour_scene(fixed, rng, "fixed") == fixed
+    assert all(item.colours == FIXED_OBJECT_COLOURS for item in fixed.objects)
+
+
+def test_recoloured_pixels_follow_the_new_colour_table() -> None:
+    """Where no channel clips, recolouring moves each object pixel by (new - old) colour of its bit."""
+    from data.synthetic import recolour_scene
+
+    scene = SyntheticSegmentation("val", image_size=64, num_val=1).scene(0)
+    other = recolour_scene(scene, np.random.default_rng(5))
+    image, _, instances = render_scene(scene)
+    other_image, _, _ = render_scene(other)
+    for k, (before, after) in enumerate(zip(scene.objects, other.objects, strict=True), start=1):
+        pixels = instances == k
+        if not pixels.any():
+            continue
+        old = image[pixels].astype(np.int64)
+        new = other_image[pixels].astype(np.int64)
+        # Each pixel is one of the object's two colours plus noise |n| <= 7; its texture bit is the nearest.
+        bit = np.abs(old[:, None, :] - np.asarray(before.colours)[None]).max(-1).argmin(1)
+        expected = new - np.asarray(after.colours)[bit] + np.asarray(before.colours)[bit]
+        inside = ((old > 0) & (old < 255) & (new > 0) & (new < 255)).all(axis=1)
+        np.testing.assert_array_equal(expected[inside], old[inside])
+
+
+def test_colourings_give_same_scene_renderings_seeded_by_torch() -> None:
+    import torch
+
+    dataset = SyntheticScenes("train", image_size=48, num_train=4, colourings=3)
+    single = SyntheticScenes("train", image_size=48, num_train=4)
+    torch.manual_seed(0)
+    renderings, label = dataset[1]
+    assert isinstance(renderings, list) and len(renderings) == 3 and label == single[1][1]
+    np.testing.assert_array_equal(np.asarray(renderings[0]), np.asarray(single[1][0]))  # the stored scene
+    arrays = [np.asarray(image) for image in renderings]
+    assert not np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[1], arrays[2])
+    torch.manual_seed(0)
+    again, _ = dataset[1]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(arrays, again, strict=True))
+    torch.manual_seed(1)
+    other, _ = dataset[1]
+    assert not np.array_equal(arrays[1], np.asarray(other[1]))
+    seen = []
+    picked = SyntheticScenes("train", image_size=48, num_train=4, colourings=2, transform=seen.append)
+    picked[0]
+    assert len(seen) == 1 and len(seen[0]) == 2  # the transform receives the list of renderings
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="colourings"):
+            SyntheticScenes("train", colourings=bad)
