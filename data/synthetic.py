@@ -10,6 +10,8 @@ problem rather than noise:
   a class: the per-class mean colour converges to mid-grey for every class;
   ``object_colours="fixed"`` paints every object with one dark/light pair instead (an easier variant:
   colour then cannot tell two objects apart either, only shape, texture, size and pose can);
+  :func:`recolour_scene` redraws the object colours of a scene and keeps everything else, which
+  pretraining uses for its second view (``SyntheticScenes(colourings=2)``, ``--synthetic_recolour_views``);
 * objects have a random size (diameter about 25-60% of the image side, i.e. 2-5 patches of 16 px at
   128 px), rotation and position, and later objects occlude earlier ones;
 * backgrounds come from three texture families (smooth gradient, low-frequency "clouds", fine dots) with
