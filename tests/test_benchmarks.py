@@ -19,6 +19,7 @@ from benchmarks import (
     bench_retrieval,
     bench_train_step,
     feature_geometry,
+    learning_signal,
     supervised_ceiling,
 )
 from benchmarks.harness import ROOT, format_table
@@ -333,3 +334,25 @@ def test_supervised_ceiling_full_crops_keep_the_layout_up_to_a_flip() -> None:
             crop[0], label.repeat_interleave(16, 0).repeat_interleave(16, 1).float(), atol=0.5, rtol=0
         )
     assert {bool(label[0, 0] == 2) for label in labels} == {False, True}  # both orientations occur
+
+
+def test_learning_signal_averages_dense_nn_over_memory_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, list[str]]] = []
+    dense_miou_by_seed = {"0": 0.10, "1": 0.12, "2": 0.17}
+
+    def fake_run_eval(script, weights_flags, args, extra):
+        calls.append((script, extra))
+        if script == "eval_dense_nn.py":
+            return {"miou": dense_miou_by_seed[extra[extra.index("--seed") + 1]]}
+        if script == "eval_knn.py":
+            return {"results": {"20": {"top1": 40.0}}}
+        return {"last_top1": 30.0}
+
+    monkeypatch.setattr(learning_signal, "run_eval", fake_run_eval)
+    args = learning_signal.get_args_parser().parse_args(["--memory_seeds", "3"])
+    scores = learning_signal.evaluate(["--init_seed", "0"], args)
+    assert scores["dense_miou"] == pytest.approx(100 * (0.10 + 0.12 + 0.17) / 3)
+    assert (scores["knn_top1"], scores["linear_top1"]) == (40.0, 30.0)
+    dense_calls = [extra for script, extra in calls if script == "eval_dense_nn.py"]
+    dense_seeds = [extra[extra.index("--seed") + 1] for extra in dense_calls]
+    assert dense_seeds == ["0", "1", "2"]
