@@ -79,7 +79,7 @@ def _valid(**overrides):
         ({"arch": "vit_huge"}, 1, "--arch vit_huge"),
         ({"image_size": 100}, 1, "not divisible"),
         ({"n_tokens": 1000}, 1, "--n_tokens 1000"),
-        ({"queue_size": 16}, 1, "--queue_size 16"),
+        ({"queue_size": 16, "batch_size_per_gpu": 32}, 1, "--queue_size 16"),
         ({"queue_size": 40, "batch_size_per_gpu": 16}, 4, "one global batch"),
         ({"local_crops_number": 2}, 1, "local_crops_number"),
         ({"dataset_type": "imagenet1k", "data_path": ""}, 1, "needs --data_path"),
