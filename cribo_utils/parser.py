@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 DATASET_TYPES = ("synthetic", "imagenet1k", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# A small, CPU-friendly recipe for the built-in synthetic scenes (about 11 minutes on 2 CPU cores). What it
+# A small, CPU-friendly recipe for the built-in synthetic scenes (about 13 minutes on 2 CPU cores). What it
 # learns, and the runs behind each choice, are in the README's Results. Compared with the reference recipe:
 # a small head (out_dim 64) with a constant sharp teacher temperature (0.02), gradient clipping at 0.3, a
 # two-epoch warm-up and a learning rate of 2e-3 per 256 images (higher rates collapse the patch features
