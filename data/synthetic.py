@@ -523,17 +523,18 @@ class SyntheticScenes(_SyntheticSplit):
         self.num_classes = NUM_OBJECT_CLASSES
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, mask = self.render_arrays(index)
+        scene = self.scene(index)  # sampled once: the stored rendering and the re-coloured ones share it
+        image, mask, _ = render_scene(scene)
+        assert image is not None
         label = label_from_mask(mask)
         picture: Image.Image | list[Image.Image] = Image.fromarray(image)
         if self.colourings > 1:
-            picture = [picture, *self.recoloured_renderings(index, self.colourings - 1)]
+            picture = [picture, *self.recoloured_renderings(scene, self.colourings - 1)]
         return (self.transform(picture) if self.transform is not None else picture), label
 
-    def recoloured_renderings(self, index: int, count: int) -> list[Image.Image]:
-        """``count`` renderings of scene ``index`` with colours redrawn by :func:`recolour_scene`."""
+    def recoloured_renderings(self, scene: Scene, count: int) -> list[Image.Image]:
+        """``count`` renderings of ``scene`` with colours redrawn by :func:`recolour_scene`."""
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
-        scene = self.scene(index)
         renderings = []
         for _ in range(count):
             image, _, _ = render_scene(recolour_scene(scene, rng, self.object_colours))
