@@ -34,7 +34,7 @@ from cribo_utils import distributed
 from cribo_utils.checkpoint_formats import add_backbone_args
 from cribo_utils.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
 from cribo_utils.logger import setup_logging
-from data.synthetic import add_object_colours_arg
+from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
-    add_object_colours_arg(group)
+    add_scene_args(group)
     group.add_argument(
         "--synthetic_seed",
         default=0,

@@ -76,11 +76,15 @@ def check_input_size(args: argparse.Namespace) -> None:
         )
 
 
-def render_scenes(split: str, count: int, object_colours: str) -> tuple[Tensor, Tensor]:
+def render_scenes(
+    split: str, count: int, object_colours: str, level: str = "legacy"
+) -> tuple[Tensor, Tensor]:
     """The first ``count`` scenes of ``split`` at 128 px: (n, 3, 128, 128) pixels in [0, 1], (n, 128, 128)
-    uint8 masks."""
+    uint8 masks. ``level`` is a :data:`data.synthetic.SCENE_LEVELS` name (the shape and texture scores of
+    this benchmark read the legacy classes)."""
     dataset = SyntheticSegmentation(
-        split, image_size=SCENE_SIZE, num_train=count, num_val=count, object_colours=object_colours
+        split, image_size=SCENE_SIZE, num_train=count, num_val=count, object_colours=object_colours,
+        level=level,
     )
     images, masks = zip(*(dataset.render_arrays(index) for index in range(count)), strict=True)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255

@@ -19,10 +19,13 @@ import sys
 import tempfile
 import time
 
+# Seed of the scenes the protocol evaluates on; training uses --seed (0 by default) and tests use 0-3.
+PROTOCOL_SEED = 20240507
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from data.synthetic import OBJECT_COLOUR_MODES  # noqa: E402
+from data.synthetic import DEFAULT_LEVEL, OBJECT_COLOUR_MODES, SCENE_LEVELS  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,6 +63,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=OBJECT_COLOUR_MODES,
         help="Synthetic scenes colour mode (--synthetic_object_colours of the evaluations; match training).",
     )
+    parser.add_argument(
+        "--level", default=DEFAULT_LEVEL, choices=tuple(SCENE_LEVELS), help="Synthetic scene level (match training)."
+    )
+    parser.add_argument(
+        "--synthetic_seed",
+        default=PROTOCOL_SEED,
+        type=int,
+        help="Seed of the evaluated scenes (memory, k-NN / linear training images and validation queries). "
+        f"The default {PROTOCOL_SEED} is used by no training run, test or tuning run, so the table is "
+        "measured on scenes nobody tuned on; tune with another seed.",
+    )
     parser.add_argument("--skip_linear", action="store_true", help="Only dense NN and k-NN.")
     parser.add_argument("--out", default="benchmarks/results/learning_signal.json")
     return parser
@@ -80,6 +94,10 @@ def run_eval(script: str, weights_flags: list[str], args: argparse.Namespace, ex
             out,
             "--synthetic_object_colours",
             args.object_colours,
+            "--synthetic_level",
+            args.level,
+            "--synthetic_seed",
+            str(args.synthetic_seed),
             *extra,
         ]
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

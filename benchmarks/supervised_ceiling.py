@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.feature_geometry import check_input_size, normalise, render_scenes  # noqa: E402
 from cribo_utils.checkpoint import atomic_save  # noqa: E402
-from data.synthetic import NUM_SEG_CLASSES, OBJECT_COLOUR_MODES  # noqa: E402
+from data.synthetic import DEFAULT_LEVEL, OBJECT_COLOUR_MODES, SCENE_LEVELS  # noqa: E402
 from models import ARCHS, build_backbone  # noqa: E402
 
 
@@ -43,6 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_size", default=96, type=int, help="Training side (multiple of patch).")
     parser.add_argument("--num_train", default=2048, type=int, help="Synthetic training scenes.")
     parser.add_argument("--object_colours", default="random", choices=OBJECT_COLOUR_MODES)
+    parser.add_argument("--level", default=DEFAULT_LEVEL, choices=tuple(SCENE_LEVELS), help="Scene level.")
     parser.add_argument(
         "--crop_scale",
         default=(0.25, 1.0),
@@ -86,7 +87,8 @@ def random_crops(
     size = (batch, 1, args.input_size, args.input_size)
     grid = F.affine_grid(theta, size, align_corners=False)
     crops = F.grid_sample(images, grid, mode="bilinear", align_corners=False)
-    one_hot = F.one_hot(masks.long(), NUM_SEG_CLASSES).permute(0, 3, 1, 2).float()
+    num_labels = SCENE_LEVELS[args.level].num_classes + 1
+    one_hot = F.one_hot(masks.long(), num_labels).permute(0, 3, 1, 2).float()
     label_maps = F.grid_sample(one_hot, grid, mode="bilinear", align_corners=False)
     labels = F.adaptive_avg_pool2d(label_maps, args.input_size // args.patch_size).argmax(1)
     return crops, labels
@@ -97,10 +99,10 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     check_input_size(args)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    pixels, masks = render_scenes("train", args.num_train, args.object_colours)
+    pixels, masks = render_scenes("train", args.num_train, args.object_colours, args.level)
     images = normalise(pixels)
     backbone = build_backbone(args.arch, args.patch_size, img_size=args.input_size, depth=args.depth)
-    classifier = torch.nn.Linear(backbone.embed_dim, NUM_SEG_CLASSES)
+    classifier = torch.nn.Linear(backbone.embed_dim, SCENE_LEVELS[args.level].num_classes + 1)
     optimizer = torch.optim.AdamW(
         [*backbone.parameters(), *classifier.parameters()], weight_decay=args.weight_decay
     )

@@ -1199,6 +1199,7 @@ def build_datasets(args: Any) -> tuple[Any, Any]:
             num_val=args.synthetic_num_val,
             seed=args.synthetic_seed,
             object_colours=args.synthetic_object_colours,
+            level=args.synthetic_level,
         )
     return (
         build_segmentation_dataset(args.dataset, args.data_path, train_split, None, synthetic_kwargs),
@@ -1286,6 +1287,7 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
             "num_val": args.synthetic_num_val,
             "seed": args.synthetic_seed,
             "object_colours": args.synthetic_object_colours,
+            "level": args.synthetic_level,
         }
     if distributed.is_main_process():
         os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)

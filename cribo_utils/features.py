@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cribo_utils import distributed
 from cribo_utils.progress import Progress
-from data.synthetic import add_object_colours_arg
+from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_seed", default=0, type=int, help="Seed of the synthetic scene generator.")
-    add_object_colours_arg(group)
+    add_scene_args(group)
     group.add_argument(
         "--batch_size_per_gpu", default=128, type=int, help="Images per GPU (process) and batch."
     )
@@ -324,6 +324,7 @@ def build_classification_split(args: argparse.Namespace, split: str, transform: 
         "num_val": args.synthetic_num_val,
         "seed": args.synthetic_seed,
         "object_colours": args.synthetic_object_colours,
+        "level": args.synthetic_level,
     }
     return build_classification_dataset(args.dataset, args.data_path, split, transform, synthetic_kwargs)
 

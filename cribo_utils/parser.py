@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from data.synthetic import add_object_colours_arg
+from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
-    add_object_colours_arg(group)
+    add_scene_args(group)
     group.add_argument(
         "--synthetic_recolour_views",
         default=False,

@@ -167,6 +167,7 @@ def build_pretrain_loader(
             "num_val": args.synthetic_num_val,
             "seed": args.seed,
             "object_colours": args.synthetic_object_colours,
+            "level": args.synthetic_level,
             "colourings": 2 if args.synthetic_recolour_views else 1,
         },
         skip_bad_files=False,

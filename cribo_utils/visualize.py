@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cribo_utils.parser import SYNTHETIC_PRESET
-from data.synthetic import OBJECT_COLOUR_MODES
+from data.synthetic import DEFAULT_LEVEL, OBJECT_COLOUR_MODES, SCENE_LEVELS
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ _FALLBACK: dict[str, Any] = {
     "pos_alpha": SYNTHETIC_PRESET["pos_alpha"][0],
     "synthetic_image_size": 128,
     "synthetic_object_colours": "random",
+    "synthetic_level": DEFAULT_LEVEL,
 }
 
 
@@ -315,6 +316,7 @@ def synthetic_images(
     seed: int = 0,
     offset: int = 0,
     object_colours: str = "random",
+    level: str = DEFAULT_LEVEL,
 ) -> list[Image.Image]:
     """Images ``offset .. offset + count - 1`` of a split of the synthetic scenes (PIL RGB)."""
     from data.synthetic import SyntheticScenes
@@ -327,6 +329,7 @@ def synthetic_images(
         num_val=total,
         seed=seed,
         object_colours=object_colours,
+        level=level,
     )
     return [dataset.render(index)[0] for index in range(offset, offset + count)]
 
@@ -1531,6 +1534,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=OBJECT_COLOUR_MODES,
         help="Colour mode of the synthetic scenes (default: the training value, else random).",
     )
+    group.add_argument(
+        "--synthetic_level",
+        default=None,
+        choices=tuple(SCENE_LEVELS),
+        help=f"Level of the synthetic scenes (default: the training value, else {DEFAULT_LEVEL}).",
+    )
 
     clustering = argparse.ArgumentParser(add_help=False)
     group = clustering.add_argument_group("clustering")
@@ -1613,7 +1622,13 @@ def _figure_images(
     if args.images:
         return load_folder_images(args.images, count, offset, args.recursive)
     return synthetic_images(
-        count, split, synthetic_size, seed=0, offset=offset, object_colours=args.synthetic_object_colours
+        count,
+        split,
+        synthetic_size,
+        seed=0,
+        offset=offset,
+        object_colours=args.synthetic_object_colours,
+        level=args.synthetic_level,
     )
 
 
@@ -1634,6 +1649,7 @@ def _dense_sources(
         "num_val": max(args.num_images, 1),
         "seed": 0,
         "object_colours": args.synthetic_object_colours,
+        "level": args.synthetic_level,
     }
     train_split, val_split = DEFAULT_SPLITS[args.dataset]
     train: Any = build_segmentation_dataset(args.dataset, args.data_path, train_split, None, synthetic_kwargs)
@@ -1696,6 +1712,7 @@ def make_figure(args: argparse.Namespace) -> Path:
     args.synthetic_object_colours = figure_model.setting(
         "synthetic_object_colours", args.synthetic_object_colours
     )
+    args.synthetic_level = figure_model.setting("synthetic_level", args.synthetic_level)
     if args.figure == "attention":
         images = _figure_images(args, args.num_images, 0, "val", synthetic_size)
         return plot_attention(backbone, images, out_path, image_size, dpi=args.dpi)

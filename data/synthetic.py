@@ -98,6 +98,9 @@ class SceneObject:
         colours: the two RGB colours the texture alternates between.
         texture_period: length of one texture period in pixels (two stripes / two checker cells).
         texture_phase: offsets in pixels of the texture along the object's two axes.
+        shape_name, texture_name: the shape and texture when the class does not fix them (the texture
+            levels, where the class is the texture and the shape is a nuisance); empty for ``legacy``
+            objects, whose shape and texture follow from ``class_id``.
     """
 
     class_id: int
@@ -107,14 +110,16 @@ class SceneObject:
     colours: tuple[tuple[int, int, int], tuple[int, int, int]]
     texture_period: float
     texture_phase: tuple[float, float]
+    shape_name: str = ""
+    texture_name: str = ""
 
     @property
     def shape(self) -> str:
-        return SHAPES[self.class_id % len(SHAPES)]
+        return self.shape_name or SHAPES[self.class_id % len(SHAPES)]
 
     @property
     def texture(self) -> str:
-        return TEXTURES[self.class_id // len(SHAPES)]
+        return self.texture_name or TEXTURES[self.class_id // len(SHAPES)]
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class Scene:
         background_phase: dot lattice offset in pixels (``dots`` only).
         objects: 1-4 objects, drawn in order.
         noise_seed: seed of the stream that draws the clouds field and the pixel noise.
+        level: name of the :data:`SCENE_LEVELS` entry that drew the scene.
     """
 
     image_size: int
@@ -140,6 +146,125 @@ class Scene:
     background_phase: tuple[float, float]
     objects: tuple[SceneObject, ...]
     noise_seed: int
+    level: str = "legacy"
+
+
+@dataclass(frozen=True)
+class SceneLevel:
+    """One difficulty setting of the scene generator: what decides a pixel's class, and the nuisances.
+
+    Attributes:
+        name: the key in :data:`SCENE_LEVELS` (``--synthetic_level``).
+        classes: object class names in class-id order, sorted (an ImageFolder export numbers its classes
+            in sorted order, so the ids agree).
+        textures: the textures objects are drawn with; with ``class_is_texture`` the class *is* the
+            texture (``classes == textures``) and the shape is a nuisance drawn from ``shapes``.
+        shapes: the outlines objects are drawn with.
+        class_is_texture: False for ``legacy``: the class is the (texture, shape) pair.
+        max_objects: objects per scene are drawn uniformly from 1..max_objects (some may be dropped).
+        radius_range: object radius r as a fraction of the image side.
+        texture_period_range: texture period as a fraction of the image side.
+        min_object_contrast: least RGB distance between an object's two colours.
+        min_luma_step: least luma by which an object's pattern colour is brighter than its base colour (0:
+            either may be the brighter).
+        backgrounds: the background families drawn from.
+        max_background_offset: largest per-channel offset between the two background colours.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    textures: tuple[str, ...]
+    shapes: tuple[str, ...]
+    class_is_texture: bool
+    max_objects: int
+    radius_range: tuple[float, float]
+    texture_period_range: tuple[float, float]
+    min_object_contrast: float
+    min_luma_step: float
+    backgrounds: tuple[str, ...]
+    max_background_offset: int
+
+    @property
+    def num_classes(self) -> int:
+        """Object classes (the segmentation masks have ``num_classes + 1`` labels, 0 = background)."""
+        return len(self.classes)
+
+    @property
+    def seg_class_names(self) -> tuple[str, ...]:
+        return ("background", *self.classes)
+
+
+# The texture families of the texture levels, sorted. Each is a two-colour pattern with a period of a
+# fraction of a patch, so one 16 px patch holds one or two periods and sees which family it is; they differ
+# in structure, not in colour or in the share of each colour alone (striped and checkered 1/2, wavy 1/2,
+# speckled about 1/2, dotted 0.28, grid 0.44 of the second colour).
+TEXTURE_FAMILIES: tuple[str, ...] = ("checkered", "dotted", "grid", "striped")
+
+SCENE_LEVELS: dict[str, SceneLevel] = {
+    # The class is the texture family, read from any patch of the object; every nuisance is one that the
+    # pretraining teaches the network to ignore: two random colours per object (colour jitter, re-coloured
+    # views), the outline (six shapes, independent of the class), size, rotation (texture and outline turn
+    # together), position and partial occlusion (random crops, the cross-view object matching), and a
+    # smooth background of random colour. Objects are large (diameters of 40-64% of the side: 3-5 patches
+    # of 16 px at 96 px input) and at most three, so clusters have room to follow them.
+    "easy": SceneLevel(
+        name="easy",
+        classes=TEXTURE_FAMILIES,
+        textures=TEXTURE_FAMILIES,
+        shapes=SHAPES,
+        class_is_texture=True,
+        max_objects=3,
+        radius_range=(0.20, 0.32),
+        texture_period_range=(0.09, 0.12),
+        min_object_contrast=140.0,
+        min_luma_step=60.0,
+        backgrounds=("gradient", "clouds"),
+        max_background_offset=45,
+    ),
+    # The same classes with stronger nuisances: smaller and more objects (more occlusion, fewer patches per
+    # object), a wider range of texture periods (frequency no longer sits in one band), a lower contrast
+    # between an object's two colours, and a dotted background clutter that resembles the "dotted" class
+    # at low contrast.
+    "hard": SceneLevel(
+        name="hard",
+        classes=TEXTURE_FAMILIES,
+        textures=TEXTURE_FAMILIES,
+        shapes=SHAPES,
+        class_is_texture=True,
+        max_objects=4,
+        radius_range=(0.125, 0.30),
+        texture_period_range=(0.05, 0.11),
+        min_object_contrast=100.0,
+        min_luma_step=30.0,
+        backgrounds=("gradient", "clouds", "dots"),
+        max_background_offset=60,
+    ),
+    # The scenes of earlier releases, drawn exactly as before (same random stream, same pixels): 12 classes
+    # = 6 shapes x 2 textures, so neither the outline nor the texture alone gives the class and both must be
+    # read across several patches; objects of 25-60% of the side, up to four.
+    "legacy": SceneLevel(
+        name="legacy",
+        classes=OBJECT_CLASSES,
+        textures=TEXTURES,
+        shapes=SHAPES,
+        class_is_texture=False,
+        max_objects=MAX_OBJECTS,
+        radius_range=RADIUS_RANGE,
+        texture_period_range=TEXTURE_PERIOD_RANGE,
+        min_object_contrast=MIN_OBJECT_CONTRAST,
+        min_luma_step=0.0,
+        backgrounds=BACKGROUNDS,
+        max_background_offset=MAX_BACKGROUND_OFFSET,
+    ),
+}
+DEFAULT_LEVEL: str = "easy"
+
+
+def scene_level(name: str) -> SceneLevel:
+    """The :data:`SCENE_LEVELS` entry ``name``; ValueError naming the choices otherwise."""
+    if name not in SCENE_LEVELS:
+        raise ValueError(f"level={name!r}: expected one of {tuple(SCENE_LEVELS)}")
+    return SCENE_LEVELS[name]
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -160,12 +285,26 @@ def _rgb(values: np.ndarray) -> tuple[int, int, int]:
     return int(values[0]), int(values[1]), int(values[2])
 
 
-def _sample_object_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """Two independent uniform RGB colours, redrawn until they differ by at least MIN_OBJECT_CONTRAST."""
+# Rec. 601 luma weights: how bright a colour looks.
+_LUMA: np.ndarray = np.array([0.299, 0.587, 0.114])
+
+
+def _sample_object_colours(
+    rng: np.random.Generator, min_contrast: float = MIN_OBJECT_CONTRAST, min_luma_step: float = 0.0
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Two independent uniform RGB colours, redrawn until they differ by at least ``min_contrast``.
+
+    With ``min_luma_step > 0`` the second colour (the pattern: dots, lines, stripes) must also be brighter
+    than the first (the base) by that much luma, so a pattern is the same light-on-dark figure whatever its
+    hue (the legacy level, ``min_luma_step = 0``, draws exactly as before).
+    """
     while True:
         colours = rng.integers(0, 256, size=(2, 3))
-        if np.linalg.norm(colours[0] - colours[1]) >= MIN_OBJECT_CONTRAST:
-            return _rgb(colours[0]), _rgb(colours[1])
+        if np.linalg.norm(colours[0] - colours[1]) < min_contrast:
+            continue
+        if min_luma_step > 0 and float(_LUMA @ (colours[1] - colours[0])) < min_luma_step:
+            continue
+        return _rgb(colours[0]), _rgb(colours[1])
 
 
 def _place_centre(
@@ -189,33 +328,42 @@ def check_object_colours(object_colours: str) -> None:
         raise ValueError(f"object_colours={object_colours!r}: expected one of {OBJECT_COLOUR_MODES}")
 
 
-def sample_scene(rng: np.random.Generator, image_size: int, object_colours: str = "random") -> Scene:
+def sample_scene(
+    rng: np.random.Generator, image_size: int, object_colours: str = "random", level: str = "legacy"
+) -> Scene:
     """Draw a scene description (all random choices of one image, in a fixed order).
 
     ``object_colours`` is one of :data:`OBJECT_COLOUR_MODES`. The random colours are drawn in both modes,
-    so a scene has the same layout, classes and background whichever mode renders it.
+    so a scene has the same layout, classes and background whichever mode renders it. ``level`` names the
+    :data:`SCENE_LEVELS` entry; ``legacy`` draws exactly the scenes of earlier releases.
     """
     check_object_colours(object_colours)
-    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    setting = scene_level(level)
+    background = setting.backgrounds[int(rng.integers(len(setting.backgrounds)))]
     base = rng.integers(30, 226, size=3)
-    second = np.clip(base + rng.integers(-MAX_BACKGROUND_OFFSET, MAX_BACKGROUND_OFFSET + 1, size=3), 0, 255)
+    offset = setting.max_background_offset
+    second = np.clip(base + rng.integers(-offset, offset + 1, size=3), 0, 255)
     background_angle = float(rng.uniform(0.0, 2.0 * math.pi))
     background_period = float(rng.uniform(0.035, 0.06) * image_size)
     background_phase = (float(rng.uniform(0, background_period)), float(rng.uniform(0, background_period)))
 
     objects: list[SceneObject] = []
-    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
-        class_id = int(rng.integers(NUM_OBJECT_CLASSES))
-        radius = float(rng.uniform(*RADIUS_RANGE) * image_size)
+    for _ in range(int(rng.integers(1, setting.max_objects + 1))):
+        class_id = int(rng.integers(setting.num_classes))
+        names: dict[str, str] = {}
+        if setting.class_is_texture:
+            names = {"texture_name": setting.textures[class_id]}
+            names["shape_name"] = setting.shapes[int(rng.integers(len(setting.shapes)))]
+        radius = float(rng.uniform(*setting.radius_range) * image_size)
         angle = float(rng.uniform(0.0, 2.0 * math.pi))
-        colours = _sample_object_colours(rng)
+        colours = _sample_object_colours(rng, setting.min_object_contrast, setting.min_luma_step)
         if object_colours == "fixed":
             colours = FIXED_OBJECT_COLOURS
-        period = float(rng.uniform(*TEXTURE_PERIOD_RANGE) * image_size)
+        period = float(rng.uniform(*setting.texture_period_range) * image_size)
         phase = (float(rng.uniform(0, period)), float(rng.uniform(0, period)))
         centre = _place_centre(rng, radius, objects, image_size)
         if centre is not None:
-            objects.append(SceneObject(class_id, centre, radius, angle, colours, period, phase))
+            objects.append(SceneObject(class_id, centre, radius, angle, colours, period, phase, **names))
     return Scene(
         image_size=image_size,
         background=background,
@@ -225,6 +373,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, object_colours: str 
         background_phase=background_phase,
         objects=tuple(objects),
         noise_seed=int(rng.integers(2**62)),
+        level=level,
     )
 
 
@@ -234,13 +383,16 @@ def recolour_scene(scene: Scene, rng: np.random.Generator, object_colours: str =
     Everything else is unchanged: layout, classes, sizes, poses, textures, the background (pattern and
     colours) and the pixel noise, so the masks are identical. ``"fixed"`` objects keep
     :data:`FIXED_OBJECT_COLOURS`, so recolouring a fixed-colour scene changes nothing. (Redrawing the
-    background colours as well made the self-supervised features worse; see the README's Results.)
+    background colours as well made the self-supervised features worse on the legacy scenes.)
     """
     check_object_colours(object_colours)
     if object_colours == "fixed":
         return scene
+    setting = scene_level(scene.level)
+    contrast, step = setting.min_object_contrast, setting.min_luma_step
     return replace(
-        scene, objects=tuple(replace(item, colours=_sample_object_colours(rng)) for item in scene.objects)
+        scene,
+        objects=tuple(replace(item, colours=_sample_object_colours(rng, contrast, step)) for item in scene.objects),
     )
 
 
@@ -291,21 +443,58 @@ _SHAPE_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+def _speckle_bits(cell_a: np.ndarray, cell_b: np.ndarray) -> np.ndarray:
+    """A fixed pseudo-random bit per integer lattice cell (a multiply-xorshift hash of its coordinates)."""
+    h = cell_a.astype(np.uint32) * np.uint32(0x9E3779B1) ^ cell_b.astype(np.uint32) * np.uint32(0x85EBCA77)
+    h ^= h >> np.uint32(15)
+    h *= np.uint32(0x2C1B3C6D)
+    h ^= h >> np.uint32(12)
+    return ((h >> np.uint32(7)) & np.uint32(1)).astype(np.int32)
+
+
 def _texture_bits(
     texture: str, a: np.ndarray, b: np.ndarray, period: float, phase: tuple[float, float], reach: float
 ) -> np.ndarray:
     """Which of the two colours each pixel takes (uint8 0/1), from object-frame pixel coordinates (a, b).
 
-    striped: floor((a + phase_a) / h) mod 2; checkered: (floor((a + phase_a) / h) + floor((b + phase_b) / h))
-    mod 2, with h = period / 2. ``reach`` bounds |a| and |b|; a whole number of periods larger than it is
-    added before the integer cast, so the cast (which truncates towards zero) equals floor and the parity
-    is unchanged.
+    With h = period / 2, a' = a + phase_a and b' = b + phase_b:
+
+    * striped: floor(a' / h) mod 2; checkered: (floor(a' / h) + floor(b' / h)) mod 2;
+    * wavy: floor((a' + 0.25 period sin(2 pi b' / (2 period))) / h) mod 2 (stripes bent into a sine wave);
+    * dotted: 1 inside discs of radius 0.3 period centred on the period lattice;
+    * grid: 1 on lines of width period / 4 along both lattice axes;
+    * speckled: a pseudo-random bit per cell (floor(a' / h), floor(b' / h)) (:func:`_speckle_bits`).
+
+    ``reach`` bounds |a| and |b|; a whole number of periods larger than it is added before the integer cast,
+    so the cast (which truncates towards zero) equals floor and every pattern is unchanged by the shift.
     """
     half = period / 2.0
     offset = period * math.ceil(reach / period + 1.0)
-    along = ((a + (phase[0] + offset)) * np.float32(1.0 / half)).astype(np.int32)
-    if texture == "checkered":
-        along += ((b + (phase[1] + offset)) * np.float32(1.0 / half)).astype(np.int32)
+    shifted_a = a + np.float32(phase[0] + offset)
+    shifted_b = b + np.float32(phase[1] + offset)
+    if texture in ("striped", "checkered"):
+        along = (shifted_a * np.float32(1.0 / half)).astype(np.int32)
+        if texture == "checkered":
+            along += (shifted_b * np.float32(1.0 / half)).astype(np.int32)
+    elif texture == "wavy":
+        bend = np.float32(0.25 * period) * np.sin(shifted_b * np.float32(math.pi / period))
+        along = ((shifted_a + bend) * np.float32(1.0 / half)).astype(np.int32)
+    elif texture == "dotted":
+        du = np.mod(shifted_a, np.float32(period)) - np.float32(half)
+        dv = np.mod(shifted_b, np.float32(period)) - np.float32(half)
+        along = (du * du + dv * dv <= np.float32((0.3 * period) ** 2)).astype(np.int32)
+    elif texture == "grid":
+        width = np.float32(period / 4.0)
+        along = (
+            (np.mod(shifted_a, np.float32(period)) < width) | (np.mod(shifted_b, np.float32(period)) < width)
+        ).astype(np.int32)
+    elif texture == "speckled":
+        shift = np.int32(2 * round(offset / period))  # the offset in cells, so the pattern ignores it
+        cells_a = (shifted_a * np.float32(1.0 / half)).astype(np.int32) - shift
+        cells_b = (shifted_b * np.float32(1.0 / half)).astype(np.int32) - shift
+        along = _speckle_bits(cells_a, cells_b)
+    else:
+        raise ValueError(f"texture={texture!r}: unknown texture")
     return (along & 1).astype(np.uint8)
 
 
@@ -413,9 +602,10 @@ def render_scene(scene: Scene, with_image: bool = True) -> tuple[np.ndarray | No
 def label_from_mask(mask: np.ndarray) -> int:
     """Image-level label: the 0-based object class with the most pixels, argmax_c |{p : mask_p = c + 1}|.
 
-    Ties go to the smaller class id. Raises ValueError for a mask without any object pixel.
+    Ties go to the smaller class id. Raises ValueError for a mask without any object pixel. The same for
+    every level: the mask's labels are ``c + 1`` whatever the number of classes.
     """
-    counts = np.bincount(mask.ravel(), minlength=NUM_SEG_CLASSES)[1:NUM_SEG_CLASSES]
+    counts = np.bincount(mask.ravel())[1:]
     if counts.sum() == 0:
         raise ValueError("the mask has no object pixel, so it has no image-level label")
     return int(np.argmax(counts))
@@ -425,9 +615,17 @@ class _SyntheticSplit(Dataset):
     """Shared indexing, seeding and rendering of the two synthetic dataset views."""
 
     def __init__(
-        self, split: str, image_size: int, num_train: int, num_val: int, seed: int, object_colours: str
+        self,
+        split: str,
+        image_size: int,
+        num_train: int,
+        num_val: int,
+        seed: int,
+        object_colours: str,
+        level: str = DEFAULT_LEVEL,
     ) -> None:
         check_object_colours(object_colours)
+        self.level = scene_level(level)
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: the synthetic dataset has splits {SPLITS}")
         if image_size < MIN_IMAGE_SIZE:
@@ -457,7 +655,8 @@ class _SyntheticSplit(Dataset):
     def scene(self, index: int) -> Scene:
         """The scene description of image ``index`` (deterministic in (seed, split, index))."""
         index = self._check_index(index)
-        return sample_scene(scene_rng(self.seed, self.split, index), self.image_size, self.object_colours)
+        rng = scene_rng(self.seed, self.split, index)
+        return sample_scene(rng, self.image_size, self.object_colours, self.level.name)
 
     def render_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(S, S, 3) uint8 image and (S, S) uint8 mask of image ``index``."""
@@ -497,6 +696,7 @@ class SyntheticScenes(_SyntheticSplit):
         num_val: number of validation images.
         seed: dataset seed; (seed, split, index) fixes the image.
         object_colours: one of :data:`OBJECT_COLOUR_MODES` (``"random"`` or ``"fixed"``).
+        level: one of :data:`SCENE_LEVELS` (what decides the class, and how strong the nuisances are).
         transform: applied to the PIL RGB image (e.g. the two-view pretraining transform), or to the list
             of renderings when ``colourings > 1``.
         colourings: number of differently coloured renderings per item (1: a single PIL image).
@@ -512,15 +712,16 @@ class SyntheticScenes(_SyntheticSplit):
         transform: Callable[[Image.Image], Any] | None = None,
         object_colours: str = "random",
         colourings: int = 1,
+        level: str = DEFAULT_LEVEL,
     ) -> None:
-        super().__init__(split, image_size, num_train, num_val, seed, object_colours)
+        super().__init__(split, image_size, num_train, num_val, seed, object_colours, level)
         if isinstance(colourings, bool) or not isinstance(colourings, int) or colourings < 1:
             raise ValueError(f"colourings={colourings!r}: expected an integer >= 1")
         self.colourings = colourings
         self.transform = transform
-        self.classes: list[str] = list(OBJECT_CLASSES)
+        self.classes: list[str] = list(self.level.classes)
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
-        self.num_classes = NUM_OBJECT_CLASSES
+        self.num_classes = self.level.num_classes
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         scene = self.scene(index)  # sampled once: the stored rendering and the re-coloured ones share it
@@ -544,10 +745,10 @@ class SyntheticScenes(_SyntheticSplit):
 
 
 class SyntheticSegmentation(_SyntheticSplit):
-    """Segmentation view of the synthetic scenes: ``(image, mask)`` with 13 classes (0 = background).
+    """Segmentation view of the synthetic scenes: ``(image, mask)``, 0 = background, ``c + 1`` = object class c.
 
     Args:
-        split, image_size, num_train, num_val, seed, object_colours: as for :class:`SyntheticScenes`
+        split, image_size, num_train, num_val, seed, object_colours, level: as for :class:`SyntheticScenes`
             (same images).
         transforms: joint callable ``transforms(image, mask)`` on the PIL image and PIL "L" mask.
     """
@@ -561,12 +762,13 @@ class SyntheticSegmentation(_SyntheticSplit):
         seed: int = 0,
         transforms: Callable[[Image.Image, Image.Image], Any] | None = None,
         object_colours: str = "random",
+        level: str = DEFAULT_LEVEL,
     ) -> None:
-        super().__init__(split, image_size, num_train, num_val, seed, object_colours)
+        super().__init__(split, image_size, num_train, num_val, seed, object_colours, level)
         self.transforms = transforms
-        self.num_classes = NUM_SEG_CLASSES
+        self.num_classes = self.level.num_classes + 1
         self.ignore_index = IGNORE_INDEX
-        self.class_names: list[str] = list(SEG_CLASS_NAMES)
+        self.class_names: list[str] = list(self.level.seg_class_names)
 
     def __getitem__(self, index: int) -> Any:
         image, mask = self.render(index)
@@ -589,9 +791,10 @@ def _export_one(
     num_val: int,
     seed: int,
     object_colours: str,
+    level: str,
 ) -> None:
     """Render one image and write it in both layouts (a top-level function so worker processes can run it)."""
-    dataset = _SyntheticSplit(split, image_size, num_train, num_val, seed, object_colours)
+    dataset = _SyntheticSplit(split, image_size, num_train, num_val, seed, object_colours, level)
     image, mask = dataset.render_arrays(index)
     stem = sample_id(split, index)
     voc = out_dir / "VOC2012"
@@ -602,14 +805,14 @@ def _export_one(
     indexed.putpalette(voc_palette().ravel().tolist())
     for folder in ("SegmentationClass", "SegmentationClassAug"):
         indexed.save(voc / folder / f"{stem}.png")
-    class_name = OBJECT_CLASSES[label_from_mask(mask)]
+    class_name = dataset.level.classes[label_from_mask(mask)]
     picture.save(out_dir / "imagefolder" / split / class_name / f"{stem}.png")
 
 
-def _export_chunk(job: tuple[Path, str, list[int], int, int, int, int, str]) -> int:
-    out_dir, split, indices, image_size, num_train, num_val, seed, object_colours = job
+def _export_chunk(job: tuple[Path, str, list[int], int, int, int, int, str, str]) -> int:
+    out_dir, split, indices, image_size, num_train, num_val, seed, object_colours, level = job
     for index in indices:
-        _export_one(out_dir, split, index, image_size, num_train, num_val, seed, object_colours)
+        _export_one(out_dir, split, index, image_size, num_train, num_val, seed, object_colours, level)
     return len(indices)
 
 
@@ -622,6 +825,7 @@ def export_dataset(
     num_workers: int = 0,
     chunk_size: int = 64,
     object_colours: str = "random",
+    level: str = DEFAULT_LEVEL,
 ) -> Path:
     """Write the synthetic scenes to disk in the Pascal VOC and ImageFolder layouts.
 
@@ -635,19 +839,19 @@ def export_dataset(
 
     Args:
         out_dir: output folder (created).
-        image_size, num_train, num_val, seed, object_colours: as for :class:`SyntheticScenes`.
+        image_size, num_train, num_val, seed, object_colours, level: as for :class:`SyntheticScenes`.
         num_workers: worker processes (0 renders in this process); the files do not depend on it.
         chunk_size: images per work item.
     Returns:
         The output folder.
     """
     out_dir = Path(out_dir)
-    _SyntheticSplit("train", image_size, num_train, num_val, seed, object_colours)  # validates the arguments
+    classes = _SyntheticSplit("train", image_size, num_train, num_val, seed, object_colours, level).level.classes
     voc = out_dir / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         (voc / folder).mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        for name in OBJECT_CLASSES:
+        for name in classes:
             (out_dir / "imagefolder" / split / name).mkdir(parents=True, exist_ok=True)
 
     sizes = {"train": num_train, "val": num_val}
@@ -666,15 +870,17 @@ def export_dataset(
             num_val,
             seed,
             object_colours,
+            level,
         )
         for split, size in sizes.items()
         for start in range(0, size, chunk_size)
     ]
     total, done, next_report, started = num_train + num_val, 0, 0.1, time.perf_counter()
     logger.info(
-        "exporting %d train + %d val synthetic images (%d px) to %s with %d workers",
+        "exporting %d train + %d val synthetic %s-level images (%d px) to %s with %d workers",
         num_train,
         num_val,
+        level,
         image_size,
         out_dir,
         num_workers,
@@ -693,16 +899,25 @@ def export_dataset(
     return out_dir
 
 
-def add_object_colours_arg(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str = "--synthetic_object_colours"
+def add_scene_args(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "--synthetic_"
 ) -> None:
-    """The command-line flag choosing one of :data:`OBJECT_COLOUR_MODES` (training and every evaluation)."""
+    """The flags choosing the scene level and colour mode (``--synthetic_level``, ``--synthetic_object_colours``
+    for training and every evaluation; ``--level``, ``--object_colours`` for the export)."""
     parser.add_argument(
-        flag,
+        f"{prefix}level",
+        default=DEFAULT_LEVEL,
+        choices=tuple(SCENE_LEVELS),
+        help="Synthetic scenes: easy (class = one of six texture families, large objects, the default), hard "
+        "(same classes, smaller objects, wider texture periods, lower contrast, dotted clutter) or legacy "
+        "(the earlier 12 shape x texture classes, to re-run earlier numbers).",
+    )
+    parser.add_argument(
+        f"{prefix}object_colours",
         default="random",
         choices=OBJECT_COLOUR_MODES,
         help="Synthetic scenes: two random colours per object (random), or one dark/light pair for every "
-        "object (fixed: an easier dataset where only shape, texture, size and pose tell objects apart).",
+        "object (fixed: colour then cannot tell two objects apart either).",
     )
 
 
@@ -731,7 +946,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0,
         help="Worker processes for rendering and writing (0 = this process only).",
     )
-    add_object_colours_arg(parser, "--object_colours")
+    add_scene_args(parser, "--")
     return parser
 
 
@@ -748,6 +963,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         seed=args.seed,
         num_workers=args.num_workers,
         object_colours=args.object_colours,
+        level=args.level,
     )
 
 

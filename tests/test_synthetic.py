@@ -24,6 +24,8 @@ from data.synthetic import (
     SHAPES,
     TEXTURES,
     Scene,
+    SCENE_LEVELS,
+    TEXTURE_FAMILIES,
     SceneObject,
     SyntheticScenes,
     SyntheticSegmentation,
@@ -100,13 +102,13 @@ def test_classes_shape_times_texture() -> None:
         shape, texture = SHAPES[class_id % len(SHAPES)], TEXTURES[class_id // len(SHAPES)]
         assert name == f"{texture}_{shape}"
     assert len(SHAPES) >= 2 and len(TEXTURES) >= 2
-    dataset = SyntheticScenes(image_size=32)
+    dataset = SyntheticScenes(image_size=32, level="legacy")
     assert dataset.classes == list(OBJECT_CLASSES) and dataset.class_to_idx["striped_disc"] == 7
 
 
 def test_object_counts_sizes_classes_and_visibility() -> None:
     size = 128
-    dataset = SyntheticScenes(image_size=size, num_train=200)
+    dataset = SyntheticScenes(image_size=size, num_train=200, level="legacy")
     counts: Counter[int] = Counter()
     classes: Counter[int] = Counter()
     occluded = 0
@@ -134,7 +136,7 @@ def test_object_counts_sizes_classes_and_visibility() -> None:
 
 
 def test_label_is_argmax_of_class_pixel_counts() -> None:
-    dataset = SyntheticScenes(image_size=48, num_train=40)
+    dataset = SyntheticScenes(image_size=48, num_train=40, level="legacy")
     labels = []
     for index in range(40):
         image, label = dataset[index]
@@ -154,14 +156,19 @@ def test_label_is_argmax_of_class_pixel_counts() -> None:
         label_from_mask(np.zeros((4, 4), dtype=np.uint8))
 
 
-def test_labels_are_balanced_over_classes() -> None:
-    labels = SyntheticScenes(image_size=32, num_train=600).targets
-    frequencies = np.bincount(labels, minlength=NUM_OBJECT_CLASSES)
-    assert frequencies.min() >= 0.5 * 600 / 12 and frequencies.max() <= 1.6 * 600 / 12
+@pytest.mark.parametrize("level", ["easy", "hard", "legacy"])
+def test_labels_are_balanced_over_classes(level: str) -> None:
+    labels = SyntheticScenes(image_size=32, num_train=600, level=level).targets
+    count = SCENE_LEVELS[level].num_classes
+    frequencies = np.bincount(labels, minlength=count)
+    assert len(frequencies) == count
+    assert frequencies.min() >= 0.5 * 600 / count and frequencies.max() <= 1.6 * 600 / count
 
 
-def test_class_not_predictable_from_mean_colour() -> None:
-    dataset = SyntheticScenes(image_size=48, num_train=300)
+@pytest.mark.parametrize("level", ["easy", "hard", "legacy"])
+def test_class_not_predictable_from_mean_colour(level: str) -> None:
+    dataset = SyntheticScenes(image_size=48, num_train=300, level=level)
+    count = SCENE_LEVELS[level].num_classes
     features, targets = [], []
     for index in range(300):
         scene = dataset.scene(index)
@@ -171,19 +178,19 @@ def test_class_not_predictable_from_mean_colour() -> None:
             features.append(image[instances == k + 1].mean(axis=0))
             targets.append(item.class_id)
     colours, labels = np.asarray(features), np.asarray(targets)
-    class_means = np.stack([colours[labels == c].mean(axis=0) for c in range(NUM_OBJECT_CLASSES)])
+    class_means = np.stack([colours[labels == c].mean(axis=0) for c in range(count)])
     spread = np.linalg.norm(class_means[:, None] - class_means[None], axis=-1).max()
     within = colours.std(axis=0).mean()
     assert within > 35 and spread < 0.6 * within  # every class mean is close to mid-grey
-    # A nearest-class-mean classifier on mean colour stays near chance (1/12).
+    # A nearest-class-mean classifier on mean colour stays near chance (1/12 legacy, 1/6 texture levels).
     half = len(labels) // 2
-    fitted = np.stack([colours[:half][labels[:half] == c].mean(axis=0) for c in range(NUM_OBJECT_CLASSES)])
+    fitted = np.stack([colours[:half][labels[:half] == c].mean(axis=0) for c in range(count)])
     predicted = np.argmin(np.linalg.norm(colours[half:, None] - fitted[None], axis=-1), axis=1)
-    assert (predicted == labels[half:]).mean() < 0.16
+    assert (predicted == labels[half:]).mean() < 2.0 / count
 
 
 def test_backgrounds_have_lower_contrast_than_objects() -> None:
-    dataset = SyntheticScenes(image_size=64, num_train=60)
+    dataset = SyntheticScenes(image_size=64, num_train=60, level="legacy")
     kinds = Counter()
     for index in range(60):
         scene = dataset.scene(index)
@@ -363,7 +370,7 @@ def test_image_sizes_and_types(size: int) -> None:
     image, mask = SyntheticScenes(image_size=size, num_train=2).render(1)
     assert image.mode == "RGB" and image.size == (size, size)
     assert mask.mode == "L" and mask.size == (size, size)
-    assert int(np.asarray(mask).max()) <= NUM_OBJECT_CLASSES
+    assert int(np.asarray(mask).max()) <= len(TEXTURE_FAMILIES)
 
 
 def test_transform_and_segmentation_view() -> None:
@@ -383,7 +390,7 @@ def test_transform_and_segmentation_view() -> None:
     np.testing.assert_array_equal(image, expected_image)
     np.testing.assert_array_equal(mask, expected_mask)
     assert calls == [("RGB", "L")]
-    plain = SyntheticSegmentation("val", image_size=32, num_val=3)
+    plain = SyntheticSegmentation("val", image_size=32, num_val=3, level="legacy")
     assert plain.num_classes == 13 and plain.ignore_index == 255 and plain.class_names[0] == "background"
     assert plain.class_names[1:] == list(OBJECT_CLASSES) and len(plain) == 3
     assert isinstance(plain[0][0], Image.Image) and isinstance(plain[0][1], Image.Image)
@@ -419,9 +426,11 @@ def test_render_speed_128px() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_export_cli_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", ["easy", "legacy"])
+def test_export_cli_round_trip(tmp_path: Path, level: str) -> None:
     out = tmp_path / "export"
-    assert main(["--out", str(out), "--image_size", "48", "--num_train", "8", "--num_val", "4"]) == out
+    flags = ["--image_size", "48", "--num_train", "8", "--num_val", "4", "--level", level]
+    assert main(["--out", str(out), *flags]) == out
     voc = out / "VOC2012"
     lists = voc / "ImageSets" / "Segmentation"
     assert (lists / "train.txt").read_text().split() == [f"train_{i:06d}" for i in range(8)]
@@ -430,7 +439,7 @@ def test_export_cli_round_trip(tmp_path: Path) -> None:
 
     for split, count in (("train", 8), ("trainaug", 8), ("val", 4)):
         source = SyntheticSegmentation(
-            "val" if split == "val" else "train", image_size=48, num_train=8, num_val=4
+            "val" if split == "val" else "train", image_size=48, num_train=8, num_val=4, level=level
         )
         dataset = VOCSegmentation(out, split)
         assert len(dataset) == count
@@ -447,9 +456,9 @@ def test_export_cli_round_trip(tmp_path: Path) -> None:
         assert stored.mode == "P"
 
     for split, count in (("train", 8), ("val", 4)):
-        source = SyntheticScenes(split, image_size=48, num_train=8, num_val=4)
+        source = SyntheticScenes(split, image_size=48, num_train=8, num_val=4, level=level)
         folder = ImageFolderDataset(out / "imagefolder", split)
-        assert folder.classes == list(OBJECT_CLASSES)  # empty class folders exist, labels align
+        assert folder.classes == list(SCENE_LEVELS[level].classes)  # empty class folders exist, labels align
         assert len(folder) == count
         for position, (path, label) in enumerate(folder.samples):
             index = int(path.stem.split("_")[1])
@@ -590,3 +599,117 @@ def test_colourings_give_same_scene_renderings_seeded_by_torch() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="colourings"):
             SyntheticScenes("train", colourings=bad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Levels: the texture-class scenes and the legacy scenes
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_legacy_level_reproduces_the_earlier_scenes() -> None:
+    """Digests of images rendered by the generator before levels existed (same seed streams, same pixels)."""
+    train = SyntheticScenes("train", num_train=10, level="legacy")
+    assert [_digest(train.render_arrays(i)[0])[:16] for i in (0, 1, 7)] == [
+        "6e51fdee64f57b31",
+        "afb3f806972702f4",
+        "c7c4c2b2f3f9807b",
+    ]
+    fixed = SyntheticScenes("val", num_val=10, level="legacy", object_colours="fixed")
+    assert [_digest(fixed.render_arrays(i)[0])[:16] for i in (0, 3)] == ["9914c0c6030d947f", "b07601d343fe8771"]
+
+
+@pytest.mark.parametrize("level", ["easy", "hard"])
+def test_texture_levels_class_is_the_texture_and_shape_a_nuisance(level: str) -> None:
+    setting = SCENE_LEVELS[level]
+    assert setting.classes == TEXTURE_FAMILIES == tuple(sorted(TEXTURE_FAMILIES))  # ImageFolder order
+    dataset = SyntheticSegmentation("train", image_size=128, num_train=300, level=level)
+    assert dataset.num_classes == len(TEXTURE_FAMILIES) + 1 and dataset.class_names[1:] == list(TEXTURE_FAMILIES)
+    pairs: Counter[tuple[str, str]] = Counter()
+    counts: Counter[int] = Counter()
+    areas = []
+    for index in range(300):
+        scene = dataset.scene(index)
+        assert scene.level == level and scene.background in setting.backgrounds
+        counts[len(scene.objects)] += 1
+        _, mask, instances = render_scene(scene, with_image=False)
+        for k, item in enumerate(scene.objects):
+            assert item.texture == TEXTURE_FAMILIES[item.class_id] and item.shape in SHAPES
+            low, high = setting.radius_range
+            assert low * 128 <= item.radius <= high * 128
+            assert np.linalg.norm(np.subtract(*item.colours)) >= setting.min_object_contrast
+            assert (mask[instances == k + 1] == item.class_id + 1).all()
+            pairs[(item.texture, item.shape)] += 1
+            areas.append(int((render_scene(replace(scene, objects=(item,)), with_image=False)[1] > 0).sum()))
+    assert set(counts) == set(range(1, setting.max_objects + 1))
+    # Every texture comes in every outline: the shape says nothing about the class.
+    assert len(pairs) == len(TEXTURE_FAMILIES) * len(SHAPES)
+    if level == "easy":  # large objects: the median covers 8 patches of 16 px at 128 px
+        assert np.median(areas) >= 8 * 256 and min(areas) >= 2 * 256
+
+
+def _reference_texture_bit(texture: str, a: float, b: float, period: float, phase: tuple[float, float]):
+    """(bit, near an edge) of one object-frame point, written from the pattern definitions one by one."""
+    half = period / 2
+    u, v = a + phase[0], b + phase[1]
+
+    def near_integer(x: float) -> bool:
+        return min(x - math.floor(x), math.ceil(x) - x) < 1e-3
+
+    if texture == "wavy":
+        w = (u + 0.25 * period * math.sin(math.pi * v / period)) / half
+        return math.floor(w) % 2, near_integer(w)
+    if texture == "dotted":
+        du, dv = (u % period) - half, (v % period) - half
+        distance = math.hypot(du, dv)
+        return int(distance <= 0.3 * period), abs(distance - 0.3 * period) < 1e-3
+    if texture == "grid":
+        fu, fv = u % period, v % period
+        near = min(abs(fu - period / 4), abs(fv - period / 4), fu, fv, period - fu, period - fv) < 1e-3
+        return int(fu < period / 4 or fv < period / 4), near
+    if texture == "speckled":  # the same lattice hash, computed with Python integers modulo 2^32
+        ca, cb = math.floor(u / half), math.floor(v / half)
+        h = (ca * 0x9E3779B1 ^ cb * 0x85EBCA77) % 2**32
+        h ^= h >> 15
+        h = (h * 0x2C1B3C6D) % 2**32
+        h ^= h >> 12
+        return (h >> 7) & 1, near_integer(u / half) or near_integer(v / half)
+    raise AssertionError(texture)
+
+
+@pytest.mark.parametrize("texture", ["wavy", "dotted", "grid", "speckled"])
+def test_new_textures_match_per_pixel_reference(texture: str) -> None:
+    size = 48
+    item = SceneObject(
+        class_id=TEXTURE_FAMILIES.index(texture),
+        centre=(23.6, 24.2),
+        radius=18.0,
+        angle=0.9,
+        colours=((250, 20, 30), (10, 200, 240)),
+        texture_period=7.3,
+        texture_phase=(1.7, 0.4),
+        shape_name="square",
+        texture_name=texture,
+    )
+    scene = Scene(size, "gradient", ((90, 90, 90), (100, 110, 95)), 0.3, 2.0, (0.0, 0.0), (item,), 5, "easy")
+    image, mask, _ = render_scene(scene)
+    assert image is not None
+    checked, seen = 0, set()
+    for i in range(size):
+        for j in range(size):
+            if mask[i, j] == 0:
+                continue
+            dx, dy = j + 0.5 - item.centre[0], i + 0.5 - item.centre[1]
+            a = dx * math.cos(item.angle) + dy * math.sin(item.angle)
+            b = -dx * math.sin(item.angle) + dy * math.cos(item.angle)
+            bit, near = _reference_texture_bit(texture, a, b, item.texture_period, item.texture_phase)
+            if near:
+                continue
+            assert np.abs(image[i, j].astype(int) - np.asarray(item.colours[bit])).max() <= 7, (i, j)
+            checked += 1
+            seen.add(bit)
+    assert checked > 500 and seen == {0, 1}
+
+
+def test_unknown_level_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"level='medium'.*easy.*hard.*legacy"):
+        SyntheticScenes(level="medium")
