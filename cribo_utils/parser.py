@@ -299,7 +299,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--queue_size",
         default=25000,
         type=int,
-        help="Memory bank size in images; must hold at least one global batch.",
+        help="Memory bank size in images; must hold at least one global batch. The NN loss starts once it "
+        "is full (the start-up log gives the iteration), so the run must push more images than this.",
     )
     group.add_argument("--n_iter", default=5, type=int, help="Clustering iterations.")
     group.add_argument(

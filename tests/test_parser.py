@@ -20,7 +20,7 @@ from cribo_utils.train import args_as_plain_dict
 
 def test_no_arguments_uses_the_synthetic_preset():
     args = resolve_args([])
-    assert args.dataset_type == "synthetic"
+    assert args.dataset_type == "synthetic" and args.preset == "synthetic_cpu"
     for key, value in SYNTHETIC_PRESET.items():
         got = getattr(args, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
