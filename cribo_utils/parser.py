@@ -497,7 +497,8 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` into the final arguments (see the module docstring for the priority order).
 
     Raises:
-        ConfigError: ``--preset synthetic_cpu`` with a dataset other than the synthetic scenes.
+        ConfigError: an unknown ``preset`` in ``--config``, or ``--preset synthetic_cpu`` with a dataset other
+            than the synthetic scenes.
     """
     import sys
 
@@ -520,6 +521,8 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     named.update(explicit)
     dataset_type = _infer_dataset_type(named)
     preset = named.get("preset") or _default_preset(named)
+    if preset not in PRESETS:  # a --config value (argparse checks the command line's)
+        raise ConfigError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}")
     if preset == "synthetic_cpu" and dataset_type != "synthetic":
         raise ConfigError(
             f"--preset synthetic_cpu is the recipe for the built-in synthetic scenes, not --dataset_type "

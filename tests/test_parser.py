@@ -151,6 +151,13 @@ def test_preset_synthetic_cpu_with_a_real_dataset_is_an_error():
     assert "\n" not in str(error.value)
 
 
+def test_unknown_preset_in_a_config_file_is_an_error(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"preset": "synthetic_gpu"}))
+    with pytest.raises(ConfigError, match="--preset synthetic_gpu: unknown preset"):
+        resolve_args(["--config", str(path)])
+
+
 def test_start_up_line_lists_every_value_the_preset_changed():
     args = resolve_args(["--epochs", "3"])  # an explicit flag: the preset did not change epochs
     changed = {key for key, value in SYNTHETIC_PRESET.items() if value != _reference_default(key)}
