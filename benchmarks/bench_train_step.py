@@ -155,7 +155,7 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
         str(bool(cfg.get("grad_checkpointing"))),
     ]
     args = get_args_parser().parse_args(argv)
-    args.dataset_type, args.data_path, args.used_synthetic_preset = "synthetic", "", False
+    args.dataset_type, args.data_path, args.preset = "synthetic", "", "none"
     for key in ("global_crops_scale", "local_crops_scale", "pos_alpha"):
         setattr(args, key, tuple(getattr(args, key)))
     validate_args(args, world_size=1)

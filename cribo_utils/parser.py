@@ -4,7 +4,10 @@ Flag names and defaults are those of the reference CrIBo parser, so the released
 (`checkpoints/*_args.json`) apply unchanged. Resolution order, lowest to highest priority:
 
 1. the reference defaults (below);
-2. the synthetic-scenes preset (:data:`SYNTHETIC_PRESET`), only when no dataset is given;
+2. a preset (``--preset``): :data:`SYNTHETIC_PRESET` by default only when the run names no dataset at all
+   (no ``--dataset_type``, ``--data_path``, ``--imagenet1k_path`` or ``--coco_path``, neither on the
+   command line nor in ``--config``), so that ``python main_cribo.py`` gets it and
+   ``--dataset_type synthetic`` keeps the reference defaults; ``--preset synthetic_cpu|none`` decides;
 3. a ``--config`` JSON file (released argument files or our own ``args.json``);
 4. flags given explicitly on the command line.
 """
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from data.synthetic import add_scene_args
@@ -69,8 +73,17 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "synthetic_recolour_views": True,
 }
 
+PRESETS: dict[str, dict[str, Any]] = {"none": {}, "synthetic_cpu": SYNTHETIC_PRESET}
+# Flags that name a dataset: a run setting none of them (command line or --config) gets the synthetic preset.
+DATASET_KEYS = ("dataset_type", "data_path", "imagenet1k_path", "coco_path")
+
+# What is known of each released run beyond its argument file (global batch, world size, sources).
+RELEASES_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "releases.json"
+
 # Keys of the released argument files that launchers own or that only ever hold placeholders.
 LAUNCHER_KEYS = frozenset({"dist_url", "local_rank"})
+# Keys that earlier versions wrote to args.json although they are no flags (derived, dropped on load).
+LEGACY_DERIVED_KEYS = frozenset({"used_synthetic_preset"})
 PATH_KEYS = frozenset(
     {"output_dir", "data_path", "imagenet1k_path", "coco_path", "untar_path", "image_queries", "labels_path"}
 )
@@ -286,7 +299,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--queue_size",
         default=25000,
         type=int,
-        help="Memory bank size in images; must hold at least one global batch.",
+        help="Memory bank size in images; must hold at least one global batch. The NN loss starts once it "
+        "is full (the start-up log gives the iteration), so the run must push more images than this.",
     )
     group.add_argument("--n_iter", default=5, type=int, help="Clustering iterations.")
     group.add_argument(
@@ -365,6 +379,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="JSON argument file (e.g. checkpoints/vits16-in_args.json) used as defaults; "
         "flags given on the command line override it.",
     )
+    group.add_argument(
+        "--preset",
+        default=None,
+        choices=tuple(PRESETS),
+        help="Defaults applied under --config and explicit flags. synthetic_cpu: the CPU recipe for the "
+        "synthetic scenes (listed below); none: the reference defaults. Default: synthetic_cpu when the run "
+        "names no dataset (no --dataset_type, --data_path, --imagenet1k_path or --coco_path, neither here "
+        "nor in --config), else none. The start-up log lists every value the preset changed.",
+    )
     group.add_argument("--output_dir", default="output", type=str, help="Where checkpoints and logs go.")
     group.add_argument(
         "--saveckp_freq",
@@ -439,7 +462,7 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         raise SystemExit(f"--config {path}: not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a JSON object of flag names to values")
-    unknown = sorted(set(values) - valid_keys)
+    unknown = sorted(set(values) - valid_keys - LEGACY_DERIVED_KEYS)
     if unknown:
         raise SystemExit(
             f"--config {path}: unknown key(s) {', '.join(unknown)}; "
@@ -447,7 +470,7 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         )
     kept = {}
     for key, value in values.items():
-        if key in LAUNCHER_KEYS or key == "config":
+        if key in LAUNCHER_KEYS or key in LEGACY_DERIVED_KEYS or key == "config":
             continue
         if key in PATH_KEYS and value in PLACEHOLDER_VALUES:
             continue
@@ -465,8 +488,18 @@ def _infer_dataset_type(values: dict[str, Any]) -> str:
     return "synthetic"
 
 
+def _default_preset(named: dict[str, Any]) -> str:
+    """``synthetic_cpu`` when ``named`` (--config values and explicit flags) names no dataset, else none."""
+    return "none" if any(named.get(key) for key in DATASET_KEYS) else "synthetic_cpu"
+
+
 def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` into the final arguments (see the module docstring for the priority order)."""
+    """Parse ``argv`` into the final arguments (see the module docstring for the priority order).
+
+    Raises:
+        ConfigError: an unknown ``preset`` in ``--config``, or ``--preset synthetic_cpu`` with a dataset other
+            than the synthetic scenes.
+    """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -475,8 +508,8 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "CrIBo",
         parents=[base_parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Synthetic-scenes preset (applied when no dataset is given; explicit flags override): "
-        + ", ".join(f"{key}={value}" for key, value in SYNTHETIC_PRESET.items()),
+        epilog="--preset synthetic_cpu (the default when no dataset is named; explicit flags and --config "
+        "override it): " + ", ".join(f"{key}={value}" for key, value in SYNTHETIC_PRESET.items()),
     )
     values = vars(parser.parse_args(argv))
     explicit = _explicit_keys(argv)
@@ -484,21 +517,120 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if values["config"]:
         config = load_config(values["config"], set(values))
 
-    merged = dict(config)
-    merged.update(explicit)
-    dataset_type = _infer_dataset_type(merged)
-    if dataset_type == "synthetic":
-        for key, value in SYNTHETIC_PRESET.items():
-            values[key] = value
+    named = dict(config)
+    named.update(explicit)
+    dataset_type = _infer_dataset_type(named)
+    preset = named.get("preset") or _default_preset(named)
+    if preset not in PRESETS:  # a --config value (argparse checks the command line's)
+        raise ConfigError(f"--preset {preset}: unknown preset; choose one of {', '.join(PRESETS)}")
+    if preset == "synthetic_cpu" and dataset_type != "synthetic":
+        raise ConfigError(
+            f"--preset synthetic_cpu is the recipe for the built-in synthetic scenes, not --dataset_type "
+            f"{dataset_type}; drop --preset (or use --preset none)"
+        )
+    values.update(PRESETS[preset])
     values.update(config)
     values.update(explicit)
+    values["preset"] = preset
     values["dataset_type"] = dataset_type
     values["data_path"] = values["data_path"] or values["imagenet1k_path"] or values["coco_path"]
     values["global_crops_scale"] = tuple(values["global_crops_scale"])
     values["local_crops_scale"] = tuple(values["local_crops_scale"])
     values["pos_alpha"] = tuple(values["pos_alpha"])
-    values["used_synthetic_preset"] = dataset_type == "synthetic"
     return argparse.Namespace(**values)
+
+
+def _comparable(value: Any) -> Any:
+    """Tuples as lists, so that a parsed ``(4.0, 4.0)`` equals the preset's ``[4.0, 4.0]``."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def preset_changes(args: argparse.Namespace) -> dict[str, tuple[Any, Any]]:
+    """Values that ``args.preset`` changed: ``{flag: (reference default, value used)}``.
+
+    A preset key counts when the run uses the preset's value and that value is not the reference default
+    (keys that --config or an explicit flag set to something else are the user's, not the preset's).
+    """
+    defaults = get_args_parser()
+    changes = {}
+    for key, value in PRESETS[args.preset].items():
+        default = defaults.get_default(key)
+        if _comparable(getattr(args, key)) == _comparable(value) != _comparable(default):
+            changes[key] = (default, value)
+    return changes
+
+
+def describe_preset(args: argparse.Namespace) -> str | None:
+    """The start-up line about the preset (``None`` for a real dataset with the reference defaults)."""
+    if args.preset == "none":
+        if args.dataset_type != "synthetic":
+            return None
+        return (
+            "preset none: the synthetic scenes with the reference defaults (--preset synthetic_cpu "
+            "applies the CPU recipe)"
+        )
+    changes = preset_changes(args)
+    listed = ", ".join(
+        f"{key} {_comparable(default)} -> {value}" for key, (default, value) in changes.items()
+    )
+    return (
+        f"preset {args.preset} (the default when no dataset is named; --preset none turns it off) changed "
+        f"{len(changes)} value(s) from the reference defaults: {listed or 'none'}"
+    )
+
+
+def released_run(config_path: str) -> dict[str, Any] | None:
+    """What :data:`RELEASES_PATH` records of the released run whose argument file is ``config_path``.
+
+    Matched by file name (``vits16-in_args.json``), so a copy of a released file elsewhere is recognised.
+    Returns ``None`` for any other file (or when the record is not there, as in a wheel install).
+    """
+    if not config_path or not RELEASES_PATH.is_file():
+        return None
+    with open(RELEASES_PATH) as handle:
+        releases = json.load(handle)
+    return releases.get(os.path.basename(config_path))
+
+
+def release_batch_note(args: argparse.Namespace, world_size: int) -> str | None:
+    """One line when a released ``--config`` runs on another world size than the release (else ``None``).
+
+    The peak learning rate is ``lr * global_batch / 256`` (linear scaling, as in the reference) and the
+    bank turns over every ``queue_size / global_batch`` steps, so a smaller global batch is not the
+    released run. Call after :func:`resolve_batch_size` (``batch_size_per_gpu`` is final).
+    """
+    release = released_run(args.config)
+    if release is None:
+        return None
+    name = os.path.basename(args.config)
+    global_batch = args.batch_size_per_gpu * world_size
+    peak_lr = args.lr * global_batch / 256
+    released_world = release.get("world_size")
+    released_batch = release.get("global_batch")
+    if released_world == world_size and released_batch in (None, global_batch):
+        return None
+    this_run = (
+        f"this run: {world_size} process(es) x {args.batch_size_per_gpu} = global batch {global_batch}, "
+        f"peak lr {peak_lr:.2e} (--lr {args.lr:g} x {global_batch} / 256)"
+    )
+    if released_batch is None or released_world is None:
+        return (
+            f"--config {name}: the release's world size and global batch are unknown "
+            f"({release.get('source', RELEASES_PATH.name)}); {this_run}"
+        )
+    released_per_gpu = released_batch // released_world
+    released = f"released run: {released_world} x {released_per_gpu} = global batch {released_batch}"
+    with open(args.config) as handle:
+        released_lr = json.load(handle).get("lr", args.lr)
+    if global_batch == released_batch:
+        return f"--config {name}: {released}; {this_run}: the same global batch, lr scaling and bank turnover"
+    turnover = "more slowly" if global_batch < released_batch else "faster"
+    return (
+        f"--config {name}: {released}, peak lr {released_lr * released_batch / 256:.2e}; {this_run}, and the "
+        f"bank turns over {released_batch / global_batch:.3g}x {turnover}; to match the release, run "
+        f"{released_world} processes (torchrun or srun) with --batch_size_per_gpu {released_per_gpu}, or set "
+        f"--batch_size {released_batch} (the global batch, split over the processes you have)"
+    )
 
 
 class ConfigError(SystemExit):

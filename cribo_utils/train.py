@@ -38,7 +38,7 @@ from cribo_utils.loss import CrIBoLoss
 from cribo_utils.memory_bank import CentroidMemoryBank
 from cribo_utils.neighbours import find_cycle_consistent_neighbours
 from cribo_utils.optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
-from cribo_utils.parser import ConfigError, validate_args
+from cribo_utils.parser import ConfigError, describe_preset, release_batch_note, validate_args
 from cribo_utils.progress import Progress, format_seconds
 from cribo_utils.resources import check_memory
 from cribo_utils.schedules import cosine_schedule
@@ -209,6 +209,7 @@ def build_training_parts(
     else:
         assert dataset_size is not None
         iters_per_epoch = max(1, dataset_size // (args.batch_size_per_gpu * env.world_size))
+    check_nn_loss_can_start(args, iters_per_epoch, env.world_size)
 
     torch.manual_seed(mix_seed(args.seed))  # identical initial weights on every rank
     student, teacher = build_student_teacher(args)
@@ -279,8 +280,103 @@ def autocast(parts: TrainingParts) -> contextlib.AbstractContextManager:
 
 def nn_loss_active(parts: TrainingParts, epoch: int) -> bool:
     """The cross-image loss starts at epoch 1, and only once the bank holds ``queue_size`` real images
-    (the bank starts empty: no random vectors are ever retrieved as positives)."""
+    (the bank starts empty: no random vectors are ever retrieved as positives), whenever that is: see
+    :func:`nn_loss_start_iteration` for the iteration this gives on a fresh run."""
     return epoch >= 1 and parts.bank.is_full
+
+
+def nn_loss_start_iteration(queue_size: int, global_batch: int, iters_per_epoch: int) -> int:
+    """Index (0-based) of the first iteration that uses the cross-image loss in a run started afresh.
+
+    Each iteration retrieves before it pushes its ``global_batch`` images, so iteration ``i`` sees a full bank
+    once ``i >= ceil(queue_size / global_batch)``; and the loss is off during epoch 0 (as in the reference).
+    """
+    return max(iters_per_epoch, math.ceil(queue_size / global_batch))
+
+
+def check_nn_loss_can_start(args: argparse.Namespace, iters_per_epoch: int, world_size: int) -> None:
+    """Refuse a ``--queue_size`` that the whole schedule (``--epochs``) never fills before its last iteration.
+
+    The bank must hold ``queue_size`` real images before retrieval starts; a run that pushes fewer would
+    train without its cross-image loss, silently. One-epoch runs are left alone: the loss is off in epoch 0
+    whatever the bank (:func:`describe_nn_loss_start` says so). ``--max_iters`` only stops a run early (and
+    may be raised on resume), so it is not held against the queue.
+
+    Raises:
+        ConfigError: naming ``--queue_size``, the images the run pushes and the largest queue that works.
+    """
+    global_batch = args.batch_size_per_gpu * world_size
+    total_iters = args.epochs * iters_per_epoch
+    if (
+        args.epochs < 2
+        or nn_loss_start_iteration(args.queue_size, global_batch, iters_per_epoch) < total_iters
+    ):
+        return
+    before_last = (total_iters - 1) * global_batch
+    raise ConfigError(
+        f"--queue_size {args.queue_size} is more than the {before_last} images this run pushes into the bank "
+        f"before its last iteration ({args.epochs} epochs x {iters_per_epoch} iterations x {global_batch} "
+        f"images = {total_iters * global_batch} in all), so the cross-image NN loss, which waits for a full "
+        f"bank, would never run; set --queue_size {before_last} or less, or raise --epochs"
+    )
+
+
+def describe_nn_loss_start(
+    args: argparse.Namespace, iters_per_epoch: int, world_size: int
+) -> tuple[str, bool]:
+    """The start-up line saying from which iteration the cross-image loss runs, and whether it runs at all.
+
+    Iterations and epochs are counted from 1 here, as in ``log.txt`` (``iteration``: iterations done) and
+    the per-epoch lines. Returns ``(line, runs)``; ``runs`` is False when this run stops before the start.
+    """
+    global_batch = args.batch_size_per_gpu * world_size
+    total_iters = args.epochs * iters_per_epoch
+    stop = min(total_iters, args.max_iters) if args.max_iters else total_iters
+    fill = math.ceil(args.queue_size / global_batch)
+    if args.epochs < 2:
+        return (
+            "cross-image NN loss: off for the whole run (it starts after the first epoch; --epochs 1)",
+            False,
+        )
+    start = nn_loss_start_iteration(args.queue_size, global_batch, iters_per_epoch)
+    line = (
+        f"cross-image NN loss: on from iteration {start + 1}/{total_iters} (epoch "
+        f"{start // iters_per_epoch + 1}/{args.epochs}): the bank is full after {fill} iteration(s) of "
+        f"{global_batch} images (--queue_size {args.queue_size}) and the loss is off in the first epoch"
+    )
+    if start >= stop:
+        return f"{line}; not reached in this run: --max_iters {args.max_iters} stops it before", False
+    return line, True
+
+
+def nn_loss_epoch_status(
+    iterations_with_nn: int, iterations: int, epoch: int, bank: CentroidMemoryBank
+) -> str:
+    """Whether the cross-image loss ran in epoch ``epoch`` (0-based), for the per-epoch log line."""
+    if iterations_with_nn == 0:
+        reasons = ["the first epoch"] if epoch == 0 else []
+        if not bank.is_full:
+            reasons.append(f"bank {bank.num_images}/{bank.queue_size} images")
+        return f"nn loss off ({'; '.join(reasons)})"
+    return f"nn loss on in {iterations_with_nn}/{iterations} iterations"
+
+
+EPOCH_LINE_KEYS = (
+    "loss",
+    "loss_img",
+    "loss_obj",
+    "loss_nn",
+    "clusters_per_image",
+    "nn_fraction",
+    "images_per_s",
+)
+
+
+def epoch_line(averages: dict[str, float], iterations: int, epoch: int, bank: CentroidMemoryBank) -> str:
+    """The per-epoch log line: the main averages, then whether the cross-image loss ran."""
+    values = [f"{key} {value:.4g}" for key, value in averages.items() if key in EPOCH_LINE_KEYS]
+    iterations_with_nn = round(averages.get("nn_active", 0.0) * iterations)
+    return " | ".join([*values, nn_loss_epoch_status(iterations_with_nn, iterations, epoch, bank)])
 
 
 def training_step(
@@ -535,6 +631,7 @@ def save(parts: TrainingParts, epoch: int, iteration: int, epoch_copy: int | Non
 
 
 def log_run_summary(parts: TrainingParts) -> None:
+    """The start-up summary: sizes and schedule, when the NN loss starts, the preset, released-batch note."""
     args, env = parts.args, parts.env
     n_params = sum(p.numel() for p in parts.student.parameters())
     n_backbone = sum(p.numel() for p in parts.student.backbone.parameters())
@@ -558,11 +655,11 @@ def log_run_summary(parts: TrainingParts) -> None:
         args.queue_size,
         bank_mb,
     )
-    if args.used_synthetic_preset:
-        logger.info(
-            "no dataset given: training on the built-in synthetic scenes with the CPU preset "
-            "(see --help; explicit flags override it)"
-        )
+    nn_line, nn_runs = describe_nn_loss_start(args, parts.iters_per_epoch, env.world_size)
+    logger.log(logging.INFO if nn_runs else logging.WARNING, "%s", nn_line)
+    for line in (describe_preset(args), release_batch_note(args, env.world_size)):
+        if line is not None:
+            logger.info("%s", line)
 
 
 def train_cribo(args: argparse.Namespace) -> dict[str, float]:
@@ -761,20 +858,7 @@ def train_one_epoch(
             "epoch %d/%d done: %s",
             next_epoch,
             args.epochs,
-            " | ".join(
-                f"{k} {v:.4g}"
-                for k, v in averages.items()
-                if k
-                in (
-                    "loss",
-                    "loss_img",
-                    "loss_obj",
-                    "loss_nn",
-                    "clusters_per_image",
-                    "nn_fraction",
-                    "images_per_s",
-                )
-            ),
+            epoch_line(averages, count, epoch, parts.bank),
         )
     return averages
 

@@ -1,15 +1,26 @@
-"""Flag resolution: reference defaults < synthetic preset < --config file < explicit flags."""
+"""Flag resolution: reference defaults < preset < --config file < explicit flags; released-run notes."""
 
 import json
 
 import pytest
 
-from cribo_utils.parser import SYNTHETIC_PRESET, ConfigError, resolve_args, validate_args
+from cribo_utils.parser import (
+    SYNTHETIC_PRESET,
+    ConfigError,
+    describe_preset,
+    get_args_parser,
+    preset_changes,
+    release_batch_note,
+    released_run,
+    resolve_args,
+    validate_args,
+)
+from cribo_utils.train import args_as_plain_dict
 
 
 def test_no_arguments_uses_the_synthetic_preset():
     args = resolve_args([])
-    assert args.dataset_type == "synthetic"
+    assert args.dataset_type == "synthetic" and args.preset == "synthetic_cpu"
     for key, value in SYNTHETIC_PRESET.items():
         got = getattr(args, key)
         assert (list(got) if isinstance(got, tuple) else got) == value, key
@@ -94,3 +105,122 @@ def test_bad_configurations_fail_with_one_line(overrides, world, message):
 
 def test_valid_preset_passes_validation():
     validate_args(_valid(), 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The preset: applied by default only when no dataset is named, switched by --preset (issue 15)
+
+
+def _reference_default(key):
+    value = get_args_parser().get_default(key)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _as_plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def test_explicit_synthetic_dataset_type_keeps_the_reference_defaults():
+    args = resolve_args(["--dataset_type", "synthetic"])
+    assert args.preset == "none"
+    assert (args.teacher_temp, args.teacher_temp_c, args.arch, args.queue_size) == (
+        0.07,
+        0.07,
+        "vit_small",
+        25000,
+    )
+    assert describe_preset(args).startswith("preset none: the synthetic scenes with the reference defaults")
+
+
+def test_preset_none_turns_the_preset_off():
+    args = resolve_args(["--preset", "none"])
+    assert args.dataset_type == "synthetic" and args.preset == "none"
+    for key in SYNTHETIC_PRESET:
+        assert _as_plain(getattr(args, key)) == _reference_default(key), key
+
+
+def test_preset_synthetic_cpu_applies_under_an_explicit_dataset_type_and_flags_still_win():
+    args = resolve_args(["--dataset_type", "synthetic", "--preset", "synthetic_cpu", "--epochs", "3"])
+    assert args.preset == "synthetic_cpu" and args.epochs == 3
+    assert args.teacher_temp == SYNTHETIC_PRESET["teacher_temp"]
+
+
+def test_preset_synthetic_cpu_with_a_real_dataset_is_an_error():
+    with pytest.raises(ConfigError, match="--preset synthetic_cpu") as error:
+        resolve_args(["--preset", "synthetic_cpu", "--data_path", "/some/imagenet"])
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_preset_in_a_config_file_is_an_error(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"preset": "synthetic_gpu"}))
+    with pytest.raises(ConfigError, match="--preset synthetic_gpu: unknown preset"):
+        resolve_args(["--config", str(path)])
+
+
+def test_start_up_line_lists_every_value_the_preset_changed():
+    args = resolve_args(["--epochs", "3"])  # an explicit flag: the preset did not change epochs
+    changed = {key for key, value in SYNTHETIC_PRESET.items() if value != _reference_default(key)}
+    assert set(preset_changes(args)) == changed - {"epochs"}
+    line = describe_preset(args)
+    assert "--preset none" in line and "\n" not in line
+    assert f"changed {len(changed) - 1} value(s)" in line
+    for key in changed - {"epochs"}:
+        assert f" {key} {_reference_default(key)} -> {SYNTHETIC_PRESET[key]}" in line, key
+    assert " epochs " not in line
+
+
+def test_written_args_json_loads_back_as_config(tmp_path):
+    args = resolve_args(["--epochs", "3"])
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({**args_as_plain_dict(args), "used_synthetic_preset": True}))  # older files
+    reloaded = resolve_args(["--config", str(path)])
+    assert args_as_plain_dict(reloaded) == {**args_as_plain_dict(args), "config": str(path)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Released argument files on another world size (issue 15)
+
+RELEASED = ["vits16-in", "vits16-coco", "vitb16-in"]
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_every_release_records_its_global_batch_and_world_size(name):
+    release = released_run(f"checkpoints/{name}_args.json")
+    released = json.load(open(f"checkpoints/{name}_args.json"))
+    # the reference README's batch-size column: 256 (COCO), 1024 (both ImageNet runs)
+    assert release["global_batch"] == {"vits16-coco": 256, "vits16-in": 1024, "vitb16-in": 1024}[name]
+    assert release["world_size"] * released["batch_size_per_gpu"] == release["global_batch"]
+    assert release["source"]
+
+
+def test_released_config_on_one_process_says_how_to_match_the_release():
+    args = resolve_args(["--config", "checkpoints/vits16-in_args.json", "--data_path", "/data"])
+    note = release_batch_note(args, world_size=1)
+    assert "\n" not in note
+    for part in (
+        "vits16-in_args.json",
+        "8 x 128 = global batch 1024",
+        "peak lr 2.00e-03",
+        "1 process(es) x 128 = global batch 128",
+        "peak lr 2.50e-04",
+        "8x more slowly",
+        "run 8 processes",
+        "--batch_size_per_gpu 128",
+        "--batch_size 1024",
+    ):
+        assert part in note, part
+    assert release_batch_note(args, world_size=8) is None  # the release's own world size: nothing to say
+
+
+def test_released_config_notes_other_world_sizes_and_ignores_other_files(tmp_path):
+    vitb = resolve_args(["--config", "checkpoints/vitb16-in_args.json", "--data_path", "/data"])
+    assert "run 16 processes" in release_batch_note(vitb, world_size=8)
+    same_batch = resolve_args(
+        ["--config", "checkpoints/vits16-in_args.json", "--data_path", "/d", "--batch_size_per_gpu", "256"]
+    )
+    assert "the same global batch" in release_batch_note(same_batch, world_size=4)
+    own = tmp_path / "args.json"
+    own.write_text(json.dumps({"arch": "vit_tiny"}))
+    assert release_batch_note(resolve_args(["--config", str(own)]), world_size=1) is None
+    assert release_batch_note(resolve_args([]), world_size=1) is None

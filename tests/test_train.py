@@ -1,4 +1,5 @@
-"""End-to-end training: launcher outputs, exact resume, 2-process torchrun, released-checkpoint seeding."""
+"""End-to-end training: launcher outputs, exact resume, 2-process torchrun, released-checkpoint seeding;
+when the cross-image loss starts and what the start-up log says."""
 
 import argparse
 import json
@@ -7,12 +8,16 @@ import re
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 import main_cribo
+from cribo_utils import train
 from cribo_utils.checkpoint import without_prefix
+from cribo_utils.memory_bank import CentroidMemoryBank
+from cribo_utils.parser import ConfigError
 
 TINY = [
     "--depth",
@@ -196,3 +201,82 @@ def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path):
     assert b["args"]["grad_checkpointing"] is True
     for name in a["student"]:
         torch.testing.assert_close(a["student"][name], b["student"][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The cross-image NN loss starts once the bank has filled, and the log says when (issue 15)
+
+
+@pytest.mark.parametrize(
+    "queue_size, global_batch, iters_per_epoch, epochs",
+    [(25000, 128, 39, 6), (24, 4, 4, 3), (8, 4, 4, 2), (1000, 128, 3, 4)],
+)
+def test_nn_loss_starts_at_the_predicted_iteration_whenever_the_bank_fills(
+    queue_size, global_batch, iters_per_epoch, epochs
+):
+    """The first iteration with nn_loss_active True (pushing real batches into a real bank, as the loop
+    does: retrieval before the push) is nn_loss_start_iteration; with 5k images per epoch and the default
+    25,000-image queue that is in epoch 5 (the issue's 3-epoch run never gets there)."""
+    bank = CentroidMemoryBank(queue_size, 4, 8)
+    parts = types.SimpleNamespace(bank=bank)
+    first_active = None
+    for iteration in range(epochs * iters_per_epoch):
+        if first_active is None and train.nn_loss_active(parts, iteration // iters_per_epoch):
+            first_active = iteration
+        objects = torch.randn(2 * global_batch, 8)
+        bank.push(objects, objects, torch.full((global_batch,), 2))
+    assert first_active == train.nn_loss_start_iteration(queue_size, global_batch, iters_per_epoch)
+    if queue_size == 25000:
+        assert first_active == 196 and first_active // iters_per_epoch == 5
+
+
+def _args(**values):
+    defaults = {"batch_size_per_gpu": 4, "queue_size": 24, "epochs": 3, "max_iters": 0}
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_queue_the_schedule_never_fills_is_refused_at_start_up(tmp_path):
+    # 2 epochs x 4 iterations x 4 images: 28 images are in the bank before the last iteration, 32 in all
+    with pytest.raises(ConfigError, match="--queue_size 32 is more than the 28 images") as error:
+        run(tmp_path, "--queue_size", "32")
+    message = str(error.value)
+    assert "\n" not in message and "32 in all" in message and "set --queue_size 28 or less" in message
+    assert not (tmp_path / "checkpoint.pth").exists()
+    train.check_nn_loss_can_start(_args(queue_size=28, epochs=2), iters_per_epoch=4, world_size=1)  # last one
+    train.check_nn_loss_can_start(_args(queue_size=32, epochs=1), iters_per_epoch=4, world_size=1)  # no NN
+
+
+def test_start_up_line_warns_when_the_nn_loss_does_not_run():
+    line, runs = train.describe_nn_loss_start(_args(max_iters=5), iters_per_epoch=4, world_size=1)
+    assert not runs and "on from iteration 7/12" in line and "--max_iters 5" in line
+    line, runs = train.describe_nn_loss_start(_args(epochs=1), iters_per_epoch=4, world_size=1)
+    assert not runs and "off for the whole run" in line
+    line, runs = train.describe_nn_loss_start(
+        _args(queue_size=8, world_size=2), iters_per_epoch=4, world_size=2
+    )
+    assert runs and "on from iteration 5/12 (epoch 2/3)" in line and "1 iteration(s) of 8 images" in line
+
+
+def test_log_says_when_the_nn_loss_starts_and_whether_it_ran_each_epoch(tmp_path):
+    run(tmp_path, "--queue_size", "24", "--epochs", "3")  # full after 6 iterations of 4 images
+    records = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    active = [record["nn_active"] for record in records if "loss" in record]
+    assert active == [0.0] * 6 + [1.0] * 6  # log.txt iterations 1-6 off, 7-12 on
+    log = open(tmp_path / "logs" / "rank0.log").read()
+    assert "cross-image NN loss: on from iteration 7/12 (epoch 2/3)" in log
+    assert re.search(r"epoch 1/3 done: .* \| nn loss off \(the first epoch; bank 16/24 images\)\n", log)
+    assert re.search(r"epoch 2/3 done: .* \| nn loss on in 2/4 iterations\n", log)
+    assert re.search(r"epoch 3/3 done: .* \| nn loss on in 4/4 iterations\n", log)
+    # no dataset named: the preset applies, and the start-up log lists what it changed
+    preset_line = next(line for line in log.splitlines() if "preset synthetic_cpu" in line)
+    assert "--preset none turns it off" in preset_line and "teacher_temp 0.07 -> 0.02" in preset_line
+    assert " epochs " not in preset_line  # set on the command line, not by the preset
+
+
+def test_released_config_on_one_process_is_noted_at_start_up(tmp_path):
+    run(tmp_path, "--config", "checkpoints/vits16-in_args.json", "--dataset_type", "synthetic")
+    log = open(tmp_path / "logs" / "rank0.log").read()
+    note = next(line for line in log.splitlines() if "--config vits16-in_args.json" in line)
+    assert "8 x 128 = global batch 1024" in note and "1 process(es) x 4 = global batch 4" in note
+    assert "peak lr 7.81e-06" in note and "--batch_size 1024" in note
+    assert "preset none: the synthetic scenes with the reference defaults" in log  # a dataset type is named
