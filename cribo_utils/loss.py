@@ -14,7 +14,9 @@ Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O out
   ``L_nn = 1/2 [ sum_i m1_i H(V^1_i, R^2_i) / |m1| + sum_i m2_i H(V^2_i, R^1_i) / |m2| ]`` with
   ``V^v = sm((h_t(q^v_{jv(i)}) - C_c) / tau_c)``; a direction with ``|m_v| = 0`` contributes 0. The
   reference divides both sums by ``|m1|`` and drops both when ``|m1| = 0`` (defect 7).
-- ``L = L_img + L_obj + L_nn``.
+- ``L = L_img + L_obj + L_nn`` (CrIBo); the ablations keep a prefix of it: ``L = L_img + L_obj``
+  (``objective="cross_view"``, CrOC-like, no memory bank) and ``L = L_img`` (``objective="image"``, DINO).
+  Terms left out are still computed and returned for the log, with no gradient reaching the total.
 
 Everything is computed in float32 (inputs are cast at entry; the reference log-softmaxes fp16 logits and
 sums fp16 centres, defect 13), and a rank with M = 0 objects gives 0 for the object terms, not NaN, while
@@ -190,6 +192,14 @@ def update_center(center: torch.Tensor, teacher_output: torch.Tensor, momentum: 
     return center.float() * momentum + batch_center * (1.0 - momentum)
 
 
+# The loss terms of each training objective: CrIBo and its two ablations (``--objective``).
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "cribo": ("loss_img", "loss_obj", "loss_nn"),
+    "cross_view": ("loss_img", "loss_obj"),
+    "image": ("loss_img",),
+}
+
+
 class CrIBoLoss(nn.Module):
     """Total CrIBo loss ``L = L_img + L_obj + L_nn`` with centring (method doc Sec. 6).
 
@@ -212,6 +222,8 @@ class CrIBoLoss(nn.Module):
             dead argument of the reference that the parser maps away, defect 8).
         student_temp_c: object student temperature tau_s,c (0.1).
         center_momentum: m of both centre EMAs (0.9).
+        objective: which terms make the total, one of :data:`OBJECTIVES`: ``"cribo"`` (all three),
+            ``"cross_view"`` (image + cross-view object) or ``"image"`` (image level only).
     """
 
     def __init__(
@@ -227,8 +239,12 @@ class CrIBoLoss(nn.Module):
         student_temp: float = 0.1,
         student_temp_c: float = 0.1,
         center_momentum: float = 0.9,
+        objective: str = "cribo",
     ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}: expected one of {tuple(OBJECTIVES)}")
+        self.objective = objective
         if warmup_teacher_temp_epochs < 0:
             raise ValueError(f"--warmup_teacher_temp_epochs must be >= 0, got {warmup_teacher_temp_epochs}.")
         self.out_dim = out_dim
@@ -309,7 +325,9 @@ class CrIBoLoss(nn.Module):
                 loss_nn = nearest_neighbour_loss(
                     student_obj, teacher_nn.float(), nn_masks, self.center_c, self.student_temp_c, temp_c
                 )
-            loss = loss_img + loss_obj + loss_nn
+            terms = {"loss_img": loss_img, "loss_obj": loss_obj, "loss_nn": loss_nn}
+            # Terms outside the objective enter with weight 0: no gradient, and DDP still sees every head.
+            loss = sum(value * float(name in OBJECTIVES[self.objective]) for name, value in terms.items())
             self.center.copy_(update_center(self.center, teacher_cls, self.center_momentum))
             self.center_c.copy_(
                 update_center(self.center_c, teacher_obj.reshape(-1, self.out_dim_c), self.center_momentum)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cribo_utils.loss import OBJECTIVES
 from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)
@@ -287,6 +288,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     group = parser.add_argument_group("CrIBo")
+    group.add_argument(
+        "--objective",
+        default="cribo",
+        choices=tuple(OBJECTIVES),
+        help="Loss terms: cribo (image + cross-view object + cross-image NN), cross_view (image + cross-view "
+        "object, no memory bank: CrOC-like) or image (the image-level loss alone: DINO). The ablations of "
+        "the README's Results.",
+    )
     group.add_argument("--n_tokens", default=32, type=int, help="Object clusters per image (K).")
     group.add_argument(
         "--pos_alpha",

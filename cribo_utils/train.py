@@ -34,7 +34,7 @@ from cribo_utils.checkpoint import (
 )
 from cribo_utils.clustering import joint_cluster, object_representations, positional_alpha
 from cribo_utils.logger import MetricLogger, setup_logging
-from cribo_utils.loss import CrIBoLoss
+from cribo_utils.loss import OBJECTIVES, CrIBoLoss
 from cribo_utils.memory_bank import CentroidMemoryBank
 from cribo_utils.neighbours import find_cycle_consistent_neighbours
 from cribo_utils.optim import build_optimizer, cancel_gradients_last_layer, clip_gradients, get_params_groups
@@ -236,6 +236,7 @@ def build_training_parts(
         nepochs=args.epochs,
         student_temp=0.1,
         student_temp_c=args.student_temp_c,
+        objective=args.objective,
     ).to(device)
     bank = CentroidMemoryBank(args.queue_size, args.n_tokens, embed_dim).to(device)
 
@@ -278,11 +279,16 @@ def autocast(parts: TrainingParts) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=parts.device.type, dtype=parts.autocast_dtype)
 
 
+def uses_memory_bank(args: argparse.Namespace) -> bool:
+    """Only the full CrIBo objective retrieves neighbours; the ablations (``--objective``) never fill a bank."""
+    return "loss_nn" in OBJECTIVES[args.objective]
+
+
 def nn_loss_active(parts: TrainingParts, epoch: int) -> bool:
     """The cross-image loss starts at epoch 1, and only once the bank holds ``queue_size`` real images
     (the bank starts empty: no random vectors are ever retrieved as positives), whenever that is: see
-    :func:`nn_loss_start_iteration` for the iteration this gives on a fresh run."""
-    return epoch >= 1 and parts.bank.is_full
+    :func:`nn_loss_start_iteration` for the iteration this gives on a fresh run. Never without a bank."""
+    return uses_memory_bank(parts.args) and epoch >= 1 and parts.bank.is_full
 
 
 def nn_loss_start_iteration(queue_size: int, global_batch: int, iters_per_epoch: int) -> int:
@@ -308,7 +314,8 @@ def check_nn_loss_can_start(args: argparse.Namespace, iters_per_epoch: int, worl
     global_batch = args.batch_size_per_gpu * world_size
     total_iters = args.epochs * iters_per_epoch
     if (
-        args.epochs < 2
+        not uses_memory_bank(args)
+        or args.epochs < 2
         or nn_loss_start_iteration(args.queue_size, global_batch, iters_per_epoch) < total_iters
     ):
         return
@@ -333,6 +340,8 @@ def describe_nn_loss_start(
     total_iters = args.epochs * iters_per_epoch
     stop = min(total_iters, args.max_iters) if args.max_iters else total_iters
     fill = math.ceil(args.queue_size / global_batch)
+    if not uses_memory_bank(args):
+        return f"cross-image NN loss: off, no memory bank (--objective {args.objective})", False
     if args.epochs < 2:
         return (
             "cross-image NN loss: off for the whole run (it starts after the first epoch; --epochs 1)",
@@ -432,7 +441,8 @@ def training_step(
             neighbours = find_cycle_consistent_neighbours(
                 objects1, objects2, parts.bank, chunk_size=args.retrieval_chunk_size
             )
-        parts.bank.push(objects1, objects2, clusters.counts)
+        if uses_memory_bank(args):
+            parts.bank.push(objects1, objects2, clusters.counts)
 
     with timer("teacher_heads"), torch.no_grad(), autocast(parts):
         neighbour_inputs = None if neighbours is None else (neighbours.neighbours1, neighbours.neighbours2)
@@ -656,7 +666,8 @@ def log_run_summary(parts: TrainingParts) -> None:
         bank_mb,
     )
     nn_line, nn_runs = describe_nn_loss_start(args, parts.iters_per_epoch, env.world_size)
-    logger.log(logging.INFO if nn_runs else logging.WARNING, "%s", nn_line)
+    intended = nn_runs or not uses_memory_bank(args)  # an ablation without a bank is what was asked for
+    logger.log(logging.INFO if intended else logging.WARNING, "%s", nn_line)
     for line in (describe_preset(args), release_batch_note(args, env.world_size)):
         if line is not None:
             logger.info("%s", line)

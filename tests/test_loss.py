@@ -435,3 +435,31 @@ def test_centre_update_on_two_ranks_equals_one_process_on_the_concatenation() ->
     # Weighted by rows: with 4 + 0 objects the object centre is the mean of rank 0's 8 rows.
     expected = 0.1 * rank_inputs(0, 0)["teacher_obj"].reshape(-1, OUT_C).mean(0, keepdim=True)
     assert torch.allclose(per_rank[1][0][1], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["cribo", "cross_view", "image"])
+def test_objective_keeps_only_its_terms_in_the_total_and_the_gradient(objective: str) -> None:
+    """Ablations: the total is the sum of the objective's terms; left-out terms are still reported, and
+    no gradient flows through them (the object logits get none under "image")."""
+    x = make_inputs(seed=3)
+    loss = CrIBoLoss(OUT, OUT_C, 0.04, 0.07, 0.05, 0.08, 3, 10, objective=objective)
+    student_cls = x["student_cls"].clone().requires_grad_()
+    student_obj = x["student_obj"].clone().requires_grad_()
+    out = loss(student_cls, x["teacher_cls"], student_obj, x["teacher_obj"], x["teacher_nn"], x["nn_masks"], 1)
+    kept = {"cribo": ("loss_img", "loss_obj", "loss_nn"), "cross_view": ("loss_img", "loss_obj")}.get(
+        objective, ("loss_img",)
+    )
+    assert all(float(out[key]) > 0 for key in ("loss_img", "loss_obj", "loss_nn"))  # all still reported
+    assert torch.allclose(out["loss"], sum(out[key] for key in kept), atol=1e-6)
+    out["loss"].backward(retain_graph=True)
+    assert student_cls.grad.abs().sum() > 0
+    if objective == "image":
+        assert student_obj.grad is None or torch.count_nonzero(student_obj.grad) == 0
+    else:  # the gradient of the kept object terms alone, recomputed without the others
+        expected_obj = torch.autograd.grad(sum(out[key] for key in kept if key != "loss_img"), student_obj)
+        assert torch.allclose(student_obj.grad, expected_obj[0], atol=1e-6)
+
+
+def test_unknown_objective_is_refused() -> None:
+    with pytest.raises(ValueError, match="objective='croc'.*cribo.*cross_view.*image"):
+        CrIBoLoss(OUT, OUT_C, 0.04, 0.07, 0.05, 0.08, 3, 10, objective="croc")

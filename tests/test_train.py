@@ -218,7 +218,7 @@ def test_nn_loss_starts_at_the_predicted_iteration_whenever_the_bank_fills(
     does: retrieval before the push) is nn_loss_start_iteration; with 5k images per epoch and the default
     25,000-image queue that is in epoch 5 (the issue's 3-epoch run never gets there)."""
     bank = CentroidMemoryBank(queue_size, 4, 8)
-    parts = types.SimpleNamespace(bank=bank)
+    parts = types.SimpleNamespace(bank=bank, args=argparse.Namespace(objective="cribo"))
     first_active = None
     for iteration in range(epochs * iters_per_epoch):
         if first_active is None and train.nn_loss_active(parts, iteration // iters_per_epoch):
@@ -231,7 +231,7 @@ def test_nn_loss_starts_at_the_predicted_iteration_whenever_the_bank_fills(
 
 
 def _args(**values):
-    defaults = {"batch_size_per_gpu": 4, "queue_size": 24, "epochs": 3, "max_iters": 0}
+    defaults = {"batch_size_per_gpu": 4, "queue_size": 24, "epochs": 3, "max_iters": 0, "objective": "cribo"}
     return argparse.Namespace(**{**defaults, **values})
 
 
@@ -280,3 +280,19 @@ def test_released_config_on_one_process_is_noted_at_start_up(tmp_path):
     assert "8 x 128 = global batch 1024" in note and "1 process(es) x 4 = global batch 4" in note
     assert "peak lr 7.81e-06" in note and "--batch_size 1024" in note
     assert "preset none: the synthetic scenes with the reference defaults" in log  # a dataset type is named
+
+
+@pytest.mark.parametrize("objective", ["cross_view", "image"])
+def test_ablation_objectives_never_fill_or_use_the_bank(tmp_path, objective):
+    run(tmp_path, "--queue_size", "24", "--epochs", "3", "--objective", objective)
+    records = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    steps = [record for record in records if "loss" in record]
+    assert len(steps) == 12 and all(r["nn_active"] == 0.0 and r["loss_nn"] == 0.0 for r in steps)
+    if objective == "image":  # the object loss is reported but not in the total
+        assert all(abs(r["loss"] - r["loss_img"]) < 1e-4 for r in steps)
+    else:
+        assert all(abs(r["loss"] - r["loss_img"] - r["loss_obj"]) < 1e-4 for r in steps)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert checkpoint["memory_bank_meta"]["num_images"] == 0 and checkpoint["args"]["objective"] == objective
+    log = open(tmp_path / "logs" / "rank0.log").read()
+    assert f"cross-image NN loss: off, no memory bank (--objective {objective})" in log
