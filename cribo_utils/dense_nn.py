@@ -138,7 +138,8 @@ class DenseNNConfig:
         if self.input_size <= 0 or self.input_size % patch_size:
             raise ValueError(
                 f"--input_size {self.input_size} must be a positive multiple of --patch_size "
-                f"{patch_size} (e.g. {max(1, round(self.input_size / patch_size)) * patch_size})"
+                f"{patch_size} (a conv net's dense stride: 32 for its last stage) "
+                f"(e.g. {max(1, round(self.input_size / patch_size)) * patch_size})"
             )
         if self.memory_size is not None and self.memory_size <= 0:
             raise ValueError(
@@ -673,9 +674,16 @@ def backbone_attribute(backbone: nn.Module, name: str) -> int:
     if value is None:
         raise AttributeError(
             f"the backbone ({type(backbone).__name__}) has no `{name}`; the dense-NN evaluation expects a "
-            "models.VisionTransformer or a module with `embed_dim`, `patch_size` and `forward_features`"
+            "backbone of models/ (ViT, ResNet-50, ConvNeXt) or a module with `embed_dim`, `patch_size` "
+            "(the dense grid's stride) and `forward_features`"
         )
     return int(value)
+
+
+def dense_feature_dim(backbone: nn.Module) -> int:
+    """Width of the dense grid: ``dense_dim`` (a conv net's chosen stage), else ``embed_dim``."""
+    value = getattr(backbone, "dense_dim", None)
+    return int(value) if value is not None else backbone_attribute(backbone, "embed_dim")
 
 
 def patch_features(backbone: nn.Module, images: Tensor, patch_size: int) -> Tensor:
@@ -831,7 +839,7 @@ def extract_memory_shard(
     loader = _shard_loader(items, cfg, device)
     num_local = len(loader.dataset)  # type: ignore[arg-type]
     keep = plan.patches_kept_per_image
-    dim = backbone_attribute(backbone, "embed_dim")
+    dim = dense_feature_dim(backbone)
     features = torch.empty(num_local * keep, dim, dtype=torch.float32)
     label_parts: list[PatchLabels] = []
     row = 0
@@ -971,7 +979,7 @@ def build_memory(
     num_images = training_subset_size(len(train_dataset), cfg.train_fraction)
     plan = plan_memory(num_images, cfg.augmentation_epochs, side * side, cfg.memory_size)
     check_memory_fits(
-        plan, backbone_attribute(backbone, "embed_dim"), num_classes, patch_size, cfg.index, cfg.memory_size
+        plan, dense_feature_dim(backbone), num_classes, patch_size, cfg.index, cfg.memory_size
     )
     image_indices = training_subset(len(train_dataset), cfg.train_fraction, cfg.seed)
     items = MemoryItems(
@@ -1256,9 +1264,12 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
 
     from cribo_utils.checkpoint_formats import backbone_from_args
 
+    from models import dense_stride
+
     env = distributed.init_distributed()
     cfg = config_from_args(args)
-    cfg.validate(args.patch_size)
+    # A ViT's patch grid has the stride --patch_size; a conv net's dense grid that of --dense_stage.
+    cfg.validate(dense_stride(args.arch, args.patch_size, getattr(args, "dense_stage", 4)))
     torch.manual_seed(args.seed)
     output_json = args.output_json or default_output_json(args.pretrained_weights)
     train_dataset, val_dataset = build_datasets(args)

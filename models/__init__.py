@@ -91,6 +91,12 @@ def build_eval_backbone(
     raise ValueError(f"--arch {arch!r} is not supported; choose one of {', '.join(EVAL_ARCHS)}")
 
 
+def dense_stride(arch: str, patch_size: int, dense_stage: int = 4) -> int:
+    """Stride in pixels of the dense grid of ``arch``: ``patch_size`` for a ViT, ``4 * 2^(stage - 1)`` for
+    a conv net (32 for its last stage), without building the network (for input checks)."""
+    return patch_size if arch in ARCHS else 4 * 2 ** (dense_stage - 1)
+
+
 __all__ = [
     "ARCHS",
     "CONV_ARCHS",
@@ -100,6 +106,7 @@ __all__ = [
     "VisionTransformer",
     "build_backbone",
     "build_eval_backbone",
+    "dense_stride",
     "vit_base",
     "vit_large",
     "vit_small",
