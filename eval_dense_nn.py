@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import add_backbone_args
+from cribo_utils.checkpoint_formats import LOADING_ERRORS, add_backbone_args
 from cribo_utils.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
 from cribo_utils.logger import setup_logging
 from data.synthetic import add_object_colours_arg
@@ -169,4 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LOADING_ERRORS as error:  # the message names the file and the fix; no traceback
+        sys.exit(f"eval_dense_nn.py: error: {error}")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
+from cribo_utils.checkpoint_formats import LOADING_ERRORS
 from cribo_utils.knn import get_args_parser, run_knn
 from cribo_utils.logger import setup_logging
 
@@ -30,5 +31,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    distributed.cleanup()
+    try:
+        main(sys.argv[1:])
+    except LOADING_ERRORS as error:  # the message names the file and the fix; no traceback
+        sys.exit(f"eval_knn.py: error: {error}")
+    finally:
+        distributed.cleanup()

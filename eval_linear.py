@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
+from cribo_utils.checkpoint_formats import LOADING_ERRORS
 from cribo_utils.linear_probe import get_args_parser, run_linear
 from cribo_utils.logger import setup_logging
 
@@ -33,5 +34,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    distributed.cleanup()
+    try:
+        main(sys.argv[1:])
+    except LOADING_ERRORS as error:  # the message names the file and the fix; no traceback
+        sys.exit(f"eval_linear.py: error: {error}")
+    finally:
+        distributed.cleanup()

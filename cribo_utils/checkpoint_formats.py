@@ -102,6 +102,10 @@ class CheckpointFormatError(ValueError):
     """A checkpoint file cannot be read, or its content does not fit the requested backbone."""
 
 
+#: Errors the evaluation launchers report as one line without a traceback (the message names the file).
+LOADING_ERRORS: tuple[type[BaseException], ...] = (CheckpointFormatError, FileNotFoundError)
+
+
 def _file_kind_error(path: Path) -> str | None:
     """Why ``path`` cannot be a torch checkpoint, judged from its first bytes; None when it may be one.
 
@@ -163,7 +167,7 @@ def _load_with_inert_functions(path: Path, error: pickle.UnpicklingError) -> Any
             f"refused to load checkpoint {str(path)!r}: it pickles {names}, which is neither a tensor, a "
             "number, a string, a container nor argparse.Namespace; this loader reads checkpoints with "
             "weights_only=True and never imports or runs code from a file. If this is a released model "
-            f"of a compared system, its layout is not supported yet. torch said: {error}"
+            "of a compared system, its layout is not supported yet"
         ) from error
     logger.info(
         "%s pickles %s (an optimiser filter function); read with an inert stand-in, nothing imported",

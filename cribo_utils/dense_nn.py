@@ -978,9 +978,7 @@ def build_memory(
     side = cfg.input_size // patch_size
     num_images = training_subset_size(len(train_dataset), cfg.train_fraction)
     plan = plan_memory(num_images, cfg.augmentation_epochs, side * side, cfg.memory_size)
-    check_memory_fits(
-        plan, dense_feature_dim(backbone), num_classes, patch_size, cfg.index, cfg.memory_size
-    )
+    check_memory_fits(plan, dense_feature_dim(backbone), num_classes, patch_size, cfg.index, cfg.memory_size)
     image_indices = training_subset(len(train_dataset), cfg.train_fraction, cfg.seed)
     items = MemoryItems(
         train_dataset, image_indices, cfg.augmentation_epochs, memory_transform(cfg), side * side, cfg.seed
@@ -1263,7 +1261,6 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     import json
 
     from cribo_utils.checkpoint_formats import backbone_from_args
-
     from models import dense_stride
 
     env = distributed.init_distributed()
