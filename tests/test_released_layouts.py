@@ -391,3 +391,131 @@ def test_cli_reports_a_wrong_file_in_one_line_without_traceback(release_files) -
     last_line = completed.stderr.strip().splitlines()[-1]
     assert last_line.startswith("eval_knn.py: error: ") and "pass --arch convnext_small" in last_line
     assert "Traceback" not in completed.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The three evaluations on the released layouts (synthetic scenes, tiny inputs)
+# ------------------------------------------------------------------------------------------------
+
+EVAL_CASES = [
+    ("resnet50", "vicregl_resnet50_full.pth", 2048),
+    ("convnext_small", "convnext_small_alpha0.75.pth", 768),
+    ("vit_large", "ibot_vitl16_checkpoint.pth", 1024),
+]
+
+
+def _classification_argv(arch: str, weights: Path, output: Path) -> list[str]:
+    return [
+        "--arch",
+        arch,
+        "--pretrained_weights",
+        str(weights),
+        "--synthetic_num_train",
+        "8",
+        "--synthetic_num_val",
+        "4",
+        "--image_size",
+        "64",
+        "--batch_size_per_gpu",
+        "4",
+        "--num_workers",
+        "0",
+        "--output_json",
+        str(output),
+    ]
+
+
+@pytest.mark.parametrize(("arch", "file_name", "width"), EVAL_CASES)
+def test_eval_knn_on_released_layouts(arch, file_name, width, networks, release_files, tmp_path) -> None:
+    """eval_knn.py's features are the writing network's global features of the same images."""
+    import eval_knn
+    from cribo_utils.features import build_classification_split, resolve_image_sizes
+    from cribo_utils.knn import get_args_parser
+    from data.transforms import eval_transform
+
+    output = tmp_path / "knn.json"
+    argv = _classification_argv(arch, release_files[file_name], output) + ["--nb_knn", "2", "--dump_features"]
+    argv.append(str(tmp_path / "features"))
+    results = eval_knn.main(argv)
+    assert results["arch"] == arch and output.is_file()
+    expected = "[CLS]" if arch == "vit_large" else "global-average-pooled"
+    assert expected in results["protocol"]
+    dumped = torch.load(tmp_path / "features" / "trainfeat.pth", weights_only=True)
+    args = get_args_parser().parse_args(argv)
+    resize, crop = resolve_image_sizes(args)
+    train_set = build_classification_split(args, "train", eval_transform(resize=resize, crop=crop))
+    with torch.no_grad():
+        reference = networks[arch](torch.stack([train_set[i][0] for i in range(len(train_set))]))
+    assert dumped.shape == (8, width)
+    assert torch.allclose(dumped, torch.nn.functional.normalize(reference, dim=1), atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "file_name", "width"), EVAL_CASES)
+def test_eval_linear_on_released_layouts(arch, file_name, width, release_files, tmp_path) -> None:
+    import eval_linear
+
+    output = tmp_path / "linear.json"
+    argv = _classification_argv(arch, release_files[file_name], output)
+    results = eval_linear.main(
+        [*argv, "--epochs", "1", "--n_last_blocks", "1", "--avgpool_patchtokens", "false"]
+    )
+    assert results["feature_dim"] == width and results["arch"] == arch
+    assert 0.0 <= results["last_top1"] <= 100.0
+
+
+@pytest.mark.parametrize(("arch", "file_name", "width"), EVAL_CASES)
+def test_eval_dense_nn_on_released_layouts(arch, file_name, width, release_files, tmp_path) -> None:
+    import eval_dense_nn
+
+    output = tmp_path / "dense.json"
+    results = eval_dense_nn.main(
+        [
+            "--arch",
+            arch,
+            "--pretrained_weights",
+            str(release_files[file_name]),
+            "--synthetic_image_size",
+            "64",
+            "--synthetic_num_train",
+            "4",
+            "--synthetic_num_val",
+            "2",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--augmentation_epochs",
+            "1",
+            "--num_neighbours",
+            "3",
+            "--output_json",
+            str(output),
+            "--no_progress",
+        ]
+    )
+    stride = 16 if arch == "vit_large" else 32
+    assert results["patch_size"] == stride and results["patches_per_image"] == (64 // stride) ** 2
+    assert results["memory_entries"] == 4 * (64 // stride) ** 2 and 0.0 <= results["miou"] <= 1.0
+    assert results["arch"] == arch and output.is_file()
+
+
+def test_eval_dense_nn_with_an_earlier_conv_stage(release_files, tmp_path) -> None:
+    """--dense_stage 3: ResNet-50's layer3 (stride 16, 1024 channels) as the dense grid."""
+    import eval_dense_nn
+
+    argv = ["--arch", "resnet50", "--pretrained_weights", str(release_files["resnet50_alpha0.9.pth"])]
+    argv += ["--dense_stage", "3", "--synthetic_image_size", "64", "--synthetic_num_train", "2"]
+    argv += ["--synthetic_num_val", "2", "--num_workers", "0", "--augmentation_epochs", "1"]
+    argv += ["--num_neighbours", "3", "--output_json", str(tmp_path / "dense.json"), "--no_progress"]
+    results = eval_dense_nn.main(argv)
+    assert results["patch_size"] == 16 and results["memory_entries"] == 2 * 16
+
+
+@pytest.mark.parametrize("arch", ["convnext_tiny", "convnext_base"])
+def test_eval_knn_accepts_the_other_convnext_sizes(arch, tmp_path) -> None:
+    """The other sizes take the same path (random weights here: their files would be 100-350 MB)."""
+    import eval_knn
+
+    argv = ["--arch", arch, "--synthetic_num_train", "4", "--synthetic_num_val", "2", "--image_size", "32"]
+    argv += ["--nb_knn", "2", "--num_workers", "0", "--output_json", str(tmp_path / "knn.json")]
+    assert eval_knn.main(argv)["arch"] == arch
