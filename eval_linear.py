@@ -1,6 +1,7 @@
 """Linear probe on frozen ViT features (DINO's protocol; logic in cribo_utils/linear_probe.py).
 
     python eval_linear.py                                           # synthetic scenes, cached features
+    python eval_linear.py --arch convnext_small --pretrained_weights convnext_small_alpha0.75.pth  # VICRegL
     python eval_linear.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth --epochs 20
     torchrun --nproc_per_node=8 eval_linear.py --arch vit_small --pretrained_weights vits16-in.pth \\
         --dataset imagenet1k --data_path /datasets/imagenet --n_last_blocks 4 --avgpool_patchtokens false
