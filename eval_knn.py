@@ -1,7 +1,7 @@
 """Weighted k-NN classification on frozen [CLS] features (DINO's protocol; logic in cribo_utils/knn.py).
 
     python eval_knn.py                              # synthetic scenes, random weights (warned)
-    python eval_knn.py --arch resnet50 --pretrained_weights dino_resnet50_pretrain.pth   # conv: pooled last stage
+    python eval_knn.py --arch resnet50 --pretrained_weights dino_resnet50_pretrain.pth  # conv: pooled stage 4
     python eval_knn.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth
     python eval_knn.py --arch vit_small --pretrained_weights vits16-in.pth --dataset imagenet1k \\
         --data_path /datasets/imagenet              # 256 -> 224 centre crops, k = 10 20 100 200
