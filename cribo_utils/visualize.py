@@ -562,7 +562,15 @@ def _load_conv_figure_model(
     else:
         backbone = build_pretrained_backbone(arch, 16, weights, checkpoint_key)
     backbone.to(device)
-    return FigureModel(backbone, arch, int(backbone.patch_size), 0, {}, _CONV_FIGURE_IMAGE_SIZE)
+    # FigureModel types its backbone as a ViT; conv nets share the interface the figures use.
+    return FigureModel(
+        backbone,  # type: ignore[arg-type]
+        arch,
+        int(getattr(backbone, "patch_size")),  # noqa: B009
+        0,
+        {},
+        _CONV_FIGURE_IMAGE_SIZE,
+    )
 
 
 def _device_of(backbone: nn.Module) -> torch.device:

@@ -181,7 +181,8 @@ class ConvNeXt(nn.Module):
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def build_convnext(arch: str, **kwargs: Any) -> ConvNeXt:
