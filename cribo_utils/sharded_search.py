@@ -100,8 +100,8 @@ class TorchShardIndex:
     """Exact inner-product search over this rank's (m, D) unit features, on ``device``.
 
     ``search`` computes ``S = queries @ features^T`` block by block (memory chunks of
-    ``SIMILARITY_BLOCK_BYTES / (4 Q)`` rows), keeps each block's top-k and merges them, so no (Q, m)
-    matrix is ever formed.
+    ``SIMILARITY_BLOCK_BYTES / (4 Q)`` rows, within each added part), keeps each block's top-k and merges
+    them, so no (Q, m) matrix is ever formed.
 
     Args:
         dim: D.
@@ -116,23 +116,18 @@ class TorchShardIndex:
         self.device = torch.device(device)
         self.dtype = dtype
         self._parts: list[Tensor] = []
-        self._features: Tensor | None = None
 
     def add(self, features: Tensor) -> None:
         """Append (n, D) unit vectors; their local row numbers continue from ``len(self)``."""
         if features.shape[0]:
             self._parts.append(features.to(self.device, self.dtype))
-            self._features = None
 
     @property
     def features(self) -> Tensor:
-        """(m, D) the stored features (concatenated on first use)."""
-        if self._features is None:
-            self._features = (
-                torch.cat(self._parts) if self._parts else torch.zeros(0, self.dim, device=self.device)
-            )
-            self._parts = [self._features]
-        return self._features
+        """(m, D) a concatenated copy of the stored features (for inspection; the search does not use it)."""
+        if not self._parts:
+            return torch.zeros(0, self.dim, device=self.device)
+        return torch.cat(self._parts)
 
     def __len__(self) -> int:
         return sum(part.shape[0] for part in self._parts)
@@ -144,21 +139,26 @@ class TorchShardIndex:
     @torch.no_grad()
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-k inner products of (Q, D) queries: ``(similarities (Q, k'), local ids (Q, k'))``,
-        k' = min(k, m), on this index's device, similarities descending (ties: smaller id first)."""
-        features = self.features
+        k' = min(k, m), on this index's device, similarities descending (ties: smaller id first).
+
+        The added parts are searched in place (never concatenated), so the search needs no second copy
+        of the shard, only one similarity block."""
         queries = queries.to(self.device, self.dtype)
-        k = min(k, features.shape[0])
+        k = min(k, len(self))
         best_similarities = torch.empty(queries.shape[0], 0, device=self.device)
         best_ids = torch.empty(queries.shape[0], 0, dtype=torch.long, device=self.device)
         if k == 0 or queries.shape[0] == 0:
             return best_similarities, best_ids
         rows_per_block = max(k, SIMILARITY_BLOCK_BYTES // (4 * queries.shape[0]))
-        for start in range(0, features.shape[0], rows_per_block):
-            block = queries @ features[start : start + rows_per_block].T
-            values, indices = block_top_k(block, min(k, block.shape[1]))
-            best_similarities = torch.cat([best_similarities, values.float()], dim=1)
-            best_ids = torch.cat([best_ids, indices + start], dim=1)
-            best_similarities, best_ids = merge_top_k(best_similarities, best_ids, k)
+        part_offset = 0
+        for part in self._parts:
+            for start in range(0, part.shape[0], rows_per_block):
+                block = queries @ part[start : start + rows_per_block].T
+                values, indices = block_top_k(block, min(k, block.shape[1]))
+                best_similarities = torch.cat([best_similarities, values.float()], dim=1)
+                best_ids = torch.cat([best_ids, indices + part_offset + start], dim=1)
+                best_similarities, best_ids = merge_top_k(best_similarities, best_ids, k)
+            part_offset += part.shape[0]
         return best_similarities, best_ids
 
 
