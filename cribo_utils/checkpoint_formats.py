@@ -94,6 +94,8 @@ FORMAT_DESCRIPTIONS: dict[str, str] = {
 }
 
 _MAX_LISTED_KEYS = 20
+#: Key endings that mark an entry as a backbone state dict (ViT, ResNet, ConvNeXt).
+_BACKBONE_MARKERS = ("cls_token", "conv1.weight", "downsample_layers.0.0.weight")
 #: ``patch_size`` passed for conv nets, which ignore it (their dense stride follows the stage).
 _CONV_PATCH_SIZE_PLACEHOLDER = 16
 
@@ -271,11 +273,12 @@ def _select_network(checkpoint: Mapping[str, Any], checkpoint_key: str) -> tuple
         logger.info("%s: no %r entry, using %r", description, checkpoint_key, checkpoint_format)
         network, where = checkpoint[checkpoint_format], f"{description}, key {checkpoint_format!r}"
     else:
-        # Suggest the entries that hold a ViT (a cls_token under some prefix), not e.g. the loss centres.
+        # Suggest the entries that hold a backbone (a ViT's cls_token, a ResNet's conv1, a ConvNeXt's
+        # stem under some prefix), not e.g. the loss centres.
         networks = sorted(
             key
             for key, value in checkpoint.items()
-            if _is_state_dict(value) and any(name.endswith("cls_token") for name in value)
+            if _is_state_dict(value) and any(name.endswith(_BACKBONE_MARKERS) for name in value)
         )
         raise CheckpointFormatError(
             f"{description}: no entry {checkpoint_key!r}; set --checkpoint_key to one of {networks}"
