@@ -364,7 +364,7 @@ def _extract_with_source(checkpoint: Mapping[str, Any], checkpoint_key: str) -> 
 def extract_backbone_state_dict(
     checkpoint: Mapping[str, Any], checkpoint_key: str = "teacher"
 ) -> dict[str, Tensor]:
-    """Backbone state dict with DINO ViT key names, from a checkpoint of any supported layout.
+    """Backbone state dict with the model's key names, from a checkpoint of any supported layout.
 
     Args:
         checkpoint: the dict returned by :func:`load_checkpoint_file`.
@@ -372,7 +372,8 @@ def extract_backbone_state_dict(
             papers evaluate). Ignored for bare state dicts; a ``state_dict``-layout file without this
             key falls back to its ``state_dict`` entry.
     Returns:
-        ``{name: tensor}`` with names like ``cls_token``, ``blocks.0.attn.qkv.weight``, ``norm.bias``.
+        ``{name: tensor}`` with names like ``cls_token``, ``blocks.0.attn.qkv.weight``, ``norm.bias``
+        (ViT), ``layer1.0.conv1.weight`` (ResNet-50) or ``stages.0.0.dwconv.weight`` (ConvNeXt).
     Raises:
         CheckpointFormatError: unknown layout, missing key, or colliding keys.
     """
@@ -425,7 +426,7 @@ def load_backbone(model: nn.Module, path: StrPath, checkpoint_key: str = "teache
     """Load a backbone checkpoint of any supported layout into ``model`` (strict).
 
     Args:
-        model: backbone whose keys follow DINO's ViT (``cls_token``, ``blocks.N...``, ``norm.*``).
+        model: a backbone of ``models`` (DINO's ViT names, torchvision's ResNet-50, VICRegL's ConvNeXt).
         path: checkpoint file.
         checkpoint_key: network to use in student/teacher checkpoints.
     Raises:
