@@ -12,6 +12,11 @@ Pascal VOC 2012 trainaug -> val, the settings of the literature (512 px, 10,240,
         --arch vit_small --patch_size 16 --pretrained_weights vits16-in.pth --input_size 512 \
         --memory_size 10240000 --augmentation_epochs 2
 
+Each process holds 1/W of the memory (exact top-k merged across processes), searched on its own device.
+Released conv nets (VICRegL, DINO ResNet-50) use their last stage, stride 32 (``--dense_stage 3``: 16)::
+
+    python eval_dense_nn.py --arch convnext_small --pretrained_weights convnext_small_alpha0.75.pth
+
 ADE20K (150 classes, label 0 ignored), 1/128 of the training images, as many passes as the memory needs::
 
     torchrun --nproc_per_node=8 eval_dense_nn.py --dataset ade20k --data_path /data/ADEChallengeData2016 \
@@ -27,11 +32,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import add_backbone_args
+from cribo_utils.checkpoint_formats import LOADING_ERRORS, add_backbone_args
 from cribo_utils.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
 from cribo_utils.logger import setup_logging
 from data.synthetic import add_scene_args
@@ -129,9 +135,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--index",
-        default="exact",
+        default="torch",
         choices=INDEX_KINDS,
-        help="exact: faiss IndexFlatIP (the reference); ivf: IndexIVFFlat, approximate and faster.",
+        help="torch: exact search with chunked matrix products + top-k on the evaluation device (GPU when "
+        "there is one; default); exact: faiss IndexFlatIP (same neighbours, CPU); ivf: faiss IndexIVFFlat, "
+        "approximate, for very large memories. The memory is sharded across processes for all three; faiss "
+        "needs the optional extra (pip install faiss-cpu).",
     )
     group.add_argument("--nlist", default=None, type=int, help="IVF lists (default 4 sqrt(M)).")
     group.add_argument("--nprobe", default=32, type=int, help="IVF lists searched per query.")
@@ -169,4 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LOADING_ERRORS as error:  # the message names the file and the fix; no traceback
+        sys.exit(f"eval_dense_nn.py: error: {error}")

@@ -1,6 +1,7 @@
 """Weighted k-NN classification on frozen [CLS] features (DINO's protocol; logic in cribo_utils/knn.py).
 
     python eval_knn.py                              # synthetic scenes, random weights (warned)
+    python eval_knn.py --arch resnet50 --pretrained_weights dino_resnet50_pretrain.pth  # conv: pooled stage 4
     python eval_knn.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth
     python eval_knn.py --arch vit_small --pretrained_weights vits16-in.pth --dataset imagenet1k \\
         --data_path /datasets/imagenet              # 256 -> 224 centre crops, k = 10 20 100 200
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
+from cribo_utils.checkpoint_formats import LOADING_ERRORS
 from cribo_utils.knn import get_args_parser, run_knn
 from cribo_utils.logger import setup_logging
 
@@ -30,5 +32,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    distributed.cleanup()
+    try:
+        main(sys.argv[1:])
+    except LOADING_ERRORS as error:  # the message names the file and the fix; no traceback
+        sys.exit(f"eval_knn.py: error: {error}")
+    finally:
+        distributed.cleanup()

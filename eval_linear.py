@@ -1,6 +1,7 @@
 """Linear probe on frozen ViT features (DINO's protocol; logic in cribo_utils/linear_probe.py).
 
     python eval_linear.py                                           # synthetic scenes, cached features
+    python eval_linear.py --arch convnext_small --pretrained_weights convnext_small_alpha0.75.pth  # VICRegL
     python eval_linear.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth --epochs 20
     torchrun --nproc_per_node=8 eval_linear.py --arch vit_small --pretrained_weights vits16-in.pth \\
         --dataset imagenet1k --data_path /datasets/imagenet --n_last_blocks 4 --avgpool_patchtokens false
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
+from cribo_utils.checkpoint_formats import LOADING_ERRORS
 from cribo_utils.linear_probe import get_args_parser, run_linear
 from cribo_utils.logger import setup_logging
 
@@ -33,5 +35,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    distributed.cleanup()
+    try:
+        main(sys.argv[1:])
+    except LOADING_ERRORS as error:  # the message names the file and the fix; no traceback
+        sys.exit(f"eval_linear.py: error: {error}")
+    finally:
+        distributed.cleanup()

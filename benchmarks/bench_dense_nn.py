@@ -8,15 +8,20 @@ Two parts, each in a fresh process:
 
 1. ``pipeline`` (the real ``cribo_utils.dense_nn`` code on synthetic segmentation scenes, a random-init
    or ``--weights`` backbone): memory images/s for data loading alone, for ``extract_memory_shard``
-   (data + feature extraction + patch sampling), for ``assemble_memory`` (faiss index add), and query
+   (data + feature extraction + patch sampling), for ``assemble_memory`` (index add), and query
    images/s for ``evaluate_memory`` (data + features + search + label transfer + upsampling + scoring).
    Its memory is small (``n_train`` images x passes x patches): the search cost there is not the
    paper's.
-2. ``index`` (RANDOM unit features, no network: clearly not a quality measurement): a faiss
-   ``IndexFlatIP`` (or IVF) of ``--memory_size`` x D rows, added in chunks of 65,536 rows; then the
-   search of ``--query_images`` x (input_size / p)^2 query patches with k neighbours. This is the part
-   whose cost grows with the memory size: 1,024,000 patches, and the paper's 10,240,000 x 384 (15.7 GB of
-   float32) when the machine has the RAM (otherwise the size is reported as skipped, with the reason).
+2. ``index`` (RANDOM unit features, no network: clearly not a quality measurement): for each backend of
+   ``--indexes`` (``torch``: chunked matmul + topk on ``--device``; ``exact``: faiss ``IndexFlatIP``;
+   ``ivf``: faiss ``IndexIVFFlat``) and each world size W of ``--world_sizes``, one rank's shard of a
+   ``--memory_size`` x D memory (``ceil(M / W)`` rows, added in chunks of 65,536 rows), then the search of
+   ``--query_images`` x (input_size / p)^2 query patches with k neighbours against that shard: the
+   queries/s of one rank and the memory one process holds (its index bytes and peak RSS). The sharded
+   search's two all-gathers (queries, then k candidates per query) are not timed here: they move
+   (Q D + 2 W Q k) numbers, small next to the (Q x M / W) similarity products. This is the part whose cost
+   grows with the memory size: 1,024,000 patches, and the paper's 10,240,000 x 384 (15.7 GB of float32,
+   divided by W) when the machine has the RAM (otherwise the size is reported as skipped, with the reason).
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         memory_size=cfg["pipeline_memory_size"],
         num_neighbours=cfg["k"],
         augmentation_epochs=cfg["passes"],
-        index="exact",
+        index=cfg["pipeline_index"],
         batch_size=cfg["batch_size"],
         num_workers=0,
         progress=False,
@@ -123,7 +128,7 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "seconds": {
             "memory data only": data_s,
             "extract_memory_shard": extract_s,
-            "assemble_memory (index add)": assemble_s,
+            f"assemble_memory ({cfg['pipeline_index']} index add)": assemble_s,
             "evaluate_memory (query)": query_s,
         },
         "images_per_s": {
@@ -142,30 +147,45 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def index_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+def _build_shard_index(cfg: dict[str, Any], rows: int, generator: Any) -> tuple[Any, float, int]:
+    """One rank's index of ``rows`` random unit features: (index, IVF training seconds, nlist)."""
     import torch
     import torch.nn.functional as F
 
     from cribo_utils.dense_nn import PatchIndex, default_nlist
+    from cribo_utils.sharded_search import TorchShardIndex
 
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    size, dim = cfg["memory_size"], cfg["dim"]
-    generator = torch.Generator().manual_seed(0)
-    load_start = load_average()
-    nlist = default_nlist(size) if cfg["index"] == "ivf" else 1
+    dim = cfg["dim"]
+    if cfg["index"] == "torch":
+        return TorchShardIndex(dim, torch.device(cfg["device"])), 0.0, 1
+    nlist = default_nlist(cfg["memory_size"]) if cfg["index"] == "ivf" else 1
     index = PatchIndex(dim, cfg["index"], nlist=nlist, nprobe=cfg["nprobe"])
     train_s = 0.0
     if not index.is_trained:
-        sample = F.normalize(torch.randn(min(size, 64 * nlist), dim, generator=generator), dim=1)
+        sample = F.normalize(torch.randn(min(rows, 64 * nlist), dim, generator=generator), dim=1)
         start = time.perf_counter()
         index.train(sample)
         train_s = time.perf_counter() - start
-        del sample
+    return index, train_s, nlist
+
+
+def index_worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    size, dim, world_size = cfg["memory_size"], cfg["dim"], cfg["world_size"]
+    rows = math.ceil(size / world_size)  # the largest shard of a world of W ranks
+    generator = torch.Generator().manual_seed(0)
+    load_start = load_average()
+    index, train_s, nlist = _build_shard_index(cfg, rows, generator)
     generate_s = add_s = 0.0
-    for first in range(0, size, ADD_CHUNK_ROWS):
+    for first in range(0, rows, ADD_CHUNK_ROWS):
         start = time.perf_counter()
-        chunk = F.normalize(torch.randn(min(ADD_CHUNK_ROWS, size - first), dim, generator=generator), dim=1)
+        chunk = F.normalize(torch.randn(min(ADD_CHUNK_ROWS, rows - first), dim, generator=generator), dim=1)
         generate_s += time.perf_counter() - start
         start = time.perf_counter()
         index.add(chunk)
@@ -174,20 +194,26 @@ def index_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     queries = F.normalize(
         torch.randn(cfg["query_images"] * patches_per_image, dim, generator=generator), dim=1
     )
-    index.search(queries[:8], cfg["k"])  # warm-up (thread pool, first-touch)
+    index.search(queries[:8], cfg["k"])  # warm-up (thread pool, first-touch, CUDA kernels)
+    if cfg["device"] == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     similarities, ids = index.search(queries, cfg["k"])
+    if cfg["device"] == "cuda":
+        torch.cuda.synchronize()
     search_s = time.perf_counter() - start
     return {
         "part": "index",
         "config": cfg,
         "features": "random unit vectors (timing only)",
         "memory_size": size,
-        "index_bytes": size * dim * 4,
+        "world_size": world_size,
+        "rows_per_process": rows,
+        "index_bytes_per_process": rows * dim * 4 + (rows * 8 if cfg["index"] == "ivf" else 0),
         "ivf_nlist": nlist if cfg["index"] == "ivf" else None,
         "ivf_train_s": train_s,
         "seconds": {"generate random features": generate_s, "index add": add_s, "search": search_s},
-        "add_rows_per_s": size / max(add_s, 1e-9),
+        "add_rows_per_s": rows / max(add_s, 1e-9),
         "search_queries": int(queries.shape[0]),
         "search_queries_per_s": queries.shape[0] / search_s,
         "query_images_per_s": cfg["query_images"] / search_s,
@@ -204,8 +230,8 @@ def run_part(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Images/s of the dense-NN memory build and query (real pipeline) and of the faiss index "
-        "at large memory sizes (random features).",
+        description="Images/s of the dense-NN memory build and query (real pipeline) and queries/s and "
+        "memory per process of the torch and faiss searches of a sharded memory (random features).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--parts", nargs="+", default=["pipeline", "index"], choices=["pipeline", "index"])
@@ -238,7 +264,23 @@ def get_parser() -> argparse.ArgumentParser:
         help="Index part: memory sizes in patches (sizes that do not fit in RAM are skipped).",
     )
     parser.add_argument("--dim", type=int, default=0, help="Index part: feature width (0: the --arch width).")
-    parser.add_argument("--index", default="exact", choices=["exact", "ivf"])
+    parser.add_argument(
+        "--indexes",
+        nargs="+",
+        default=["torch", "exact"],
+        choices=["torch", "exact", "ivf"],
+        help="Index part: search backends compared side by side.",
+    )
+    parser.add_argument(
+        "--world_sizes",
+        nargs="+",
+        type=int,
+        default=[1, 2],
+        help="Index part: processes the memory is sharded over (one rank's shard is measured).",
+    )
+    parser.add_argument(
+        "--pipeline_index", default="torch", choices=["torch", "exact", "ivf"], help="Pipeline: backend."
+    )
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists searched.")
     parser.add_argument(
         "--query_images",
@@ -292,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "scene_size": options.scene_size,
             "batch_size": options.batch_size,
             "pipeline_memory_size": options.pipeline_memory_size or None,
+            "pipeline_index": options.pipeline_index,
         }
         result = run_worker(
             __file__, cfg, options.timeout, in_process=run_part if options.in_process else None
@@ -310,55 +353,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "index" in options.parts:
         rows = []
         for size in options.memory_sizes:
-            needed = size * dim * 4
-            available = available_bytes()
-            if available is not None and needed > options.max_ram_fraction * available:
-                reason = (
-                    f"needs {gb(needed):.1f} GB for the float32 index, {gb(available):.1f} GB available "
-                    f"(limit {options.max_ram_fraction:.0%}); run on a machine with more RAM or a GPU index"
-                )
-                skipped.append({"memory_size": size, "dim": dim, "reason": reason})
-                rows.append([size, dim, gb(needed), None, None, None, "skipped: " + reason])
-                continue
-            cfg = {
-                **common,
-                "part": "index",
-                "memory_size": size,
-                "dim": dim,
-                "index": options.index,
-                "nprobe": options.nprobe,
-                "query_images": options.query_images,
-            }
-            result = run_worker(
-                __file__, cfg, options.timeout, in_process=run_part if options.in_process else None
-            )
-            results.append(result)
-            rows.append(
-                [
-                    size,
-                    dim,
-                    gb(result["index_bytes"]),
-                    result["add_rows_per_s"],
-                    result["search_queries_per_s"],
-                    result["query_images_per_s"],
-                    f"peak RSS {gb(result['peak_rss_bytes']):.2f} GB, load "
-                    f"{result['load_average_start']:.2f}-{result['load_average_end']:.2f}",
-                ]
-            )
-        patches = (options.input_size // options.patch_size) ** 2
+            for world_size in options.world_sizes:
+                shard_bytes = -(-size // world_size) * dim * 4
+                available = available_bytes()
+                if available is not None and shard_bytes > options.max_ram_fraction * available:
+                    reason = (
+                        f"needs {gb(shard_bytes):.1f} GB per process for the float32 shard, "
+                        f"{gb(available):.1f} GB available (limit {options.max_ram_fraction:.0%}); use more "
+                        "processes (--world_sizes) or a machine with more RAM"
+                    )
+                    skipped.append(
+                        {"memory_size": size, "world_size": world_size, "dim": dim, "reason": reason}
+                    )
+                    rows.append([size, world_size, "-", gb(shard_bytes), None, None, "skipped: " + reason])
+                    continue
+                for index in options.indexes:
+                    cfg = {
+                        **common,
+                        "part": "index",
+                        "memory_size": size,
+                        "world_size": world_size,
+                        "dim": dim,
+                        "index": index,
+                        "nprobe": options.nprobe,
+                        "query_images": options.query_images,
+                    }
+                    result = run_worker(
+                        __file__, cfg, options.timeout, in_process=run_part if options.in_process else None
+                    )
+                    results.append(result)
+                    rows.append(
+                        [
+                            size,
+                            world_size,
+                            index,
+                            gb(result["index_bytes_per_process"]),
+                            result["search_queries_per_s"],
+                            gb(result["peak_rss_bytes"]),
+                            f"add {result['add_rows_per_s']:.0f} rows/s, load "
+                            f"{result['load_average_start']:.2f}-{result['load_average_end']:.2f}",
+                        ]
+                    )
         print(
             format_table(
                 [
                     "memory patches",
-                    "D",
-                    "index GB",
-                    "add rows/s",
-                    "search queries/s",
-                    f"query images/s ({patches} patches)",
+                    "W",
+                    "index",
+                    "index GB / process",
+                    "search queries/s (one rank)",
+                    "peak RSS GB",
                     "notes",
                 ],
                 rows,
-                title=f"faiss {options.index} index on RANDOM unit features (timing only), k={options.k}",
+                title=f"sharded search on RANDOM unit features (timing only), D={dim}, k={options.k}, "
+                f"{options.device}",
             )
         )
         print()

@@ -7,20 +7,30 @@ Supported layouts (detected from the top-level keys, see :func:`detect_checkpoin
 | ``repo``       | ``student``, ``teacher``, ``format_version``  | as ``full``; ``args`` is a plain dict  |
 | ``full``       | ``student``, ``teacher`` (``args`` Namespace) | ``[module.]backbone.*`` and ``head.*`` |
 | ``state_dict`` | ``state_dict`` (iBOT backbone-only release)   | ``[module.][backbone.]*``              |
-| ``bare``       | the state dict itself (DINO backbone-only,    | ``cls_token``, ``blocks.0...``         |
-|                | our ``teacher_backbone.pth``)                 |                                        |
+| ``model``      | ``model``, ``optimizer``, ``epoch`` (VICRegL  | ``[module.]backbone.*``, ``projector.*``, |
+|                | full checkpoint)                              | ``maps_projector.*``, ``classifier.*`` |
+| ``bare``       | the state dict itself (DINO ViT and ResNet-50 | ``cls_token``, ``blocks.0...`` /       |
+|                | and VICRegL backbone-only releases, our       | ``conv1.weight``, ``layer1.0...`` /    |
+|                | ``teacher_backbone.pth``)                     | ``downsample_layers.0...``             |
 
 ``full`` covers the released CrIBo files (``vits16-coco.pth``, ``vits16-in.pth``, ``vitb16-in.pth``),
 DINO/iBOT/CrOC full training checkpoints and our own training checkpoints, whose teacher keys are
 ``backbone.*`` while the DDP-wrapped student's are ``module.backbone.*`` (method doc Sec. 10 and
 defect 19). Prefixes are therefore stripped per key and only as *leading* prefixes, never with a
-``str.replace`` anywhere in the name. Projection-head entries (``head.*``) and iBOT's training-only
-mask token (``masked_embed``) are dropped; every other key must match the model exactly: loading is
-``strict=True`` and a mismatch raises an error that lists the missing, unexpected and mis-shaped keys
-(the reference helper loads with ``strict=False``, so a wrong layout silently loads nothing; defect 15).
+``str.replace`` anywhere in the name. Projection-head entries (``head.*``; in a ``model`` file every
+entry outside ``backbone.*``: VICRegL's expander ``projector``, ``maps_projector`` and online
+``classifier``) and iBOT's training-only mask token (``masked_embed``) are dropped; every other key must
+match the model exactly: loading is ``strict=True`` and a mismatch raises an error that lists the
+missing, unexpected and mis-shaped keys (the reference helper loads with ``strict=False``, so a wrong
+layout silently loads nothing; defect 15). Before that, the weights' names and shapes are matched to an
+architecture (:mod:`cribo_utils.architecture_detection`), so a wrong ``--arch`` or a Swin / timm-named
+file is reported in one line naming what the file holds.
 
 Files are read with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (the ``args`` entry of
-the released files) is the only class allow-listed on top of torch's defaults.
+the released files) is the only class allow-listed on top of torch's defaults. VICRegL's full ResNet
+checkpoints pickle a *reference* to their LARS optimiser's ``exclude_bias_and_norm`` filter function;
+such references (and only those, see ``INERT_PICKLED_FUNCTIONS``) are resolved to an inert stand-in
+that raises if it were ever called, so the tensors load without importing or running any code.
 """
 
 from __future__ import annotations
@@ -37,16 +47,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cribo_utils.architecture_detection import DetectedArchitecture, detect_architecture
+
 logger = logging.getLogger(__name__)
 
 StrPath = str | os.PathLike[str]
 
 #: Released CrIBo models: hub entry point name -> (arch, patch_size, file name of the release).
-RELEASED_MODELS: dict[str, tuple[str, int, str]] = {
+RELEASED_MODELS: dict[str, tuple[str, int | None, str]] = {
     "cribo_vits16_coco": ("vit_small", 16, "vits16-coco.pth"),
     "cribo_vits16_in": ("vit_small", 16, "vits16-in.pth"),
     "cribo_vitb16_in": ("vit_base", 16, "vitb16-in.pth"),
+    "dino_vits16": ("vit_small", 16, "dino_deitsmall16_pretrain.pth"),
+    "dino_vits8": ("vit_small", 8, "dino_deitsmall8_pretrain.pth"),
+    "dino_vitb16": ("vit_base", 16, "dino_vitbase16_pretrain.pth"),
+    "dino_vitb8": ("vit_base", 8, "dino_vitbase8_pretrain.pth"),
+    "dino_resnet50": ("resnet50", None, "dino_resnet50_pretrain.pth"),
+    "ibot_vits16": ("vit_small", 16, "checkpoint_teacher.pth (iBOT vits_16)"),
+    "ibot_vitb16": ("vit_base", 16, "checkpoint_teacher.pth (iBOT vitb_16)"),
+    "ibot_vitl16": ("vit_large", 16, "checkpoint_teacher.pth (iBOT vitl_16)"),
+    "vicregl_resnet50_alpha0p9": ("resnet50", None, "resnet50_alpha0.9.pth"),
+    "vicregl_resnet50_alpha0p75": ("resnet50", None, "resnet50_alpha0.75.pth"),
+    "vicregl_convnext_small_alpha0p9": ("convnext_small", None, "convnext_small_alpha0.9.pth"),
+    "vicregl_convnext_small_alpha0p75": ("convnext_small", None, "convnext_small_alpha0.75.pth"),
+    "vicregl_convnext_base_alpha0p9": ("convnext_base", None, "convnext_base_alpha0.9.pth"),
+    "vicregl_convnext_base_alpha0p75": ("convnext_base", None, "convnext_base_alpha0.75.pth"),
+    "vicregl_convnext_xlarge_alpha0p75": ("convnext_xlarge", None, "convnext_xlarge_alpha0.75.pth"),
 }
+#: Functions that released checkpoints pickle by reference (VICRegL's LARS filters) and that are
+#: replaced by an inert stand-in when reading: matched on the last component of the pickled name.
+INERT_PICKLED_FUNCTIONS: frozenset[str] = frozenset({"exclude_bias_and_norm"})
 
 #: Leading prefixes removed from every key (DDP wrapper and student/teacher wrapper).
 STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "backbone.")
@@ -59,18 +89,104 @@ FORMAT_DESCRIPTIONS: dict[str, str] = {
     "repo": "this repository's training checkpoint (student/teacher, format_version)",
     "full": "full student/teacher checkpoint (released CrIBo, DINO, iBOT or CrOC layout)",
     "state_dict": "backbone-only checkpoint under 'state_dict' (iBOT release layout)",
-    "bare": "bare backbone state dict (DINO backbone-only release layout)",
+    "model": "full checkpoint under 'model' (VICRegL layout: backbone + expander, optimizer)",
+    "bare": "bare backbone state dict (DINO / VICRegL backbone-only release layout)",
 }
 
 _MAX_LISTED_KEYS = 20
+#: Key endings that mark an entry as a backbone state dict (ViT, ResNet, ConvNeXt).
+_BACKBONE_MARKERS = ("cls_token", "conv1.weight", "downsample_layers.0.0.weight")
+#: ``patch_size`` passed for conv nets, which ignore it (their dense stride follows the stage).
+_CONV_PATCH_SIZE_PLACEHOLDER = 16
 
 
 class CheckpointFormatError(ValueError):
     """A checkpoint file cannot be read, or its content does not fit the requested backbone."""
 
 
+#: Errors the evaluation launchers report as one line without a traceback (the message names the file).
+LOADING_ERRORS: tuple[type[BaseException], ...] = (CheckpointFormatError, FileNotFoundError)
+
+
+def _file_kind_error(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch checkpoint, judged from its first bytes; None when it may be one.
+
+    ``torch.save`` writes a zip archive (``PK``) since torch 1.6 and a pickle (first byte 0x80) before;
+    anything else (a text file, an HTML error page saved instead of a download) would make torch fail
+    with an unhelpful ``KeyError``.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(256)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") or head[0] == 0x80:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(character.isprintable() or character in "\t\r\n" for character in text):
+        first_line = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"it is a text file (starting {first_line!r}), not a torch checkpoint"
+    return f"it is not a torch checkpoint (neither a zip archive nor a pickle; first bytes {head[:8]!r})"
+
+
+_READ_ERRORS = (RuntimeError, EOFError, IndexError, KeyError, ValueError, OSError)
+
+
+def _corrupt_file_error(path: Path, error: BaseException) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"could not read checkpoint {str(path)!r}: the file looks corrupt or truncated "
+        f"(re-download or re-copy it). torch said: {type(error).__name__}: {error}"
+    )
+
+
+def _inert_function(name: str) -> Any:
+    """Stand-in for a function a checkpoint pickles by reference: never imported; raises if called."""
+
+    def pickled_function_reference(*args: Any, **kwargs: Any) -> None:
+        raise CheckpointFormatError(f"{name} was pickled in a checkpoint; this loader never runs it")
+
+    pickled_function_reference.__qualname__ = f"inert<{name}>"
+    return pickled_function_reference
+
+
+def _torch_load_weights_only(path: Path, extra_globals: list[Any]) -> Any:
+    with torch.serialization.safe_globals([argparse.Namespace, *extra_globals]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_with_inert_functions(path: Path, error: pickle.UnpicklingError) -> Any:
+    """Retry a refused load when every unsafe global is a known, pickled-by-reference function."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (*_READ_ERRORS, pickle.UnpicklingError) as read_error:
+        raise _corrupt_file_error(path, read_error) from read_error
+    refused = [name for name in unsafe if name.rsplit(".", 1)[-1] not in INERT_PICKLED_FUNCTIONS]
+    if not unsafe or refused:
+        names = ", ".join(refused or unsafe) or "(none listed)"
+        raise CheckpointFormatError(
+            f"refused to load checkpoint {str(path)!r}: it pickles {names}, which is neither a tensor, a "
+            "number, a string, a container nor argparse.Namespace; this loader reads checkpoints with "
+            "weights_only=True and never imports or runs code from a file. If this is a released model "
+            "of a compared system, its layout is not supported yet"
+        ) from error
+    logger.info(
+        "%s pickles %s (an optimiser filter function); read with an inert stand-in, nothing imported",
+        path,
+        ", ".join(unsafe),
+    )
+    try:
+        return _torch_load_weights_only(path, [(_inert_function(name), name) for name in unsafe])
+    except (*_READ_ERRORS, pickle.UnpicklingError) as read_error:
+        raise _corrupt_file_error(path, read_error) from read_error
+
+
 def load_checkpoint_file(path: StrPath) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``, allow-listing ``argparse.Namespace`` only.
+
+    References to the functions of ``INERT_PICKLED_FUNCTIONS`` (VICRegL's full checkpoints) are
+    resolved to inert stand-ins; no code from the file is imported or run.
 
     Args:
         path: a ``.pth`` file written by ``torch.save``: a dict (full checkpoint) or a bare state dict.
@@ -78,8 +194,8 @@ def load_checkpoint_file(path: StrPath) -> dict[str, Any]:
         The loaded top-level dict, tensors on the CPU.
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file.
-        CheckpointFormatError: the file is corrupt or truncated, contains a class other than the
-            allowed ones, or its top level is not a dict.
+        CheckpointFormatError: the file is not a torch checkpoint (text, empty), is corrupt or truncated,
+            contains a class other than the allowed ones, or its top level is not a dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -87,21 +203,18 @@ def load_checkpoint_file(path: StrPath) -> dict[str, Any]:
             f"checkpoint file {str(path)!r} does not exist (or is not a file); "
             "pass the path of a .pth file, e.g. --pretrained_weights /path/to/vits16-in.pth"
         )
+    kind_error = _file_kind_error(path)
+    if kind_error is not None:
+        raise CheckpointFormatError(
+            f"cannot read checkpoint {str(path)!r}: {kind_error}; pass the .pth file itself "
+            "(--pretrained_weights / weights=)"
+        )
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = _torch_load_weights_only(path, [])
     except pickle.UnpicklingError as error:
-        raise CheckpointFormatError(
-            f"refused to load checkpoint {str(path)!r}: it is not a torch checkpoint, or it holds an "
-            "object that is neither a tensor, a number, a string, a container nor argparse.Namespace "
-            "(only those load with weights_only=True). Re-save the tensors you need as a plain state "
-            f"dict. torch said: {error}"
-        ) from error
-    except (RuntimeError, EOFError, IndexError, KeyError, ValueError) as error:
-        raise CheckpointFormatError(
-            f"could not read checkpoint {str(path)!r}: the file looks corrupt or truncated "
-            f"(re-download or re-copy it). torch said: {type(error).__name__}: {error}"
-        ) from error
+        checkpoint = _load_with_inert_functions(path, error)
+    except _READ_ERRORS as error:
+        raise _corrupt_file_error(path, error) from error
     if not isinstance(checkpoint, Mapping):
         raise CheckpointFormatError(
             f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict "
@@ -126,7 +239,7 @@ def detect_checkpoint_format(checkpoint: Mapping[str, Any]) -> str:
         checkpoint: the dict returned by :func:`load_checkpoint_file`.
     Returns:
         ``"bare"`` (all values are tensors), ``"repo"`` (has ``format_version``), ``"full"`` (has
-        ``student`` or ``teacher``) or ``"state_dict"`` (has ``state_dict``).
+        ``student`` or ``teacher``), ``"state_dict"`` (has ``state_dict``) or ``"model"`` (has ``model``).
     Raises:
         CheckpointFormatError: none of the above; the message lists the top-level keys.
     """
@@ -138,10 +251,12 @@ def detect_checkpoint_format(checkpoint: Mapping[str, Any]) -> str:
         return "full"
     if "state_dict" in checkpoint:
         return "state_dict"
+    if "model" in checkpoint:
+        return "model"
     raise CheckpointFormatError(
         "unrecognised checkpoint layout: expected top-level 'teacher'/'student' (CrIBo, DINO, iBOT, CrOC "
-        "full checkpoints), 'state_dict' (iBOT backbone-only) or a bare state dict of tensors; found "
-        f"top-level keys {sorted(map(str, checkpoint))[:_MAX_LISTED_KEYS]}"
+        "full checkpoints), 'state_dict' (iBOT backbone-only), 'model' (VICRegL full checkpoint) or a "
+        f"bare state dict of tensors; found top-level keys {sorted(map(str, checkpoint))[:_MAX_LISTED_KEYS]}"
     )
 
 
@@ -154,15 +269,16 @@ def _select_network(checkpoint: Mapping[str, Any], checkpoint_key: str) -> tuple
         return checkpoint, description
     if checkpoint_key in checkpoint:
         network, where = checkpoint[checkpoint_key], f"{description}, key {checkpoint_key!r}"
-    elif checkpoint_format == "state_dict":
-        logger.info("%s: no %r entry, using 'state_dict'", description, checkpoint_key)
-        network, where = checkpoint["state_dict"], f"{description}, key 'state_dict'"
+    elif checkpoint_format in ("state_dict", "model"):
+        logger.info("%s: no %r entry, using %r", description, checkpoint_key, checkpoint_format)
+        network, where = checkpoint[checkpoint_format], f"{description}, key {checkpoint_format!r}"
     else:
-        # Suggest the entries that hold a ViT (a cls_token under some prefix), not e.g. the loss centres.
+        # Suggest the entries that hold a backbone (a ViT's cls_token, a ResNet's conv1, a ConvNeXt's
+        # stem under some prefix), not e.g. the loss centres.
         networks = sorted(
             key
             for key, value in checkpoint.items()
-            if _is_state_dict(value) and any(name.endswith("cls_token") for name in value)
+            if _is_state_dict(value) and any(name.endswith(_BACKBONE_MARKERS) for name in value)
         )
         raise CheckpointFormatError(
             f"{description}: no entry {checkpoint_key!r}; set --checkpoint_key to one of {networks}"
@@ -210,10 +326,34 @@ def strip_backbone_prefixes(state_dict: Mapping[str, Tensor]) -> tuple[dict[str,
     return backbone, dropped
 
 
+def backbone_entries_only(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Keep only the ``[module.]backbone.*`` entries of a whole-model state dict (VICRegL's ``model``).
+
+    VICRegL saves its whole ``nn.Module`` (DDP-wrapped): ``module.backbone.*`` next to the expander
+    ``module.projector.*``, the local expander ``module.maps_projector.*`` and an online linear
+    ``module.classifier.*``. A state dict without any ``backbone.`` entry is returned unchanged.
+
+    Returns:
+        ``(kept, dropped_keys)``.
+    """
+
+    def is_backbone(key: str) -> bool:
+        return (key[len("module.") :] if key.startswith("module.") else key).startswith("backbone.")
+
+    if not any(is_backbone(key) for key in state_dict):
+        return dict(state_dict), []
+    kept = {key: value for key, value in state_dict.items() if is_backbone(key)}
+    return kept, [key for key in state_dict if key not in kept]
+
+
 def _extract_with_source(checkpoint: Mapping[str, Any], checkpoint_key: str) -> tuple[dict[str, Tensor], str]:
     """:func:`extract_backbone_state_dict` plus a description of the entry it came from."""
     network, where = _select_network(checkpoint, checkpoint_key)
+    outside_backbone: list[str] = []
+    if detect_checkpoint_format(checkpoint) == "model":
+        network, outside_backbone = backbone_entries_only(network)
     backbone, dropped = strip_backbone_prefixes(network)
+    dropped = outside_backbone + dropped
     if dropped:
         logger.info("%s: dropped %d non-backbone entries (e.g. %s)", where, len(dropped), dropped[0])
     if not backbone:
@@ -224,7 +364,7 @@ def _extract_with_source(checkpoint: Mapping[str, Any], checkpoint_key: str) -> 
 def extract_backbone_state_dict(
     checkpoint: Mapping[str, Any], checkpoint_key: str = "teacher"
 ) -> dict[str, Tensor]:
-    """Backbone state dict with DINO ViT key names, from a checkpoint of any supported layout.
+    """Backbone state dict with the model's key names, from a checkpoint of any supported layout.
 
     Args:
         checkpoint: the dict returned by :func:`load_checkpoint_file`.
@@ -232,7 +372,8 @@ def extract_backbone_state_dict(
             papers evaluate). Ignored for bare state dicts; a ``state_dict``-layout file without this
             key falls back to its ``state_dict`` entry.
     Returns:
-        ``{name: tensor}`` with names like ``cls_token``, ``blocks.0.attn.qkv.weight``, ``norm.bias``.
+        ``{name: tensor}`` with names like ``cls_token``, ``blocks.0.attn.qkv.weight``, ``norm.bias``
+        (ViT), ``layer1.0.conv1.weight`` (ResNet-50) or ``stages.0.0.dwconv.weight`` (ConvNeXt).
     Raises:
         CheckpointFormatError: unknown layout, missing key, or colliding keys.
     """
@@ -269,7 +410,8 @@ def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
         hint = "check --arch and --patch_size against the checkpoint"
         if len(missing) == len(expected):
             hint = (
-                "no key matches: --checkpoint_key may name the wrong network, or this is not a ViT backbone"
+                "no key matches: --checkpoint_key may name the wrong network, or the file holds another "
+                f"kind of network than {type(model).__name__}"
             )
         raise CheckpointFormatError(
             f"cannot load backbone weights from {source} into {type(model).__name__} (strict): "
@@ -284,7 +426,7 @@ def load_backbone(model: nn.Module, path: StrPath, checkpoint_key: str = "teache
     """Load a backbone checkpoint of any supported layout into ``model`` (strict).
 
     Args:
-        model: backbone whose keys follow DINO's ViT (``cls_token``, ``blocks.N...``, ``norm.*``).
+        model: a backbone of ``models`` (DINO's ViT names, torchvision's ResNet-50, VICRegL's ConvNeXt).
         path: checkpoint file.
         checkpoint_key: network to use in student/teacher checkpoints.
     Raises:
@@ -310,22 +452,65 @@ def _checkpoint_args(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def _check_architecture(checkpoint: Mapping[str, Any], arch: str, patch_size: int, path: StrPath) -> None:
     """Fail early, naming the flag to change, when the checkpoint's recorded arch differs from the request.
 
-    Only values this repository understands are compared (an ``arch`` from ``models.ARCHS``, an integer
-    ``patch_size``); other repositories' names are left to the strict key/shape check.
+    Only values this repository understands are compared (an ``arch`` from ``models.EVAL_ARCHS``, an
+    integer ``patch_size`` for a ViT); other repositories' names are left to the shape check.
     """
-    from models import ARCHS
+    from models import ARCHS, EVAL_ARCHS
 
     args = _checkpoint_args(checkpoint)
     recorded_arch, recorded_patch = args.get("arch"), args.get("patch_size")
-    if recorded_arch in ARCHS and recorded_arch != arch:
+    if recorded_arch in EVAL_ARCHS and recorded_arch != arch:
         raise CheckpointFormatError(
             f"checkpoint {str(path)!r} was trained with arch={recorded_arch!r} but --arch {arch!r} was "
             f"requested; pass --arch {recorded_arch}"
         )
-    if isinstance(recorded_patch, int) and recorded_patch != patch_size:
+    if arch in ARCHS and isinstance(recorded_patch, int) and recorded_patch != patch_size:
         raise CheckpointFormatError(
             f"checkpoint {str(path)!r} was trained with patch_size={recorded_patch} but --patch_size "
             f"{patch_size} was requested; pass --patch_size {recorded_patch}"
+        )
+
+
+def check_weights_fit_arch(detected: DetectedArchitecture, arch: str, patch_size: int, source: str) -> None:
+    """One-line error when the weights' names and shapes are not those of ``--arch`` (before the strict load).
+
+    Args:
+        detected: :func:`cribo_utils.architecture_detection.detect_architecture` of the stripped weights.
+        arch: the requested ``--arch``.
+        patch_size: the requested ``--patch_size`` (compared for ViTs only).
+        source: the file and format, quoted in the message.
+    Raises:
+        CheckpointFormatError: a Swin, a timm-named ConvNeXt, another architecture, or another ViT patch
+            size; the message names what the file holds and the flags that fit it. Unknown layouts pass
+            (the strict load lists their keys).
+    """
+    from models import ARCHS, EVAL_ARCHS
+
+    holds = f"{source} holds a {detected.description} backbone"
+    if detected.family == "swin":
+        raise CheckpointFormatError(
+            f"{holds}; this repository has no Swin Transformer (iBOT's Swin-T release does not load "
+            "here, see the README's list of released models); evaluate a ViT, ResNet-50 or ConvNeXt file"
+        )
+    if detected.family == "unknown":
+        return
+    if detected.arch is None:
+        raise CheckpointFormatError(
+            f"{holds}; no --arch of this repository has that shape (choose one of {', '.join(EVAL_ARCHS)})"
+        )
+    if not detected.loadable:
+        raise CheckpointFormatError(
+            f"{holds}, whose key names are not those of this repository's models (--arch {detected.arch} "
+            "expects VICRegL's ConvNeXt names: downsample_layers.*, stages.i.j.dwconv.*)"
+        )
+    if detected.arch != arch:
+        raise CheckpointFormatError(
+            f"{holds}, but --arch {arch} was requested; pass {detected.flags()}, the arch its shapes fit"
+        )
+    if arch in ARCHS and detected.patch_size is not None and detected.patch_size != patch_size:
+        raise CheckpointFormatError(
+            f"{holds} with patch size {detected.patch_size}, but --patch_size {patch_size} was requested; "
+            f"pass --patch_size {detected.patch_size}"
         )
 
 
@@ -373,61 +558,76 @@ def build_pretrained_backbone(
     checkpoint_key: str = "teacher",
     depth: int | None = None,
     init_seed: int = 0,
+    dense_stage: int = 4,
 ) -> nn.Module:
-    """Frozen, eval-mode ViT backbone, optionally initialised from a checkpoint of any supported layout.
+    """Frozen, eval-mode backbone (ViT or conv net), optionally initialised from a checkpoint.
 
-    The ViT is built with the ``img_size`` of the checkpoint's positional table (224 for the released
-    files) and its number of blocks (12 for the released files), so the weights load unchanged; other
-    input sizes are handled by the ViT's bicubic ``interpolate_pos_encoding`` at run time.
+    A ViT is built with the ``img_size`` of the checkpoint's positional table (224 for the released
+    files) and its number of blocks (12, or 24 for ViT-L), so the weights load unchanged; other input
+    sizes are handled by the ViT's bicubic ``interpolate_pos_encoding`` at run time. A ConvNeXt gets
+    layer scale exactly when the file has ``gamma`` entries. Before the strict load, the weights' names
+    and shapes are matched to an architecture (:func:`check_weights_fit_arch`).
 
     Args:
-        arch: one of ``models.ARCHS`` (``vit_tiny``, ``vit_small``, ``vit_base``).
-        patch_size: ViT patch size.
+        arch: one of ``models.EVAL_ARCHS`` (``vit_tiny`` ... ``vit_large``, ``resnet50``, ``convnext_*``).
+        patch_size: ViT patch size (ignored for conv nets, whose dense stride follows ``dense_stage``).
         weights: checkpoint path; ``None`` evaluates a randomly initialised network (logged as a warning).
         checkpoint_key: network to use in student/teacher checkpoints.
-        depth: number of blocks of a randomly initialised network (default: the arch's); checkpoints
+        depth: number of blocks of a randomly initialised ViT (default: the arch's); checkpoints
             always use their own depth.
         init_seed: seed of the random initialisation (random baselines are reported over several seeds).
+        dense_stage: conv nets: the stage (1-4) whose map is the dense feature grid (4: stride 32).
     Returns:
         The backbone in eval mode with ``requires_grad=False`` on every parameter.
     """
-    from models import build_backbone
+    from models import ARCHS, EVAL_ARCHS, build_eval_backbone
 
+    if arch not in EVAL_ARCHS:
+        raise ValueError(f"--arch {arch!r} is not supported; choose one of {', '.join(EVAL_ARCHS)}")
+    name = f"{arch}/{patch_size}" if arch in ARCHS else arch
     if weights is None:
         logger.warning(
-            "RANDOM INITIALISATION: no weights given, evaluating a randomly initialised %s/%d; "
+            "RANDOM INITIALISATION: no weights given, evaluating a randomly initialised %s; "
             "pass --pretrained_weights <checkpoint.pth> (or weights=) to evaluate a trained model",
-            arch,
-            patch_size,
+            name,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = build_backbone(arch, patch_size=patch_size, depth=depth)
+            model = build_eval_backbone(arch, patch_size=patch_size, depth=depth, dense_stage=dense_stage)
     else:
         checkpoint = load_checkpoint_file(weights)
         _check_architecture(checkpoint, arch, patch_size, weights)
         state_dict, where = _extract_with_source(checkpoint, checkpoint_key)
-        model = build_backbone(
+        source = f"{str(weights)!r} ({where})"
+        detected = detect_architecture(state_dict)
+        check_weights_fit_arch(detected, arch, patch_size, source)
+        model = build_eval_backbone(
             arch,
             patch_size=patch_size,
             img_size=checkpoint_image_size(state_dict, patch_size),
             depth=checkpoint_depth(state_dict),
+            dense_stage=dense_stage,
+            layer_scale=detected.layer_scale,
         )
-        load_backbone_state_dict(model, state_dict, source=f"{str(weights)!r} ({where})")
-        logger.info("loaded %s/%d backbone from %s (%s)", arch, patch_size, weights, where)
+        load_backbone_state_dict(model, state_dict, source=source)
+        logger.info(
+            "loaded %s backbone from %s (%s; weights: %s)", name, weights, where, detected.description
+        )
     model.eval()
     model.requires_grad_(False)
     return model
 
 
 def load_released_model(name: str, weights: StrPath | None, checkpoint_key: str = "teacher") -> nn.Module:
-    """One of the released CrIBo backbones, from a local file (there is no download).
+    """One of the released backbones of CrIBo and the compared systems, from a local file (no download).
 
     Args:
-        name: ``cribo_vits16_coco``, ``cribo_vits16_in`` or ``cribo_vitb16_in``.
-        weights: local path of the released file (``vits16-coco.pth``, ``vits16-in.pth``,
-            ``vitb16-in.pth`` from the CrIBo README); ``None`` gives random weights (warned).
-        checkpoint_key: ``"teacher"`` (default, what the paper evaluates) or ``"student"``.
+        name: a key of ``RELEASED_MODELS`` (``cribo_vits16_in``, ``dino_resnet50``, ``ibot_vitl16``,
+            ``vicregl_convnext_small_alpha0p75``, ...).
+        weights: local path of the released file (the file names are listed in ``RELEASED_MODELS`` and
+            the README); ``None`` gives random weights (warned).
+        checkpoint_key: ``"teacher"`` (default, what the papers evaluate) or ``"student"`` for
+            student/teacher checkpoints; backbone-only and VICRegL files ignore it.
     Returns:
         Frozen eval-mode backbone, see :func:`build_pretrained_backbone`.
     """
@@ -436,7 +636,9 @@ def load_released_model(name: str, weights: StrPath | None, checkpoint_key: str 
     arch, patch_size, file_name = RELEASED_MODELS[name]
     if weights is None:
         logger.warning("%s: no weights= path given; download %s yourself and pass its path", name, file_name)
-    return build_pretrained_backbone(arch, patch_size, weights=weights, checkpoint_key=checkpoint_key)
+    return build_pretrained_backbone(
+        arch, patch_size or _CONV_PATCH_SIZE_PLACEHOLDER, weights=weights, checkpoint_key=checkpoint_key
+    )
 
 
 def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -452,8 +654,9 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--pretrained_weights",
         default=None,
         type=str,
-        help="Checkpoint to evaluate (ours, released CrIBo, DINO, iBOT or CrOC layout). Without it a "
-        "randomly initialised network is evaluated, with a warning; nothing is ever downloaded.",
+        help="Checkpoint to evaluate (ours, released CrIBo, DINO (ViT or ResNet-50), iBOT, CrOC or VICRegL "
+        "layout). Without it a randomly initialised network is evaluated, with a warning; nothing is ever "
+        "downloaded.",
     )
     group.add_argument(
         "--checkpoint_key",
@@ -465,9 +668,24 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--arch",
         default="vit_small",
         type=str,
-        help="vit_tiny, vit_small or vit_base; must match the checkpoint.",
+        help="vit_tiny, vit_small, vit_base, vit_large, resnet50 or convnext_{tiny,small,base,large,xlarge}; "
+        "must match the checkpoint (a mismatch is reported with the arch the weights fit).",
     )
-    group.add_argument("--patch_size", default=16, type=int, help="Patch size; must match the checkpoint.")
+    group.add_argument(
+        "--patch_size",
+        default=16,
+        type=int,
+        help="ViT patch size; must match the checkpoint (conv nets: unused).",
+    )
+    group.add_argument(
+        "--dense_stage",
+        default=4,
+        type=int,
+        choices=(1, 2, 3, 4),
+        help="Conv nets only: the stage whose map is the dense feature grid (dense NN, figures). 4, the "
+        "last stage at stride 32, is what the conv releases use; 3 gives stride 16 with the stage's own "
+        "(fewer) channels.",
+    )
     group.add_argument(
         "--depth",
         default=None,
@@ -492,4 +710,5 @@ def backbone_from_args(args: argparse.Namespace) -> nn.Module:
         args.checkpoint_key,
         depth=args.depth,
         init_seed=args.init_seed,
+        dense_stage=getattr(args, "dense_stage", 4),
     )

@@ -20,8 +20,13 @@ backbone is frozen; no parameter is trained.
    N = S^2 patches: with ``f_c`` = number of patches of the image that contain class c,
    ``score_patch = (sum_{c present in patch} f_c) * u``, ``u ~ U(0, 1)``, and the n lowest scores are kept
    (patches of classes rare within the image are favoured).
-2. **Search** (A.4). faiss inner product on L2-normalised features (= cosine), exact (``IndexFlatIP``) or
-   IVF (``IndexIVFFlat``). The search returns the similarities, so only the neighbours' labels are read.
+2. **Search** (A.4). Inner product on L2-normalised features (= cosine) over a memory **sharded across
+   ranks** (:mod:`cribo_utils.sharded_search`: each rank holds ``M / W`` entries, exact top-k merged across
+   ranks). The local search is ``torch`` (exact, chunked matrix products and ``topk`` on the evaluation
+   device: the GPU of a GPU node; the default), faiss ``exact`` (``IndexFlatIP``, the former reference)
+   or faiss ``ivf`` (``IndexIVFFlat``, approximate, for large memories); faiss is an optional extra
+   (``pip install cribo[faiss]``). The search returns the similarities, so only the neighbours' labels
+   are read.
 3. **Label transfer** (A.5). For a query patch q with neighbours j = 1..k::
 
        w_j = softmax_j(cos(q, x_j) / beta),      y_hat(q) = sum_j w_j y_j            (k = 30, beta = 0.02)
@@ -36,9 +41,10 @@ the same batch whatever the world size. All randomness of an item is seeded from
 index), never from the rank or the loader order, and the memory is assembled on every rank in global
 item order; results are therefore identical for 1 and W processes.
 
-Memory layout: features are float32 (M, D) inside the faiss index only; labels are kept as at most L
-(class id, pixel count) pairs per patch (uint8 or int16), L being the largest number of classes in any
-stored patch, instead of a dense (M, C) float32 matrix.
+Memory layout: features are float32, (M / W, D) per rank inside its shard's index only; labels are kept
+on every rank (a neighbour may live on any shard) as at most L (class id, pixel count) pairs per patch
+(uint8 or int16), L being the largest number of classes in any stored patch, instead of a dense (M, C)
+float32 matrix: about 16 bytes per entry against 4 D for the features.
 """
 
 from __future__ import annotations
@@ -61,10 +67,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cribo_utils import distributed
 from cribo_utils.metrics import ConfusionMatrixAccumulator
+from cribo_utils.sharded_search import LocalIndex, ShardedIndex, TorchShardIndex
 
 logger = logging.getLogger(__name__)
 
-INDEX_KINDS = ("exact", "ivf")
+INDEX_KINDS = ("torch", "exact", "ivf")
 DATASETS = ("synthetic", "voc", "ade20k")
 # Default training / validation split names per dataset (open-hummingbird-eval's choices).
 DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
@@ -96,7 +103,8 @@ class DenseNNConfig:
         temperature: beta of the softmax over neighbour similarities (0.02 in open-hummingbird-eval).
         augmentation_epochs: passes over the training subset when building the memory.
         train_fraction: fraction of training images used (fixed subset drawn with ``seed``).
-        index: ``"exact"`` (IndexFlatIP) or ``"ivf"`` (IndexIVFFlat).
+        index: ``"torch"`` (exact, chunked matmul + topk on the device), ``"exact"`` (faiss IndexFlatIP)
+            or ``"ivf"`` (faiss IndexIVFFlat).
         nlist: IVF lists; None picks ``4 sqrt(M)`` (at most M / 39).
         nprobe: IVF lists searched per query (clamped to nlist).
         batch_size: images per forward pass and per search call (per process).
@@ -119,7 +127,7 @@ class DenseNNConfig:
     temperature: float = 0.02
     augmentation_epochs: int = 2
     train_fraction: float = 1.0
-    index: str = "exact"
+    index: str = "torch"
     nlist: int | None = None
     nprobe: int = 32
     batch_size: int = 16
@@ -138,7 +146,8 @@ class DenseNNConfig:
         if self.input_size <= 0 or self.input_size % patch_size:
             raise ValueError(
                 f"--input_size {self.input_size} must be a positive multiple of --patch_size "
-                f"{patch_size} (e.g. {max(1, round(self.input_size / patch_size)) * patch_size})"
+                f"{patch_size} (a conv net's dense stride: 32 for its last stage) "
+                f"(e.g. {max(1, round(self.input_size / patch_size)) * patch_size})"
             )
         if self.memory_size is not None and self.memory_size <= 0:
             raise ValueError(
@@ -442,9 +451,10 @@ def estimate_memory_bytes(
 ) -> dict[str, int]:
     """Host bytes the memory needs on one node, before anything is built.
 
-    Per process: the faiss index (``M * D * 4``, plus 8-byte ids for IVF), the compact labels
-    (``M * L * bytes``, L estimated as ``min(C, p^2, 8)``) and the process's own feature shard
-    (``M / W * D * 4``); times the processes on the node, since every process holds the whole index.
+    Per process: its shard of the index (``M / W * D * 4``, plus 8-byte ids for IVF; for ``torch`` on a
+    GPU this lives in GPU memory but is counted here anyway), the compact labels of the whole memory
+    (``M * L * bytes``, L estimated as ``min(C, p^2, 8)``) and the process's extracted feature shard
+    (``M / W * D * 4``); times the processes on the node.
 
     Returns:
         dict with ``features``, ``labels``, ``index`` (per process) and ``total`` (per node) in bytes.
@@ -455,8 +465,9 @@ def estimate_memory_bytes(
         * width
         * (_smallest_int_dtype(num_classes - 1).itemsize + _smallest_int_dtype(patch_size**2).itemsize)
     )
-    index_bytes = size * dim * 4 + (size * 8 if index == "ivf" else 0)
-    shard_bytes = math.ceil(size / world_size) * dim * 4
+    shard_rows = math.ceil(size / world_size)
+    index_bytes = shard_rows * dim * 4 + (shard_rows * 8 if index == "ivf" else 0)
+    shard_bytes = shard_rows * dim * 4
     total = processes_per_node * (index_bytes + label_bytes + shard_bytes)
     return {"features": shard_bytes, "labels": label_bytes, "index": index_bytes, "total": total}
 
@@ -486,7 +497,7 @@ def check_memory_fits(
         dim: feature width D.
         num_classes: C.
         patch_size: p.
-        index: ``"exact"`` or ``"ivf"``.
+        index: one of ``INDEX_KINDS``.
         requested_size: the ``--memory_size`` flag (for the message).
         available: bytes available (default :func:`available_memory_bytes`).
     Returns:
@@ -513,11 +524,11 @@ def check_memory_fits(
         raise MemoryError(
             f"{flag}: the dense-NN memory of {plan.size} patches x {dim} dims needs about "
             f"{estimate['total'] / gib:.1f} GiB of RAM on this node ({local_processes} process(es), each "
-            f"holding the faiss index {estimate['index'] / gib:.1f} GiB + labels "
+            f"holding its index shard {estimate['index'] / gib:.1f} GiB + labels "
             f"{estimate['labels'] / gib:.1f} GiB + its feature shard {estimate['features'] / gib:.1f} GiB), "
             f"but only {available / gib:.1f} GiB are available (MemAvailable in /proc/meminfo). Use "
-            f"--memory_size {max(1, fitting)} or less, or run fewer processes per node (--index ivf needs as "
-            "much memory as exact)."
+            f"--memory_size {max(1, fitting)} or less, or spread the run over more nodes (each process holds "
+            "1/W of the memory; --index ivf needs as much as exact)."
         )
     logger.info(
         "memory bank: %d entries, about %.2f GiB of %.2f GiB available",
@@ -673,9 +684,16 @@ def backbone_attribute(backbone: nn.Module, name: str) -> int:
     if value is None:
         raise AttributeError(
             f"the backbone ({type(backbone).__name__}) has no `{name}`; the dense-NN evaluation expects a "
-            "models.VisionTransformer or a module with `embed_dim`, `patch_size` and `forward_features`"
+            "backbone of models/ (ViT, ResNet-50, ConvNeXt) or a module with `embed_dim`, `patch_size` "
+            "(the dense grid's stride) and `forward_features`"
         )
     return int(value)
+
+
+def dense_feature_dim(backbone: nn.Module) -> int:
+    """Width of the dense grid: ``dense_dim`` (a conv net's chosen stage), else ``embed_dim``."""
+    value = getattr(backbone, "dense_dim", None)
+    return int(value) if value is not None else backbone_attribute(backbone, "embed_dim")
 
 
 def patch_features(backbone: nn.Module, images: Tensor, patch_size: int) -> Tensor:
@@ -708,7 +726,10 @@ def _import_faiss() -> Any:
     try:
         import faiss
     except ImportError as error:
-        raise ImportError("the dense-NN evaluation needs faiss: pip install faiss-cpu") from error
+        raise ImportError(
+            "--index exact / ivf need faiss, an optional extra: pip install faiss-cpu (or cribo[faiss]); "
+            "--index torch (the default) needs nothing else"
+        ) from error
     return faiss
 
 
@@ -783,7 +804,7 @@ class PatchIndex:
 class DenseMemory:
     """The searchable memory: the index (features), the labels in the same order, and the plan."""
 
-    index: PatchIndex
+    index: ShardedIndex
     labels: PatchLabels
     plan: MemoryPlan
     image_indices: Sequence[int] = ()
@@ -831,7 +852,7 @@ def extract_memory_shard(
     loader = _shard_loader(items, cfg, device)
     num_local = len(loader.dataset)  # type: ignore[arg-type]
     keep = plan.patches_kept_per_image
-    dim = backbone_attribute(backbone, "embed_dim")
+    dim = dense_feature_dim(backbone)
     features = torch.empty(num_local * keep, dim, dtype=torch.float32)
     label_parts: list[PatchLabels] = []
     row = 0
@@ -890,6 +911,46 @@ def _ivf_training_sample(shard: MemoryShard, sizes: list[int], nlist: int, seed:
     return distributed.all_gather_varlen(local).cpu()
 
 
+def _local_index(
+    shard: MemoryShard, sizes: list[int], cfg: DenseNNConfig, device: torch.device
+) -> LocalIndex:
+    """This rank's index of its own shard: torch (on ``device``) or faiss (IVF: globally trained lists)."""
+    dim = shard.features.shape[1]
+    if cfg.index == "torch":
+        local: TorchShardIndex | PatchIndex = TorchShardIndex(dim, device)
+    else:
+        nlist = (cfg.nlist or default_nlist(sum(sizes))) if cfg.index == "ivf" else 1
+        local = PatchIndex(dim, cfg.index, nlist, cfg.nprobe)
+        if not local.is_trained:
+            # Every rank trains the same quantiser on the same global sample, so the lists agree.
+            local.train(_ivf_training_sample(shard, sizes, nlist, cfg.seed))
+    for start in range(0, shard.features.shape[0], _ASSEMBLY_CHUNK_ROWS):
+        local.add(shard.features[start : start + _ASSEMBLY_CHUNK_ROWS])
+    return local
+
+
+def _all_labels(labels: PatchLabels, sizes: list[int]) -> PatchLabels:
+    """The labels of the whole memory on every rank, in global order (each rank's rows broadcast)."""
+    if distributed.get_world_size() == 1:
+        return labels
+    width = labels.width
+    class_parts, count_parts = [], []
+    for src, size in enumerate(sizes):
+        for start in range(0, size, _ASSEMBLY_CHUNK_ROWS):
+            stop = min(size, start + _ASSEMBLY_CHUNK_ROWS)
+            # int32 on the wire: gloo and NCCL do not all support int16.
+            class_parts.append(_broadcast_rows(labels.classes, src, start, stop, (width,), torch.int32))
+            count_parts.append(_broadcast_rows(labels.counts, src, start, stop, (width,), torch.int32))
+    classes = torch.cat(class_parts) if class_parts else labels.classes.int()
+    counts = torch.cat(count_parts) if count_parts else labels.counts.int()
+    return PatchLabels(
+        classes.to(labels.classes.dtype),
+        counts.to(labels.counts.dtype),
+        labels.num_classes,
+        labels.pixels_per_patch,
+    )
+
+
 def assemble_memory(
     shard: MemoryShard,
     plan: MemoryPlan,
@@ -897,49 +958,36 @@ def assemble_memory(
     device: torch.device,
     image_indices: Sequence[int] = (),
 ) -> DenseMemory:
-    """Build the index and label table of the whole memory on every rank, in global item order.
+    """Index this rank's shard and gather the label table of the whole memory, in global item order.
 
-    Rank r's shard is broadcast in chunks of rows and added to the index as it arrives, so no rank ever
-    holds the full (M, D) feature matrix outside the index. For IVF the quantiser is first trained on a
-    seeded sample of the memory.
+    The features stay sharded: rank r indexes only its own rows ``[offset_r, offset_r + m_r)`` (its
+    extracted items, contiguous in global order) and searches go through
+    :class:`cribo_utils.sharded_search.ShardedIndex`. The labels (a few bytes per entry) are broadcast so
+    that every rank can read the labels of neighbours found on any shard. For IVF the quantiser is trained
+    on a seeded sample of the whole memory, identical on every rank.
 
     Args:
         shard: this rank's features and labels.
         plan: memory plan.
         cfg: protocol parameters (index kind, nlist, nprobe, seed).
-        device: where the label table is kept (the queries' device; labels are gathered there).
+        device: where the torch index and the label table are kept (the queries' device).
         image_indices: training images used (recorded).
     Returns:
         The memory.
     """
-    num_classes, pixels = shard.labels.num_classes, shard.labels.pixels_per_patch
-    dim = shard.features.shape[1]
     sizes = _rank_sizes(shard.features.shape[0])
-    total = sum(sizes)
     width = max(_rank_sizes(shard.labels.width))
-    labels = shard.labels.padded(width)
-    nlist = (cfg.nlist or default_nlist(total)) if cfg.index == "ivf" else 1
-    index = PatchIndex(dim, cfg.index, nlist, cfg.nprobe)
-    if not index.is_trained:
-        index.train(_ivf_training_sample(shard, sizes, nlist, cfg.seed))
-    if distributed.get_world_size() == 1:
-        for start in range(0, total, _ASSEMBLY_CHUNK_ROWS):
-            index.add(shard.features[start : start + _ASSEMBLY_CHUNK_ROWS])
-        all_labels = labels
-    else:
-        class_parts, count_parts = [], []
-        for src, size in enumerate(sizes):
-            for start in range(0, size, _ASSEMBLY_CHUNK_ROWS):
-                stop = min(size, start + _ASSEMBLY_CHUNK_ROWS)
-                index.add(_broadcast_rows(shard.features, src, start, stop, (dim,), torch.float32))
-                # int32 on the wire: gloo and NCCL do not all support int16.
-                class_parts.append(_broadcast_rows(labels.classes, src, start, stop, (width,), torch.int32))
-                count_parts.append(_broadcast_rows(labels.counts, src, start, stop, (width,), torch.int32))
-        classes = torch.cat(class_parts) if class_parts else labels.classes.int()
-        counts = torch.cat(count_parts) if count_parts else labels.counts.int()
-        all_labels = PatchLabels(
-            classes.to(labels.classes.dtype), counts.to(labels.counts.dtype), num_classes, pixels
-        )
+    local = _local_index(shard, sizes, cfg, device)
+    all_labels = _all_labels(shard.labels.padded(width), sizes)
+    index = ShardedIndex(local, sizes, _comm_device())
+    logger.info(
+        "dense-NN memory shard of rank %d: rows [%d, %d) of %d (%s index)",
+        distributed.get_rank(),
+        index.offset,
+        index.offset + len(local),
+        len(index),
+        cfg.index,
+    )
     return DenseMemory(index, all_labels.to(device), plan, image_indices)
 
 
@@ -970,9 +1018,7 @@ def build_memory(
     side = cfg.input_size // patch_size
     num_images = training_subset_size(len(train_dataset), cfg.train_fraction)
     plan = plan_memory(num_images, cfg.augmentation_epochs, side * side, cfg.memory_size)
-    check_memory_fits(
-        plan, backbone_attribute(backbone, "embed_dim"), num_classes, patch_size, cfg.index, cfg.memory_size
-    )
+    check_memory_fits(plan, dense_feature_dim(backbone), num_classes, patch_size, cfg.index, cfg.memory_size)
     image_indices = training_subset(len(train_dataset), cfg.train_fraction, cfg.seed)
     items = MemoryItems(
         train_dataset, image_indices, cfg.augmentation_epochs, memory_transform(cfg), side * side, cfg.seed
@@ -1050,9 +1096,9 @@ def predict(backbone: nn.Module, images: Tensor, memory: DenseMemory, cfg: Dense
     """Per-pixel class predictions of a batch of images by nearest-neighbour label transfer.
 
     Args:
-        backbone: eval-mode ViT.
+        backbone: eval-mode backbone (ViT or conv net: its dense grid of stride p).
         images: (B, 3, H, W) normalised, H and W multiples of p.
-        memory: the memory.
+        memory: the memory (the search is a collective over the ranks holding its shards).
         cfg: ``num_neighbours`` (k) and ``temperature`` (beta).
     Returns:
         (B, H, W) int64 class ids.
@@ -1098,11 +1144,28 @@ def evaluate_memory(
             len(memory),
             cfg.num_neighbours,
         )
+    local_batches = 0
     for images, masks in _progress(loader, cfg, "dense-NN validation"):
         prediction = predict(backbone, images.to(device, non_blocking=True), memory, cfg)
         accumulator.update(prediction, masks.to(prediction.device))
+        local_batches += 1
+    # The sharded search is a collective: a rank with fewer batches joins the others' remaining searches.
+    dim = dense_feature_dim(backbone)
+    for _ in range(local_batches, _max_batches_per_rank(len(val_dataset), cfg.batch_size)):
+        memory.index.search(torch.zeros(0, dim), min(cfg.num_neighbours, len(memory)))
     accumulator.all_reduce()
     return accumulator
+
+
+def _max_batches_per_rank(num_items: int, batch_size: int) -> int:
+    """The largest number of batches any rank's :func:`shard_range` gives (the same on every rank)."""
+    world_size = distributed.get_world_size()
+    return max(
+        math.ceil((stop - start) / batch_size)
+        for start, stop in (
+            shard_range(num_items, batch_size, rank, world_size) for rank in range(world_size)
+        )
+    )
 
 
 def dataset_classes(dataset: Any) -> tuple[int, list[str]]:
@@ -1157,8 +1220,9 @@ def evaluate_dense_nn(
         "memory_entries": len(memory),
         "label_width": memory.labels.width,
         "memory_ignore_pixels": "class 0" if cfg.ignore_to_background else "dropped",
-        "nlist": memory.index.nlist if cfg.index == "ivf" else None,
-        "nprobe_used": memory.index.nprobe if cfg.index == "ivf" else None,
+        "nlist": getattr(memory.index.local, "nlist", None) if cfg.index == "ivf" else None,
+        "nprobe_used": getattr(memory.index.local, "nprobe", None) if cfg.index == "ivf" else None,
+        "memory_entries_per_rank": memory.index.shard_sizes,
         "world_size": distributed.get_world_size(),
         "seconds": time.perf_counter() - start_time,
         "confusion_matrix": accumulator.confusion.cpu().tolist(),
@@ -1256,10 +1320,12 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     import json
 
     from cribo_utils.checkpoint_formats import backbone_from_args
+    from models import dense_stride
 
     env = distributed.init_distributed()
     cfg = config_from_args(args)
-    cfg.validate(args.patch_size)
+    # A ViT's patch grid has the stride --patch_size; a conv net's dense grid that of --dense_stage.
+    cfg.validate(dense_stride(args.arch, args.patch_size, getattr(args, "dense_stage", 4)))
     torch.manual_seed(args.seed)
     output_json = args.output_json or default_output_json(args.pretrained_weights)
     train_dataset, val_dataset = build_datasets(args)

@@ -13,6 +13,10 @@ Feature kinds (``extract_features(kind=...)``), for a ViT with final LayerNorm `
 - ``"patch"``: ``norm(z_L)[1:]``, shape (B, N, D) (dense NN retrieval, Part A);
 - ``"linear"``: DINO's linear-probe input (Part C), shape (B, D * (n + avgpool)):
   ``[norm(z_{L-n+1})[CLS], ..., norm(z_L)[CLS], (mean_i norm(z_L)[i] if avgpool)]``.
+
+For a conv backbone (``models.resnet``, ``models.convnext``) ``"cls"`` and ``"linear"`` are its global
+feature (global average pool of the last stage) and ``"patch"`` its dense grid (last stage, stride 32),
+through the same ``forward`` / ``forward_features`` interface (``models/__init__.py``).
 """
 
 from __future__ import annotations
@@ -101,19 +105,37 @@ def linear_probe_features(
     the pooled vector with the [CLS] vector and only supports ``n = 1`` with ``avgpool``), the pooled
     vector is simply appended, for any ``n``.
 
+    A conv net (no ``get_intermediate_layers``) gives its global feature ``model(images)``, the global
+    average pool of the last stage that VICRegL's and DINO's ResNet-50 linear evaluations train on;
+    ``n_last_blocks`` and ``avgpool`` do not apply to it.
+
     Args:
-        model: ViT with ``get_intermediate_layers(x, n)``.
+        model: ViT with ``get_intermediate_layers(x, n)``, or a conv backbone.
         images: (B, 3, H, W).
         n_last_blocks: n >= 1.
         avgpool: append the mean of the last block's patch tokens.
     Returns:
-        (B, D * (n + avgpool)).
+        (B, D * (n + avgpool)) for a ViT, (B, D) for a conv net.
     """
+    if not hasattr(model, "get_intermediate_layers"):
+        return model(images)
     outputs = model.get_intermediate_layers(images, n_last_blocks)
     parts = [tokens[:, 0] for tokens in outputs]
     if avgpool:
         parts.append(outputs[-1][:, 1:].mean(dim=1))
     return torch.cat(parts, dim=-1)
+
+
+def is_vit(model: nn.Module) -> bool:
+    """True for a ViT backbone (it has [CLS] and attention), False for a conv net."""
+    return bool(getattr(model, "has_attention", hasattr(model, "get_intermediate_layers")))
+
+
+def global_feature_name(model: nn.Module) -> str:
+    """What ``model(images)`` is, for result files: the [CLS] token or the pooled last stage."""
+    if is_vit(model):
+        return "final-norm [CLS]"
+    return f"global-average-pooled last-stage ({type(model).__name__})"
 
 
 def compute_features(

@@ -36,6 +36,8 @@ from cribo_utils.features import (
     build_eval_loader,
     default_results_path,
     extract_features,
+    global_feature_name,
+    is_vit,
     num_classes_of,
     resolve_image_sizes,
     write_results_json,
@@ -277,11 +279,11 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("%d-NN classifier result: %s", k, ", ".join(f"{n} {v:.2f}" for n, v in accuracy.items()))
 
     results = {
-        "protocol": "DINO weighted k-NN on L2-normalised final-norm [CLS] features",
+        "protocol": f"DINO weighted k-NN on L2-normalised {global_feature_name(model)} features",
         "pretrained_weights": args.pretrained_weights,
         "checkpoint_key": args.checkpoint_key,
         "arch": args.arch,
-        "patch_size": args.patch_size,
+        "patch_size": args.patch_size if is_vit(model) else None,
         "dataset": args.dataset,
         "data_path": args.data_path,
         "resize": resize,

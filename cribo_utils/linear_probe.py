@@ -46,6 +46,8 @@ from cribo_utils.features import (
     build_eval_loader,
     default_results_path,
     extract_features,
+    global_feature_name,
+    is_vit,
     linear_probe_features,
     num_classes_of,
     resolve_image_sizes,
@@ -402,7 +404,10 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
 
     output = args.output_json or default_results_path(args.pretrained_weights, "eval_linear.json")
     results = {
-        "protocol": "DINO linear probe on frozen final-norm [CLS] tokens of the last n blocks",
+        "protocol": "DINO linear probe on frozen final-norm [CLS] tokens of the last n blocks"
+        if is_vit(model)
+        else f"linear probe on frozen {global_feature_name(model)} features (n_last_blocks and "
+        "avgpool_patchtokens do not apply)",
         "deviation": None
         if train_aug
         else "no training augmentation (centre crops)"
@@ -410,7 +415,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
         "pretrained_weights": args.pretrained_weights,
         "checkpoint_key": args.checkpoint_key,
         "arch": args.arch,
-        "patch_size": args.patch_size,
+        "patch_size": args.patch_size if is_vit(model) else None,
         "depth": int(getattr(model, "depth", 0)),
         "dataset": args.dataset,
         "data_path": args.data_path,

@@ -82,7 +82,10 @@ IGNORE_COLOUR: tuple[int, int, int] = (224, 224, 192)
 #: Seed of the fixed random ADE20K palette.
 ADE20K_PALETTE_SEED = 20160
 
-_EMBED_DIM_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+#: Default input side of the figures for a conv net (a multiple of its stride 32).
+_CONV_FIGURE_IMAGE_SIZE = 224
+
+_EMBED_DIM_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}
 
 # Settings used when neither the command line nor the checkpoint gives them: the synthetic CPU preset
 # (the default data set), and the parser's defaults for the two data-set keys the preset leaves alone.
@@ -453,7 +456,8 @@ def load_figure_model(
     Args:
         weights: any checkpoint layout of :mod:`cribo_utils.checkpoint_formats`; None: random weights.
         checkpoint_key: network of a student/teacher checkpoint (``teacher`` by default).
-        arch: ``vit_tiny`` / ``vit_small`` / ``vit_base``.
+        arch: ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large``, or a conv arch
+            (``resnet50``, ``convnext_*``; also chosen when the weights are a conv net's).
         patch_size: ViT patch size.
         depth: number of blocks.
         seed: seed of the random initialisation.
@@ -465,6 +469,9 @@ def load_figure_model(
     """
     from models import build_backbone
 
+    conv_model = _load_conv_figure_model(weights, checkpoint_key, arch, seed, device)
+    if conv_model is not None:
+        return conv_model
     if weights is None:
         if arch is None:  # the synthetic preset as a whole; an explicit --arch keeps its own depth
             arch, depth = _FALLBACK["arch"], depth or _FALLBACK["depth"]
@@ -526,6 +533,46 @@ def load_figure_model(
         depth=int(depth),
         training_args=training_args,
         image_size=image_size,
+    )
+
+
+def _load_conv_figure_model(
+    weights: str | None, checkpoint_key: str, arch: str | None, seed: int, device: str | torch.device
+) -> FigureModel | None:
+    """:class:`FigureModel` of a conv backbone (ResNet-50, ConvNeXt), or None when the figures get a ViT.
+
+    A conv net is used when ``arch`` names one, or when ``arch`` is not given and the weights' shapes are
+    a conv net's. Its dense grid (last stage, stride 32) stands for the patch tokens; it has no attention.
+    """
+    from cribo_utils.architecture_detection import detect_architecture
+    from cribo_utils.checkpoint_formats import build_pretrained_backbone, extract_backbone_state_dict
+    from models import CONV_ARCHS, build_eval_backbone
+
+    if arch is None and weights is not None:
+        from cribo_utils.checkpoint_formats import load_checkpoint_file
+
+        detected = detect_architecture(
+            extract_backbone_state_dict(load_checkpoint_file(weights), checkpoint_key)
+        )
+        arch = detected.arch if detected.family in ("resnet", "convnext") else None
+    if arch not in CONV_ARCHS:
+        return None
+    if weights is None:
+        with _seeded(seed):
+            backbone = build_eval_backbone(arch)
+        backbone.eval().requires_grad_(False)
+        logger.warning("RANDOM INITIALISATION: no --pretrained_weights given, drawing a random %s", arch)
+    else:
+        backbone = build_pretrained_backbone(arch, 16, weights, checkpoint_key)
+    backbone.to(device)
+    # FigureModel types its backbone as a ViT; conv nets share the interface the figures use.
+    return FigureModel(
+        backbone,  # type: ignore[arg-type]
+        arch,
+        int(getattr(backbone, "patch_size")),  # noqa: B009
+        0,
+        {},
+        _CONV_FIGURE_IMAGE_SIZE,
     )
 
 
@@ -1243,6 +1290,9 @@ def plot_attention(
 ) -> Path:
     """Figure 4: last-layer [CLS] attention per head and the PCA of the patch features as RGB.
 
+    A conv backbone (``has_attention`` False) has no attention: the figure says so in its title and
+    draws the image and the PCA of its dense features (last stage, stride 32) only.
+
     One row per image (resized and centre-cropped to ``image_size``): the image, one panel per head
     (:func:`attention_maps`, each min-max scaled to [0, 1], its range in the title), and
     :func:`pca_rgb` of the final patch tokens, fitted jointly on all images so a colour means the same
@@ -1261,7 +1311,16 @@ def plot_attention(
     _check_image_size(image_size, patch_size)
     device = _device_of(backbone)
     batch = torch.stack([square_input(image.convert("RGB"), image_size) for image in images]).to(device)
-    maps = attention_maps(backbone, batch).float().cpu()
+    has_attention = bool(getattr(backbone, "has_attention", True))
+    if has_attention:
+        maps = attention_maps(backbone, batch).float().cpu()
+    else:
+        logger.warning(
+            "%s is a conv net: it has no attention maps; drawing the images and the PCA of its dense "
+            "features only",
+            type(backbone).__name__,
+        )
+        maps = torch.zeros(len(images), 0, 1, 1)
     _, tokens = backbone.forward_features(batch)
     side = image_size // patch_size
     colours = rearrange(pca_rgb(tokens.float().cpu()), "b (h w) c -> b h w c", h=side).numpy()
@@ -1282,9 +1341,15 @@ def plot_attention(
             )
         pca_picture = np.rint(upsample_patch_grid(colours[row], patch_size) * 255).astype(np.uint8)
         _show(axes[row, heads + 1], pca_picture, "PCA of patch features")
+    title = "last-layer [CLS] attention per head; first 3 principal components of the patch tokens as RGB"
+    if not has_attention:
+        title = (
+            f"{type(backbone).__name__} is a conv net and has no attention maps; first 3 principal "
+            f"components of its dense features (stride {patch_size}) as RGB"
+        )
     _finish_layout(
         figure,
-        "last-layer [CLS] attention per head; first 3 principal components of the patch tokens as RGB",
+        title,
         wspace=0.05,
         hspace=0.2,
     )

@@ -190,7 +190,11 @@ class VisionTransformer(nn.Module):
             activations shrink from about 17 D floats per token and block (1.98 GB for ViT-S/16, 32 crops
             of 224 px, fp32) to D per token and block, for one extra forward of the blocks. Results and
             gradients are unchanged (the drop-path draws are replayed). Off by default.
+        has_attention: True (:meth:`get_last_selfattention`); the conv backbones have none.
+        dense_dim: width of the dense grid (the patch tokens), D.
     """
+
+    has_attention = True
 
     def __init__(
         self,
@@ -212,7 +216,7 @@ class VisionTransformer(nn.Module):
             )
         if depth < 1:
             raise ValueError(f"VisionTransformer: depth must be >= 1, got {depth}")
-        self.embed_dim = self.num_features = embed_dim
+        self.embed_dim = self.num_features = self.dense_dim = embed_dim
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.depth = depth
@@ -382,4 +386,11 @@ def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-Base: D = 768, 12 blocks, 12 heads."""
     return VisionTransformer(
         patch_size=patch_size, **{"embed_dim": 768, "depth": 12, "num_heads": 12, **kwargs}
+    )
+
+
+def vit_large(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-Large: D = 1024, 24 blocks, 16 heads (iBOT's ViT-L/16 release)."""
+    return VisionTransformer(
+        patch_size=patch_size, **{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs}
     )

@@ -203,12 +203,22 @@ def test_bench_dense_nn_smoke_and_skip(tmp_path: Path) -> None:
         ]
     )
     payload = json.loads(out.read_text())
-    pipeline, index = payload["results"]
+    pipeline, *indexes = payload["results"]
     assert pipeline["memory_entries"] == 2 * 4  # 2 images x 1 pass x (32/16)^2 patches, all kept
     assert pipeline["images_per_s"]["memory: whole build (extract + index add)"] > 0
-    assert index["memory_size"] == 300 and index["search_queries"] == 4 and index["found_all"]
-    (skipped,) = payload["skipped"]
-    assert skipped["memory_size"] == 10_000_000_000 and "GB" in skipped["reason"]
+    # Both backends side by side, for one and two processes (each holding half of the 300 rows).
+    assert [(r["config"]["index"], r["world_size"], r["rows_per_process"]) for r in indexes] == [
+        ("torch", 1, 300),
+        ("exact", 1, 300),
+        ("torch", 2, 150),
+        ("exact", 2, 150),
+    ]
+    for index in indexes:
+        assert index["memory_size"] == 300 and index["search_queries"] == 4 and index["found_all"]
+        assert index["index_bytes_per_process"] == index["rows_per_process"] * 192 * 4
+        assert index["search_queries_per_s"] > 0 and index["peak_rss_bytes"] > 0
+    assert [s["world_size"] for s in payload["skipped"]] == [1, 2]
+    assert all(s["memory_size"] == 10_000_000_000 and "GB" in s["reason"] for s in payload["skipped"])
 
 
 def test_bench_retrieval_smoke(tmp_path: Path) -> None:

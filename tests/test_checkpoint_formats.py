@@ -231,13 +231,28 @@ def test_strict_mismatch_lists_missing_unexpected_and_format(networks, tmp_path)
     assert str(path) in message
 
 
-def test_shape_mismatch_is_listed_with_a_hint(networks, tmp_path):
+def test_wrong_arch_names_the_arch_the_shapes_fit(networks, tmp_path):
     path = tmp_path / "tiny_bare.pth"
     torch.save(networks["teacher"].backbone.state_dict(), path)
     with pytest.raises(cf.CheckpointFormatError) as info:
         cf.build_pretrained_backbone("vit_small", 16, weights=path)
     message = str(info.value)
-    assert "cls_token: checkpoint (1, 1, 192) vs model (1, 1, 384)" in message
+    assert "holds a ViT-Tiny/16 backbone, but --arch vit_small was requested" in message
+    assert "--arch vit_tiny --patch_size 16" in message and "bare backbone state dict" in message
+    assert "\n" not in message and "missing keys" not in message
+    with pytest.raises(cf.CheckpointFormatError, match="pass --patch_size 16"):
+        cf.build_pretrained_backbone("vit_tiny", 8, weights=path)
+
+
+def test_shape_mismatch_is_listed_with_a_hint(networks, tmp_path):
+    state = networks["teacher"].backbone.state_dict()
+    state["norm.weight"] = torch.ones(7)
+    path = tmp_path / "tiny_bare.pth"
+    torch.save(state, path)
+    with pytest.raises(cf.CheckpointFormatError) as info:
+        cf.build_pretrained_backbone("vit_tiny", 16, weights=path)
+    message = str(info.value)
+    assert "norm.weight: checkpoint (7,) vs model (192,)" in message
     assert "--arch" in message and "bare backbone state dict" in message
 
 
@@ -320,7 +335,7 @@ def test_load_released_model_names(networks, tmp_path):
         cf.load_released_model("cribo_vits8_in", None)
     path = tmp_path / "bare.pth"
     torch.save(networks["teacher"].backbone.state_dict(), path)
-    with pytest.raises(cf.CheckpointFormatError, match="shape mismatches"):
+    with pytest.raises(cf.CheckpointFormatError, match="pass --arch vit_tiny"):
         cf.load_released_model("cribo_vits16_in", path)
 
 

@@ -402,8 +402,8 @@ def test_ivf_index_end_to_end() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _distributed_run(memory_size: int) -> dict[str, Any]:
-    from cribo_utils.distributed import get_world_size
+def _distributed_run(memory_size: int, index: str) -> dict[str, Any]:
+    from cribo_utils.distributed import all_gather_varlen, get_world_size
     from models import build_backbone
 
     torch.manual_seed(0)
@@ -417,28 +417,54 @@ def _distributed_run(memory_size: int) -> dict[str, Any]:
         progress=False,
         num_neighbours=5,
         seed=3,
+        index=index,
     )
     memory = build_memory(backbone, StripeScenes(10, ignore_fraction=0.05), cfg, NUM_CLASSES)
     accumulator = dense_nn.evaluate_memory(backbone, memory, StripeScenes(7, offset=50), NUM_CLASSES, cfg)
+    local = memory.index.local
+    if index == "torch":
+        local_features = local.features.cpu()
+    else:
+        local_features = torch.from_numpy(local.index.reconstruct_n(0, len(local)))
     return {
         "world_size": get_world_size(),
-        "features": torch.from_numpy(memory.index.index.reconstruct_n(0, len(memory))),
+        "local_rows": len(local),
+        "shard_sizes": memory.index.shard_sizes,
+        "features": all_gather_varlen(local_features),
         "labels": memory.labels.to_dense(),
         "confusion": accumulator.confusion,
     }
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_give_identical_results() -> None:
-    single = _distributed_run(100)  # this process: a world of one, one thread (conftest), like the workers
-    pair = run_distributed(_distributed_run, 100, world_size=2, timeout_s=120)
+@pytest.mark.parametrize("index", ["torch", "exact"])
+def test_one_and_two_processes_give_identical_results(index: str) -> None:
+    """Same memory, same neighbours, same confusion matrix; each of 2 processes holds about half."""
+    if index == "exact":
+        pytest.importorskip("faiss")
+    single = _distributed_run(100, index)  # this process: a world of one, one thread (conftest)
+    pair = run_distributed(_distributed_run, 100, index, world_size=2, timeout_s=120)
     assert single["world_size"] == 1 and pair[0]["world_size"] == 2
     assert single["features"].shape == (10 * 2 * 5, 192)  # 100 // (10 x 2) = 5 patches per crop
     assert single["confusion"].sum() == 7 * SIZE * SIZE
+    # 20 items in batches of 4: rank 0 extracts batches 0-1 (8 items), rank 1 batches 2-4 (12 items).
+    assert [result["local_rows"] for result in pair] == [40, 60] == pair[0]["shard_sizes"]
     for result in pair:
         assert torch.equal(result["features"], single["features"])
         assert torch.equal(result["labels"], single["labels"])
         assert torch.equal(result["confusion"], single["confusion"])
+
+
+def test_torch_and_faiss_search_give_the_same_miou() -> None:
+    pytest.importorskip("faiss")
+    scores = {}
+    for index in ("torch", "exact"):
+        cfg = _no_augmentation(index=index)
+        torch.manual_seed(0)  # the same random features for both searches
+        scores[index] = evaluate_dense_nn(
+            RandomBackbone(), StripeScenes(12), StripeScenes(8, offset=100), cfg
+        )["confusion_matrix"]
+    assert scores["torch"] == scores["exact"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,7 +516,7 @@ def test_eval_dense_nn_main_writes_json(tmp_path: Any) -> None:
         "num_neighbours": 4,
         "temperature": 0.02,
         "augmentation_epochs": 1,
-        "index": "exact",
+        "index": "torch",
         "seed": 0,
         "train_fraction": 1.0,
     }.items():

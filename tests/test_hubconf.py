@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cribo_utils.checkpoint_formats import CheckpointFormatError
+from cribo_utils.checkpoint_formats import RELEASED_MODELS, CheckpointFormatError
 from models import build_backbone
 
 REPO_DIR = str(Path(__file__).resolve().parents[1])
@@ -40,8 +40,11 @@ def test_entry_points_are_listed():
         name for name, value in vars(hubconf).items() if callable(value) and not name.startswith("_")
     )
     entry_points.remove("load_released_model")
-    assert entry_points == ["cribo_vitb16_in", "cribo_vits16_coco", "cribo_vits16_in"]
-    assert hubconf.dependencies == ["torch"]
+    assert entry_points == sorted(RELEASED_MODELS)
+    assert {"cribo_vitb16_in", "dino_resnet50", "ibot_vitl16", "vicregl_convnext_xlarge_alpha0p75"} <= set(
+        entry_points
+    )
+    assert hubconf.dependencies == ["torch", "torchvision"]
 
 
 @pytest.mark.parametrize("key", ["teacher", "student"])

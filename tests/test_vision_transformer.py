@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 from models import ARCHS, build_backbone
-from models.vision_transformer import DropPath, VisionTransformer, vit_base, vit_small, vit_tiny
+from models.vision_transformer import DropPath, VisionTransformer, vit_base, vit_large, vit_small, vit_tiny
 
 
 def _randomise(model: torch.nn.Module) -> None:
@@ -233,11 +233,25 @@ def test_factories_match_timm_shapes(factory, width: int, heads: int, parameters
 
 
 def test_build_backbone_registry() -> None:
-    assert ARCHS == ("vit_tiny", "vit_small", "vit_base")
+    assert ARCHS == ("vit_tiny", "vit_small", "vit_base", "vit_large")
     model = build_backbone("vit_tiny", patch_size=8, drop_path_rate=0.2, img_size=32, depth=3)
     assert (model.patch_size, model.depth, model.pos_embed.shape) == (8, 3, (1, 17, 192))
-    with pytest.raises(ValueError, match="vit_huge.*vit_tiny, vit_small, vit_base"):
+    with pytest.raises(ValueError, match="vit_huge.*vit_tiny, vit_small, vit_base, vit_large"):
         build_backbone("vit_huge")
+    with pytest.raises(ValueError, match="resnet50.*a conv net"):
+        build_backbone("resnet50")
+
+
+def test_vit_large_has_timm_vit_large_patch16_shapes() -> None:
+    """ViT-L/16 (iBOT's release): width 1024, 24 blocks, 16 heads; built on the meta device (no memory)."""
+    with torch.device("meta"):
+        ours = vit_large(patch_size=16)
+        twin = _timm_twin(ours, 224)
+    assert (ours.embed_dim, ours.depth, ours.num_heads, ours.patch_size) == (1024, 24, 16, 16)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in twin.state_dict().items()
+    }
+    assert sum(p.numel() for p in ours.parameters()) == 303_301_632
 
 
 def test_initialisation_like_dino() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +355,33 @@ def test_plot_attention(backbone: torch.nn.Module, scenes: list, tmp_path: Path)
     assert_figure(path, viz.grid_pixel_size(2, 3 + 2, viz.IMAGE_PANEL, DPI))  # image + 3 heads + PCA
     with pytest.raises(ValueError, match="--image_size 40"):
         viz.plot_attention(backbone, scenes[:1], tmp_path / "b.png", image_size=40)
+
+
+def test_plot_attention_of_a_conv_net_says_it_has_none(
+    scenes: list, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ResNet-50 has no attention: the figure says so and draws the image and the PCA panel only."""
+    from models import build_eval_backbone
+
+    resnet = build_eval_backbone("resnet50").eval().requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="cribo_utils.visualize"):
+        path = viz.plot_attention(resnet, scenes[:2], tmp_path / "a.png", image_size=64, dpi=DPI)
+    assert_figure(path, viz.grid_pixel_size(2, 2, viz.IMAGE_PANEL, DPI))
+    assert "conv net: it has no attention maps" in caplog.text
+
+
+def test_load_figure_model_recognises_a_conv_checkpoint(tmp_path: Path) -> None:
+    from models import build_eval_backbone
+
+    torch.manual_seed(0)
+    resnet = build_eval_backbone("resnet50").eval()
+    path = tmp_path / "dino_resnet50_pretrain.pth"
+    torch.save(resnet.state_dict(), path)
+    model = viz.load_figure_model(str(path))
+    assert (model.arch, model.patch_size, model.image_size) == ("resnet50", 32, 224)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.backbone(images), resnet(images))
 
 
 # --------------------------------------------------------------------------------------------------
