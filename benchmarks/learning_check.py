@@ -2,7 +2,7 @@
 measurement of its safety margin.
 
 One check = train the preset's network (ViT-Tiny/16, 6 blocks, 96 px, batches of 4) for a short schedule
-on the easy synthetic scenes, then score its teacher with a small dense-NN protocol (memory of 16,000
+on the easy synthetic scenes, then score its teacher with a small dense-NN protocol (memory of 6,400
 patches from 200 scenes, 100 validation scenes, input 128 px, k = 30) on scenes drawn with
 :data:`CHECK_SEED`, which neither training (seed 0), the tuning runs (seed 1) nor the README's protocol
 (``learning_signal.PROTOCOL_SEED``) uses. ``tests/test_learning.py`` runs one check; this script runs
@@ -58,7 +58,7 @@ def check_protocol() -> DenseNNConfig:
     """The check's dense-NN protocol (small enough for a test, see the module docstring)."""
     return DenseNNConfig(
         input_size=128,
-        memory_size=16_000,
+        memory_size=6_400,
         augmentation_epochs=1,
         batch_size=32,
         num_workers=0,

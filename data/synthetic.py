@@ -1,31 +1,48 @@
 """Synthetic multi-object scenes: the built-in dataset, so training and every test run without a download.
 
-Each image is a small scene of 1 to 4 textured objects on a low-contrast textured background, rendered on
-the fly from ``(seed, split, index)`` with vectorised numpy (no files). It is a real object-level learning
-problem rather than noise:
+Each image is a small scene of textured objects on a smooth background, rendered on the fly from
+``(seed, split, index)`` with vectorised numpy (no files). The scenes are built to answer one question: did
+self-supervision learn object-level features? So a pixel's class is a property that survives the
+pretraining augmentations and that a patch and its neighbourhood can see, and every factor that dominates
+raw pixels and random features is a nuisance the augmentations and the cross-view / cross-image
+objectives teach the network to ignore. The level (``--synthetic_level``, :data:`SCENE_LEVELS`) sets them:
 
-* 12 object classes = 6 shapes x 2 surface textures, so neither the outline nor the texture alone gives the
-  class, and both must be read from several patches;
-* every object gets two random colours (its texture alternates between them), so colour never identifies
-  a class: the per-class mean colour converges to mid-grey for every class;
-  ``object_colours="fixed"`` paints every object with one dark/light pair instead (an easier variant:
-  colour then cannot tell two objects apart either, only shape, texture, size and pose can);
-  :func:`recolour_scene` redraws the object colours of a scene and keeps everything else, which
-  pretraining uses for its second view (``SyntheticScenes(colourings=2)``, ``--synthetic_recolour_views``);
-* objects have a random size (diameter about 25-60% of the image side, i.e. 2-5 patches of 16 px at
-  128 px), rotation and position, and later objects occlude earlier ones;
-* backgrounds come from three texture families (smooth gradient, low-frequency "clouds", fine dots) with
-  random colours and a lower contrast than the objects.
+``easy`` (the default):
+
+* **class = texture family** (:data:`TEXTURE_FAMILIES`: checkered, dotted, grid, striped), a two-colour
+  pattern whose period (12-15 px at 128 px) fits about once in a 16 px patch, so one patch shows its class
+  and a cluster of patches shows it clearly; the four families differ in structure (2-D checks, discs on a
+  lattice, thin crossing lines, 1-D stripes), not in the colours they use. (Bent stripes and random
+  speckle were tried as further classes; even with labels the network confused them with stripes and
+  checks in the default budget, so they are not classes.)
+* **colour is an instance nuisance**: every object gets two random colours, the pattern colour brighter
+  than the base by at least 60 luma (so a pattern is the same light-on-dark figure whatever its hues),
+  and the per-class mean colour is mid-grey for every class. Random features are dominated by colour; the
+  colour jitter and the re-coloured second views of pretraining (:func:`recolour_scene`,
+  ``--synthetic_recolour_views``) teach the network to drop it;
+* **the outline is a nuisance**: six shapes, drawn independently of the class, so shape says nothing;
+* **size, rotation, position and occlusion are nuisances**: objects have diameters of 40-64 % of the side
+  (3-5 patches at 96 px input, large enough for clusters to follow them), a random rotation (pattern and
+  outline turn together), random positions and partial occlusion (1-3 objects, later ones on top); the
+  random resized crops and the cross-view object matching teach invariance to them;
+* **background**: a smooth gradient or low-frequency clouds of random colour and low contrast.
+
+``hard`` keeps the classes and strengthens the nuisances: smaller and more objects (up to four, 25-60 % of
+the side), a wider band of texture periods, a lower contrast between an object's colours, and a dotted
+background clutter that resembles the dotted class. ``legacy`` renders the scenes of earlier releases
+exactly (same random streams, same pixels): 12 classes = 6 shapes x 2 textures, so the class needs the
+outline and the texture together (see benchmarks/README.md for why that benchmark could not fail).
 
 Masks are exact: objects are drawn as hard (non anti-aliased) masks and the image takes, at every pixel,
 the colour of the object that the mask names, so ``mask`` is the per-pixel ground truth (0 = background,
 ``c + 1`` for object class ``c``; no pixel is ambiguous, so :data:`IGNORE_INDEX` never occurs). The
 image-level label used for classification (k-NN, linear probe) is the object class covering the most
-pixels, 0-based among object classes.
+pixels, 0-based among object classes. ``object_colours="fixed"`` paints every object with one dark/light
+pair instead (colour then cannot tell two objects apart either).
 
 Export to disk (Pascal VOC layout and ImageFolder layout)::
 
-    python -m data.synthetic --out data/synthetic_export --image_size 128 --num_train 5000 --num_val 500
+    python -m data.synthetic --out data/synthetic_export --level easy --num_train 5000 --num_val 500
 """
 
 from __future__ import annotations
@@ -194,19 +211,14 @@ class SceneLevel:
         return ("background", *self.classes)
 
 
-# The texture families of the texture levels, sorted. Each is a two-colour pattern with a period of a
-# fraction of a patch, so one 16 px patch holds one or two periods and sees which family it is; they differ
-# in structure, not in colour or in the share of each colour alone (striped and checkered 1/2, wavy 1/2,
-# speckled about 1/2, dotted 0.28, grid 0.44 of the second colour).
+# The classes of the texture levels, sorted (the ImageFolder order). Each is a two-colour pattern whose
+# period fits about once in a 16 px patch. "wavy" and "speckled" (see _texture_bits) are patterns the
+# renderer knows but no level uses as a class.
 TEXTURE_FAMILIES: tuple[str, ...] = ("checkered", "dotted", "grid", "striped")
 
 SCENE_LEVELS: dict[str, SceneLevel] = {
     # The class is the texture family, read from any patch of the object; every nuisance is one that the
-    # pretraining teaches the network to ignore: two random colours per object (colour jitter, re-coloured
-    # views), the outline (six shapes, independent of the class), size, rotation (texture and outline turn
-    # together), position and partial occlusion (random crops, the cross-view object matching), and a
-    # smooth background of random colour. Objects are large (diameters of 40-64% of the side: 3-5 patches
-    # of 16 px at 96 px input) and at most three, so clusters have room to follow them.
+    # pretraining teaches the network to ignore (see the module docstring for each factor).
     "easy": SceneLevel(
         name="easy",
         classes=TEXTURE_FAMILIES,
@@ -908,7 +920,7 @@ def add_scene_args(
         f"{prefix}level",
         default=DEFAULT_LEVEL,
         choices=tuple(SCENE_LEVELS),
-        help="Synthetic scenes: easy (class = one of six texture families, large objects, the default), hard "
+        help="Synthetic scenes: easy (class = one of four texture families, large objects, the default), hard "
         "(same classes, smaller objects, wider texture periods, lower contrast, dotted clutter) or legacy "
         "(the earlier 12 shape x texture classes, to re-run earlier numbers).",
     )
