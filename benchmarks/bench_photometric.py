@@ -1,7 +1,7 @@
 """Seconds per batch of the device-side photometric augmentation, and the libraries it was chosen against.
 
-    python benchmarks/bench_photometric.py                                   # CPU, batch 16 (32 views), 224 px
-    python benchmarks/bench_photometric.py --device cuda --batch_size 128    # a GPU, the released batch
+    python benchmarks/bench_photometric.py                               # CPU, batch 16 (32 views), 224 px
+    python benchmarks/bench_photometric.py --device cuda --batch_size 128 # a GPU, the released batch
 
 Each implementation applies DINO's two view pipelines (colour jitter p 0.8, grayscale 0.2, blur p 1.0 / 0.1,
 solarisation 0 / 0.2, ImageNet normalisation) to 2B uint8 views of ``--image_size`` px:
@@ -187,7 +187,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument(
+        "--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per batch (2 views each).")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

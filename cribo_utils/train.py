@@ -284,7 +284,7 @@ def nn_loss_active(parts: TrainingParts, epoch: int) -> bool:
 
 
 def augment_on_device(args: argparse.Namespace, images: torch.Tensor, views: Any) -> torch.Tensor:
-    """``--augment_on device``: the photometric stages of the two global views, batched on ``images``'s device.
+    """``--augment_on device``: the photometric stages of both global views, batched on ``images``'s device.
 
     ``views`` is the collated ``(crops, positions, params)`` of :class:`data.augmentations.TwoViewTransform`;
     with ``--augment_on workers`` it has no ``params`` and ``images`` (already normalised) are returned as is.
