@@ -111,6 +111,7 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
     assert set(full["sections_median_s"]) == {key for key, _ in bench_train_step.SECTIONS}
     bare_sections = {
         "data",
+        "augment",  # --augment_on device (the default): the photometric stages, in both steps
         "teacher_forward",
         "teacher_heads",
         "student_forward",
