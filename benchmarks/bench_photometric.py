@@ -162,20 +162,23 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         call = BUILDERS[cfg["implementation"]](views, params, device, cfg["image_size"])
     except ImportError as error:
         return {"config": cfg, "skipped": f"not installed: {error}"}
-    seconds = []
+    seconds, cpu_seconds = [], []
     for repeat in range(cfg["repeats"] + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if repeat:  # the first call is a warm-up
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
     return {
         "config": cfg,
         "seconds_per_batch": median(seconds),
         "seconds": seconds,
+        # CPU time of all threads: the work done, which other processes on the machine do not move.
+        "cpu_seconds_per_batch": median(cpu_seconds),
         "torch_threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "load_average_start": load_start,
@@ -218,18 +221,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for result in results:
         if "skipped" in result:
-            rows.append([result["config"]["implementation"], None, None, result["skipped"]])
+            rows.append([result["config"]["implementation"], None, None, None, result["skipped"]])
             continue
-        seconds = result["seconds_per_batch"]
+        seconds, cpu_seconds = result["seconds_per_batch"], result["cpu_seconds_per_batch"]
+        views = 2 * options.batch_size
         rows.append(
-            [result["config"]["implementation"], seconds * 1e3, seconds * 1e3 / (2 * options.batch_size), ""]
+            [
+                result["config"]["implementation"],
+                seconds * 1e3,
+                cpu_seconds * 1e3,
+                cpu_seconds * 1e3 / views,
+                "",
+            ]
         )
     loads = [r[k] for r in results if "skipped" not in r for k in ("load_average_start", "load_average_end")]
     title = (
         f"photometric augmentation of {2 * options.batch_size} views of {options.image_size} px on "
         f"{options.device}; load average {min(loads, default=0):.2f}-{max(loads, default=0):.2f}"
     )
-    print(format_table(["implementation", "ms / batch", "ms / view", "note"], rows, title=title))
+    headers = ["implementation", "wall ms / batch", "CPU ms / batch", "CPU ms / view", "note"]
+    print(format_table(headers, rows, title=title))
     payload = {
         "benchmark": NAME,
         "machine": machine_info(),
