@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as nnf
@@ -225,7 +227,13 @@ def _indices(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     return mask.nonzero().squeeze(1).to(device, non_blocking=True)
 
 
-def _apply(images: torch.Tensor, mask: torch.Tensor, op, *per_sample: torch.Tensor, **kwargs) -> torch.Tensor:
+def _apply(
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    op: Callable[..., torch.Tensor],
+    *per_sample: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
     """``op`` on the samples where the host-side bool ``mask`` is True, in place on ``images``."""
     if not bool(mask.any()):
         return images
