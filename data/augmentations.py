@@ -232,11 +232,10 @@ def view_photometric_configs(
     """
     if blur_radius_max is None:
         blur_radius_max = 2.0 * image_size / 224.0
-    radii = {"blur_radius_min": min(0.1, blur_radius_max), "blur_radius_max": blur_radius_max}
-    return (
-        PhotometricConfig(1.0, 0.0, hue, grayscale_p, **radii),
-        PhotometricConfig(0.1, 0.2, hue, grayscale_p, **radii),
-        PhotometricConfig(0.5, 0.0, hue, grayscale_p, **radii),
+    radius_min = min(0.1, blur_radius_max)
+    return tuple(  # type: ignore[return-value]  # three items
+        PhotometricConfig(blur_p, solarization_p, hue, grayscale_p, radius_min, blur_radius_max)
+        for blur_p, solarization_p in ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
     )
 
 
