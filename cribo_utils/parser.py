@@ -284,6 +284,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "proportionally less on smaller crops so textures survive).",
     )
     group.add_argument(
+        "--augment_on",
+        default="device",
+        choices=("workers", "device"),
+        help="Where the photometric augmentation (colour jitter, grayscale, blur, solarisation, "
+        "normalisation) runs. device (default): batched on the training device after the copy; the "
+        "workers only decode, crop and flip, and send uint8 views (2.6x more images/s per worker at "
+        "224 px, README Benchmarks). workers: the reference's PIL pipeline in the workers, float32 views.",
+    )
+    group.add_argument(
         "--same_teacher_augmentations", default=False, type=bool_flag, help="Unused (reference flag)."
     )
 

@@ -156,6 +156,7 @@ def build_pretrain_loader(
         hue=args.hue_jitter,
         grayscale_p=args.grayscale_p,
         blur_radius_max=args.blur_radius_max,
+        augment_on=args.augment_on,
     )
     base = build_pretrain_dataset(  # the wrapper below skips unreadable files and counts them per sample
         args.dataset_type,
@@ -388,6 +389,21 @@ def epoch_line(averages: dict[str, float], iterations: int, epoch: int, bank: Ce
     return " | ".join([*values, nn_loss_epoch_status(iterations_with_nn, iterations, epoch, bank)])
 
 
+def augment_on_device(args: argparse.Namespace, images: torch.Tensor, views: Any) -> torch.Tensor:
+    """``--augment_on device``: the photometric stages of both global views, batched on ``images``'s device.
+
+    ``views`` is the collated ``(crops, positions, params)`` of :class:`data.augmentations.TwoViewTransform`;
+    with ``--augment_on workers`` it has no ``params`` and ``images`` (already normalised) are returned as is.
+    """
+    if len(views) < 3:
+        return images
+    from data.augmentations import blur_kernel_radius
+    from data.batched_photometric import apply_photometric
+
+    params = torch.cat([views[2][0], views[2][1]])  # host-side (2B, P): view 1, then view 2, as ``images``
+    return apply_photometric(images, params, blur_kernel_radius(args.image_size, args.blur_radius_max))
+
+
 def training_step(
     parts: TrainingParts, batch: Any, iteration: int, epoch: int, timer: StepTimer | None = None
 ) -> dict[str, float]:
@@ -404,12 +420,16 @@ def training_step(
     )
 
     with timer("data"):
-        (crops, positions), _ = batch
+        views, _ = batch
+        crops, positions = views[0], views[1]
         batch_size = crops[0].shape[0]
         # copy each pinned view on its own: a CPU-side cat would make a pageable (synchronous) copy
         images = torch.cat([crops[0].to(device, non_blocking=True), crops[1].to(device, non_blocking=True)])
         positions1 = positions[0].to(device, non_blocking=True)
         positions2 = positions[1].to(device, non_blocking=True)
+
+    with timer("augment"):
+        images = augment_on_device(args, images, views)
 
     with timer("teacher_forward"), torch.no_grad(), autocast(parts):
         teacher_cls, teacher_tokens = parts.teacher.backbone.forward_features(images)

@@ -21,10 +21,12 @@ from einops import rearrange
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 
+from data.batched_photometric import PhotometricConfig, PhotometricSampler, blur_radius
 from data.transforms import DEFAULT_RATIO, CropBox, _as_rgb, _check_range, normalize, sample_crop_box
 
 logger = logging.getLogger(__name__)
 
+AUGMENT_ON = ("workers", "device")
 PilTransform = Callable[[Image.Image], Image.Image]
 
 
@@ -188,13 +190,59 @@ def photometric_pipeline(
     blur_radius_max: float = 2.0,
 ) -> T.Compose:
     """Colour distortion, Gaussian blur (prob. ``blur_p``, radius U(0.1, blur_radius_max)), solarisation."""
+    return pil_photometric(
+        PhotometricConfig(
+            blur_p,
+            solarization_p,
+            hue,
+            grayscale_p,
+            blur_radius_min=min(0.1, blur_radius_max),
+            blur_radius_max=blur_radius_max,
+        )
+    )
+
+
+def pil_photometric(config: PhotometricConfig) -> T.Compose:
+    """The PIL pipeline of one view (the reference's): ColorJitter, grayscale, blur, then solarisation."""
     ops: list[PilTransform] = [
-        colour_distortion(hue, grayscale_p),
-        RandomGaussianBlur(blur_p, radius_min=min(0.1, blur_radius_max), radius_max=blur_radius_max),
+        T.Compose(
+            [
+                T.RandomApply(
+                    [T.ColorJitter(config.brightness, config.contrast, config.saturation, config.hue)],
+                    p=config.jitter_p,
+                ),
+                T.RandomGrayscale(p=config.grayscale_p),
+            ]
+        ),
+        RandomGaussianBlur(config.blur_p, config.blur_radius_min, config.blur_radius_max),
     ]
-    if solarization_p > 0:
-        ops.append(RandomSolarization(solarization_p))
+    if config.solarization_p > 0:
+        ops.append(RandomSolarization(config.solarization_p, config.solarization_threshold))
     return T.Compose(ops)
+
+
+def view_photometric_configs(
+    image_size: int = 224, hue: float = 0.1, grayscale_p: float = 0.2, blur_radius_max: float | None = None
+) -> tuple[PhotometricConfig, PhotometricConfig, PhotometricConfig]:
+    """Photometric settings of (global view 1, global view 2, local crops) (CrIBo method doc, Sec. 2).
+
+    View 1: blur p = 1.0, no solarisation; view 2: blur p = 0.1, solarisation p = 0.2; local crops (DINO):
+    blur p = 0.5. DINO's blur radius U(0.1, 2.0) is meant for 224 px crops; by default its maximum scales
+    with the crop size so that small crops (e.g. 96 px on the synthetic scenes) keep their textures.
+    """
+    if blur_radius_max is None:
+        blur_radius_max = 2.0 * image_size / 224.0
+    radius_min = min(0.1, blur_radius_max)
+    return tuple(  # type: ignore[return-value]  # three items
+        PhotometricConfig(blur_p, solarization_p, hue, grayscale_p, radius_min, blur_radius_max)
+        for blur_p, solarization_p in ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
+    )
+
+
+def blur_kernel_radius(image_size: int, blur_radius_max: float | None = None) -> int:
+    """Taps on each side of the device blur kernel for the views of :func:`view_photometric_configs`."""
+    configs = view_photometric_configs(image_size, blur_radius_max=blur_radius_max)
+    return blur_radius(max(config.blur_radius_max for config in configs))
 
 
 class RandomResizedCropWithPositions:
@@ -274,8 +322,12 @@ class TwoViewTransform:
     ImageNet normalisation.
     Local crops (DINO): the same with ``local_crops_size``, ``local_crops_scale`` and blur p = 0.5.
 
-    The photometric stages are public attributes (``global_photometric``: one per global view,
-    ``local_photometric``) applied to PIL images before ``to_tensor``.
+    ``augment_on="workers"`` (the reference): everything here, on PIL images; the photometric stages are
+    public attributes (``global_photometric``: one per global view, ``local_photometric``) applied before
+    ``to_tensor``. ``augment_on="device"``: crop and flip here, the views stay uint8, and the photometric
+    parameters of each view are drawn here (``global_samplers`` / ``local_sampler``, the same random numbers
+    in the same order as the PIL stages) for :func:`data.batched_photometric.apply_photometric` to apply
+    on the training device.
 
     Args:
         image_size: S, side of the global views (a multiple of ``patch_size``).
@@ -284,6 +336,8 @@ class TwoViewTransform:
         local_crops_number: number of local crops (0 in every released CrIBo run).
         local_crops_scale: area-fraction range of the local crops.
         local_crops_size: side of the local crops (a multiple of ``patch_size``).
+        hue, grayscale_p, blur_radius_max: see :func:`view_photometric_configs`.
+        augment_on: "workers" or "device", where the photometric stages run.
     """
 
     def __init__(
@@ -297,11 +351,10 @@ class TwoViewTransform:
         hue: float = 0.1,
         grayscale_p: float = 0.2,
         blur_radius_max: float | None = None,
+        augment_on: str = "workers",
     ) -> None:
-        # DINO's blur radius U(0.1, 2.0) is meant for 224 px crops; by default it scales with the crop size
-        # so that small crops (e.g. 96 px on the synthetic scenes) keep their textures. 224 px: unchanged.
-        if blur_radius_max is None:
-            blur_radius_max = 2.0 * image_size / 224.0
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"`--augment_on`: expected one of {AUGMENT_ON}; got {augment_on!r}.")
         global_crops_scale = _check_range("--global_crops_scale", global_crops_scale, upper=1.0)
         if (
             isinstance(local_crops_number, bool)
@@ -309,18 +362,25 @@ class TwoViewTransform:
             or local_crops_number < 0
         ):
             raise ValueError(f"`--local_crops_number`: expected an integer >= 0; got {local_crops_number!r}.")
+        self.augment_on = augment_on
         self.global_crop = RandomResizedCropWithPositions(image_size, patch_size, global_crops_scale)
-        self.global_photometric = (
-            photometric_pipeline(1.0, 0.0, hue, grayscale_p, blur_radius_max),
-            photometric_pipeline(0.1, 0.2, hue, grayscale_p, blur_radius_max),
-        )
+        view1, view2, local = view_photometric_configs(image_size, hue, grayscale_p, blur_radius_max)
+        self.photometric_configs = (view1, view2, local)
+        self.global_photometric = (pil_photometric(view1), pil_photometric(view2))
+        self.global_samplers = (PhotometricSampler(view1), PhotometricSampler(view2))
         self.local_crops_number = local_crops_number
         self.local_crop: RandomResizedCropWithPositions | None = None
-        self.local_photometric = photometric_pipeline(0.5, 0.0, hue, grayscale_p, blur_radius_max)
+        self.local_photometric = pil_photometric(local)
+        self.local_sampler = PhotometricSampler(local)
         if local_crops_number > 0:
             local_crops_scale = _check_range("--local_crops_scale", local_crops_scale, upper=1.0)
             self.local_crop = RandomResizedCropWithPositions(local_crops_size, patch_size, local_crops_scale)
         self.to_tensor = normalize()
+
+    @property
+    def blur_radius_max(self) -> float:
+        """The largest blur radius of any view (sizes the device blur kernel)."""
+        return max(config.blur_radius_max for config in self.photometric_configs)
 
     @property
     def num_patches(self) -> int:
@@ -328,9 +388,7 @@ class TwoViewTransform:
         rows, cols = patch_grid_shape(self.global_crop.size, self.global_crop.patch_size)
         return rows * cols
 
-    def __call__(
-        self, img: Image.Image | Sequence[Image.Image]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(self, img: Image.Image | Sequence[Image.Image]) -> tuple[list[torch.Tensor], ...]:
         """Augment one image.
 
         Args:
@@ -339,26 +397,32 @@ class TwoViewTransform:
                 :class:`data.synthetic.SyntheticScenes`): crop v (global views first, then local crops) is
                 cut from rendering v mod m, with coordinates in the common pixel frame.
         Returns:
-            (crops, positions): ``crops[0]``, ``crops[1]`` global views (3, S, S), then the local crops
-            (3, s, s); ``positions[i]`` (2, N_i) float32 patch centres of crop i in original-image pixels
-            (row 0 = x, row 1 = y, tokens row-major).
+            ``augment_on="workers"``: (crops, positions): ``crops[0]``, ``crops[1]`` global views (3, S, S)
+            float32 normalised, then the local crops (3, s, s); ``positions[i]`` (2, N_i) float32 patch
+            centres of crop i in original-image pixels (row 0 = x, row 1 = y, tokens row-major).
+            ``augment_on="device"``: (crops, positions, params) with uint8 crops (3, S, S) before any
+            photometric change and ``params[i]`` the (P,) photometric parameters of crop i.
         """
         renderings = _renderings(img)
+        on_device = self.augment_on == "device"
         crops: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
-        for v, photometric in enumerate(self.global_photometric):
-            view, view_positions = self.global_crop(renderings[v % len(renderings)])
-            crops.append(self.to_tensor(photometric(view)))
-            positions.append(view_positions)
+        params: list[torch.Tensor] = []
+        views = [(self.global_crop, self.global_photometric[v], self.global_samplers[v]) for v in range(2)]
         if self.local_crop is not None:
-            for j in range(self.local_crops_number):
-                view, view_positions = self.local_crop(renderings[(2 + j) % len(renderings)])
-                crops.append(self.to_tensor(self.local_photometric(view)))
-                positions.append(view_positions)
-        return crops, positions
+            views += [(self.local_crop, self.local_photometric, self.local_sampler)] * self.local_crops_number
+        for v, (crop, photometric, sampler) in enumerate(views):
+            view, view_positions = crop(renderings[v % len(renderings)])
+            if on_device:
+                crops.append(F.pil_to_tensor(view))
+                params.append(sampler.sample())
+            else:
+                crops.append(self.to_tensor(photometric(view)))
+            positions.append(view_positions)
+        return (crops, positions, params) if on_device else (crops, positions)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(global_crop={self.global_crop!r}, local_crops_number="
-            f"{self.local_crops_number}, local_crop={self.local_crop!r})"
+            f"{self.local_crops_number}, local_crop={self.local_crop!r}, augment_on={self.augment_on!r})"
         )

@@ -16,6 +16,7 @@ from benchmarks import (
     bench_clustering,
     bench_data,
     bench_dense_nn,
+    bench_photometric,
     bench_retrieval,
     bench_train_step,
     feature_geometry,
@@ -30,6 +31,7 @@ SCRIPTS = (
     "bench_clustering",
     "bench_dense_nn",
     "bench_data",
+    "bench_photometric",
     "bench_retrieval",
     "feature_geometry",
     "learning_signal",
@@ -109,6 +111,7 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
     assert set(full["sections_median_s"]) == {key for key, _ in bench_train_step.SECTIONS}
     bare_sections = {
         "data",
+        "augment",  # --augment_on device (the default): the photometric stages, in both steps
         "teacher_forward",
         "teacher_heads",
         "student_forward",
@@ -153,25 +156,64 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
     out = tmp_path / "data.json"
     bench_data.main(
         [
+            "--sources",
+            "imagenet_like",
+            "synthetic",
+            "jpeg",
+            "--jpeg_size",
+            "60",
+            "40",
             "--image_sizes",
             "32",
             "--n_images",
-            "2",
+            "4",
             "--batch_size",
             "2",
             "--scene_size",
             "48",
+            "--loader_workers",
+            "0",
             "--in_process",
             "--out",
             str(out),
         ]
     )
     payload = json.loads(out.read_text())
-    assert [r["config"]["source"] for r in payload["results"]] == ["synthetic", "jpeg"]
-    assert payload["jpeg_export_seconds"] > 0
-    for result in payload["results"]:
-        assert result["source_image_size"] == [48, 48]
-        assert all(rate > 0 for rate in result["stages"].values())
+    results = payload["results"]
+    assert [(r["config"]["source"], r["config"]["augment_on"]) for r in results] == [
+        (source, augment_on)
+        for source in ("imagenet_like", "synthetic", "jpeg")
+        for augment_on in ("workers", "device")
+    ]
+    assert payload["jpeg_export_seconds"] > 0 and payload["imagenet_like_mean_file_bytes"] > 0
+    for result in results:
+        expected_size = [60, 40] if result["config"]["source"] == "imagenet_like" else [48, 48]
+        assert result["source_image_size"] == expected_size
+        assert set(result["cpu_ms_per_image"]) == set(bench_data.STAGES)
+        assert result["end_to_end_images_per_s"] > 0 and result["loader"][0]["images_per_s"] > 0
+    # Two 32 px views: float32 (workers) or uint8 plus 13 parameters (device), and 2 x 2 x 4 coordinates.
+    by_pipeline = {r["config"]["augment_on"]: r["bytes_per_image_to_device"] for r in results[:2]}
+    assert by_pipeline == {"workers": 2 * 3 * 32 * 32 * 4 + 64, "device": 2 * 3 * 32 * 32 + 64 + 2 * 13 * 4}
+
+
+def test_bench_photometric_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "photometric.json"
+    bench_photometric.main(
+        ["--batch_size", "2", "--image_size", "32", "--repeats", "1", "--in_process", "--out", str(out)]
+    )
+    results = json.loads(out.read_text())["results"]
+    assert [r["config"]["implementation"] for r in results] == list(bench_photometric.IMPLEMENTATIONS)
+    assert all(r["seconds_per_batch"] > 0 for r in results if "skipped" not in r)
+
+
+def test_natural_image_has_a_power_law_spectrum() -> None:
+    import numpy as np
+
+    image = bench_data.natural_image(np.random.default_rng(0), 120, 160).astype(float).mean(-1)
+    spectrum = np.abs(np.fft.rfft2(image - image.mean()))
+    freq = np.hypot(np.fft.fftfreq(120)[:, None], np.fft.rfftfreq(160)[None])
+    low, high = spectrum[(freq > 0.02) & (freq < 0.05)].mean(), spectrum[(freq > 0.2) & (freq < 0.4)].mean()
+    assert low > 5 * high  # amplitude falls with frequency, as in photographs (white noise: ratio ~1)
 
 
 def test_bench_dense_nn_smoke_and_skip(tmp_path: Path) -> None:
