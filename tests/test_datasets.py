@@ -585,7 +585,7 @@ def test_factories_build_every_reader(tmp_path: Path) -> None:
     ade_set = build_segmentation_dataset("ade20k", ade.root, "val", None)
     assert isinstance(ade_set, ADE20KSegmentation) and ade_set.split == "validation"
     seg = build_segmentation_dataset("synthetic", None, "trainaug", None, {"image_size": 32, "num_train": 4})
-    assert seg.split == "train" and len(seg) == 4 and seg.num_classes == 13 and seg.ignore_index == 255
+    assert seg.split == "train" and len(seg) == 4 and seg.num_classes == 5 and seg.ignore_index == 255
     assert seg.class_names[0] == "background"
 
 

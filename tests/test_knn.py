@@ -179,6 +179,8 @@ def _knn_argv(tmp_path, *extra):
         "vit_tiny",
         "--dataset",
         "synthetic",
+        "--synthetic_level",
+        "legacy",  # 12 classes, so top-5 is reported
         "--synthetic_num_train",
         "24",
         "--synthetic_num_val",
