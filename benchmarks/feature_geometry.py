@@ -83,7 +83,11 @@ def render_scenes(
     uint8 masks. ``level`` is a :data:`data.synthetic.SCENE_LEVELS` name (the shape and texture scores of
     this benchmark read the legacy classes)."""
     dataset = SyntheticSegmentation(
-        split, image_size=SCENE_SIZE, num_train=count, num_val=count, object_colours=object_colours,
+        split,
+        image_size=SCENE_SIZE,
+        num_train=count,
+        num_val=count,
+        object_colours=object_colours,
         level=level,
     )
     images, masks = zip(*(dataset.render_arrays(index) for index in range(count)), strict=True)

@@ -64,7 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Synthetic scenes colour mode (--synthetic_object_colours of the evaluations; match training).",
     )
     parser.add_argument(
-        "--level", default=DEFAULT_LEVEL, choices=tuple(SCENE_LEVELS), help="Synthetic scene level (match training)."
+        "--level",
+        default=DEFAULT_LEVEL,
+        choices=tuple(SCENE_LEVELS),
+        help="Synthetic scene level (match training).",
     )
     parser.add_argument(
         "--synthetic_seed",

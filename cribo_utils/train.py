@@ -281,7 +281,7 @@ def autocast(parts: TrainingParts) -> contextlib.AbstractContextManager:
 
 
 def uses_memory_bank(args: argparse.Namespace) -> bool:
-    """Only the full CrIBo objective retrieves neighbours; the ablations (``--objective``) never fill a bank."""
+    """Only the full CrIBo objective retrieves neighbours; the ablations (``--objective``) fill no bank."""
     return "loss_nn" in OBJECTIVES[args.objective]
 
 

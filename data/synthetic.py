@@ -404,7 +404,9 @@ def recolour_scene(scene: Scene, rng: np.random.Generator, object_colours: str =
     contrast, step = setting.min_object_contrast, setting.min_luma_step
     return replace(
         scene,
-        objects=tuple(replace(item, colours=_sample_object_colours(rng, contrast, step)) for item in scene.objects),
+        objects=tuple(
+            replace(item, colours=_sample_object_colours(rng, contrast, step)) for item in scene.objects
+        ),
     )
 
 
@@ -757,7 +759,7 @@ class SyntheticScenes(_SyntheticSplit):
 
 
 class SyntheticSegmentation(_SyntheticSplit):
-    """Segmentation view of the synthetic scenes: ``(image, mask)``, 0 = background, ``c + 1`` = object class c.
+    """Segmentation view of the synthetic scenes: ``(image, mask)``, 0 = background, ``c + 1`` = class c.
 
     Args:
         split, image_size, num_train, num_val, seed, object_colours, level: as for :class:`SyntheticScenes`
@@ -858,7 +860,9 @@ def export_dataset(
         The output folder.
     """
     out_dir = Path(out_dir)
-    classes = _SyntheticSplit("train", image_size, num_train, num_val, seed, object_colours, level).level.classes
+    classes = _SyntheticSplit(
+        "train", image_size, num_train, num_val, seed, object_colours, level
+    ).level.classes
     voc = out_dir / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         (voc / folder).mkdir(parents=True, exist_ok=True)
@@ -914,15 +918,16 @@ def export_dataset(
 def add_scene_args(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, prefix: str = "--synthetic_"
 ) -> None:
-    """The flags choosing the scene level and colour mode (``--synthetic_level``, ``--synthetic_object_colours``
-    for training and every evaluation; ``--level``, ``--object_colours`` for the export)."""
+    """The flags choosing the scene level and colour mode (``--synthetic_level`` and
+    ``--synthetic_object_colours`` for training and every evaluation; ``--level``, ``--object_colours``
+    for the export)."""
     parser.add_argument(
         f"{prefix}level",
         default=DEFAULT_LEVEL,
         choices=tuple(SCENE_LEVELS),
-        help="Synthetic scenes: easy (class = one of four texture families, large objects, the default), hard "
-        "(same classes, smaller objects, wider texture periods, lower contrast, dotted clutter) or legacy "
-        "(the earlier 12 shape x texture classes, to re-run earlier numbers).",
+        help="Synthetic scenes: easy (class = one of four texture families, large objects, the default), "
+        "hard (same classes, smaller objects, wider texture periods, lower contrast, dotted clutter) or "
+        "legacy (the earlier 12 shape x texture classes, to re-run earlier numbers).",
     )
     parser.add_argument(
         f"{prefix}object_colours",

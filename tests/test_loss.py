@@ -445,7 +445,9 @@ def test_objective_keeps_only_its_terms_in_the_total_and_the_gradient(objective:
     loss = CrIBoLoss(OUT, OUT_C, 0.04, 0.07, 0.05, 0.08, 3, 10, objective=objective)
     student_cls = x["student_cls"].clone().requires_grad_()
     student_obj = x["student_obj"].clone().requires_grad_()
-    out = loss(student_cls, x["teacher_cls"], student_obj, x["teacher_obj"], x["teacher_nn"], x["nn_masks"], 1)
+    out = loss(
+        student_cls, x["teacher_cls"], student_obj, x["teacher_obj"], x["teacher_nn"], x["nn_masks"], 1
+    )
     kept = {"cribo": ("loss_img", "loss_obj", "loss_nn"), "cross_view": ("loss_img", "loss_obj")}.get(
         objective, ("loss_img",)
     )

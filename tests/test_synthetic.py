@@ -21,11 +21,11 @@ from data.synthetic import (
     NUM_OBJECT_CLASSES,
     NUM_SEG_CLASSES,
     OBJECT_CLASSES,
+    SCENE_LEVELS,
     SHAPES,
+    TEXTURE_FAMILIES,
     TEXTURES,
     Scene,
-    SCENE_LEVELS,
-    TEXTURE_FAMILIES,
     SceneObject,
     SyntheticScenes,
     SyntheticSegmentation,
@@ -622,7 +622,10 @@ def test_legacy_level_reproduces_the_earlier_scenes() -> None:
         "c7c4c2b2f3f9807b",
     ]
     fixed = SyntheticScenes("val", num_val=10, level="legacy", object_colours="fixed")
-    assert [_digest(fixed.render_arrays(i)[0])[:16] for i in (0, 3)] == ["9914c0c6030d947f", "b07601d343fe8771"]
+    assert [_digest(fixed.render_arrays(i)[0])[:16] for i in (0, 3)] == [
+        "9914c0c6030d947f",
+        "b07601d343fe8771",
+    ]
 
 
 @pytest.mark.parametrize("level", ["easy", "hard"])
@@ -630,7 +633,9 @@ def test_texture_levels_class_is_the_texture_and_shape_a_nuisance(level: str) ->
     setting = SCENE_LEVELS[level]
     assert setting.classes == TEXTURE_FAMILIES == tuple(sorted(TEXTURE_FAMILIES))  # ImageFolder order
     dataset = SyntheticSegmentation("train", image_size=128, num_train=300, level=level)
-    assert dataset.num_classes == len(TEXTURE_FAMILIES) + 1 and dataset.class_names[1:] == list(TEXTURE_FAMILIES)
+    assert dataset.num_classes == len(TEXTURE_FAMILIES) + 1 and dataset.class_names[1:] == list(
+        TEXTURE_FAMILIES
+    )
     pairs: Counter[tuple[str, str]] = Counter()
     counts: Counter[int] = Counter()
     areas = []
