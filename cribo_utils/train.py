@@ -382,9 +382,18 @@ EPOCH_LINE_KEYS = (
 )
 
 
-def epoch_line(averages: dict[str, float], iterations: int, epoch: int, bank: CentroidMemoryBank) -> str:
-    """The per-epoch log line: the main averages, then whether the cross-image loss ran."""
+def epoch_line(
+    averages: dict[str, float],
+    iterations: int,
+    epoch: int,
+    bank: CentroidMemoryBank,
+    objective: str = "cribo",
+) -> str:
+    """The per-epoch log line: the main averages, then whether the cross-image loss ran (an ablation
+    ``--objective`` without the cross-image term says so instead of naming an empty bank)."""
     values = [f"{key} {value:.4g}" for key, value in averages.items() if key in EPOCH_LINE_KEYS]
+    if "loss_nn" not in OBJECTIVES[objective]:
+        return " | ".join([*values, f"nn loss off (no memory bank, --objective {objective})"])
     iterations_with_nn = round(averages.get("nn_active", 0.0) * iterations)
     return " | ".join([*values, nn_loss_epoch_status(iterations_with_nn, iterations, epoch, bank)])
 
@@ -889,7 +898,7 @@ def train_one_epoch(
             "epoch %d/%d done: %s",
             next_epoch,
             args.epochs,
-            epoch_line(averages, count, epoch, parts.bank),
+            epoch_line(averages, count, epoch, parts.bank, parts.args.objective),
         )
     return averages
 

@@ -312,3 +312,4 @@ def test_ablation_objectives_never_fill_or_use_the_bank(tmp_path, objective):
     assert checkpoint["memory_bank_meta"]["num_images"] == 0 and checkpoint["args"]["objective"] == objective
     log = open(tmp_path / "logs" / "rank0.log").read()
     assert f"cross-image NN loss: off, no memory bank (--objective {objective})" in log
+    assert log.count(f"| nn loss off (no memory bank, --objective {objective})\n") == 3  # every epoch line
