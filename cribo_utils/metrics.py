@@ -104,7 +104,7 @@ def hungarian_matched_miou(confusion: Tensor) -> float | None:
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
-        logger.info("scipy is not installed: the Hungarian-matched mIoU is skipped (pip install scipy)")
+        logger.debug("scipy is not installed: the Hungarian-matched mIoU is skipped (pip install scipy)")
         return None
     confusion = confusion.double().cpu()
     union = confusion.sum(1, keepdim=True) + confusion.sum(0, keepdim=True) - confusion

@@ -166,7 +166,7 @@ def dataset_palette(name: str) -> np.ndarray:
     """The (256, 3) uint8 palette of a segmentation dataset: VOC's for ``voc`` and ``synthetic``, a fixed
     random palette (:func:`random_palette`) for ``ade20k``."""
     if name in ("voc", "synthetic"):
-        from data.datasets import voc_palette
+        from data.palette import voc_palette
 
         return voc_palette()
     if name == "ade20k":

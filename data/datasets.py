@@ -26,6 +26,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.palette import voc_palette
+from data.synthetic import SyntheticScenes, SyntheticSegmentation
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -98,21 +101,6 @@ class ImageReadError(OSError):
     def __init__(self, path: str | Path, message: str) -> None:
         super().__init__(message)
         self.path = Path(path)
-
-
-def voc_palette() -> np.ndarray:
-    """The Pascal VOC colour map, (256, 3) uint8.
-
-    Colour of index i: the bits of i are dealt out, three at a time, to the red, green and blue channels
-    starting from the most significant bit: for j = 0..7, bit 3j of i -> bit 7-j of R, bit 3j+1 -> bit 7-j
-    of G, bit 3j+2 -> bit 7-j of B. So 1 = (128, 0, 0), 15 = (192, 128, 128), 255 = (224, 224, 192).
-    """
-    index = np.arange(256, dtype=np.int64)
-    palette = np.zeros((256, 3), dtype=np.int64)
-    for j in range(8):
-        for channel in range(3):
-            palette[:, channel] |= ((index >> (3 * j + channel)) & 1) << (7 - j)
-    return palette.astype(np.uint8)
 
 
 def _scale_to_8bit(values: np.ndarray) -> np.ndarray:
@@ -668,7 +656,6 @@ def build_pretrain_dataset(
         skip_bad_files: skip unreadable files instead of raising (not used by "synthetic").
     """
     if dataset_type == "synthetic":
-        from data.synthetic import SyntheticScenes  # imported here: data.synthetic imports this module
 
         return SyntheticScenes(split="train", transform=transform, **(synthetic_kwargs or {}))
     if dataset_type == "imagenet1k":
@@ -704,7 +691,6 @@ def build_classification_dataset(
         skip_bad_files: skip unreadable files instead of raising.
     """
     if name == "synthetic":
-        from data.synthetic import SyntheticScenes  # imported here: data.synthetic imports this module
 
         return SyntheticScenes(split=split, transform=transform, **(synthetic_kwargs or {}))
     if name == "imagenet1k":
@@ -734,7 +720,6 @@ def build_segmentation_dataset(
         skip_bad_files: skip unreadable files instead of raising.
     """
     if name == "synthetic":
-        from data.synthetic import SyntheticSegmentation  # imported here: data.synthetic imports this module
 
         return SyntheticSegmentation(
             split="train" if split == "trainaug" else split, transforms=transforms, **(synthetic_kwargs or {})

@@ -64,7 +64,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.datasets import voc_palette
+from data.palette import voc_palette
 
 logger = logging.getLogger(__name__)
 

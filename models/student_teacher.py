@@ -15,9 +15,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from cribo_utils.clustering import object_representations
 from models import build_backbone
 from models.head import CrIBoHead
+from models.object_pooling import object_representations
 from models.vision_transformer import DropPath, VisionTransformer
 
 logger = logging.getLogger(__name__)

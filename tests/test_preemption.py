@@ -6,6 +6,7 @@ Running the script with an exit status other than 75 never requeues (checked by 
 """
 
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -52,15 +53,17 @@ def _fake_slurm_bin(tmp_path):
     """``srun`` that drops its options and execs the command; ``scontrol`` that records its arguments."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    # ``python`` is a wrapper that execs this interpreter by its own path: a symlink to sys.executable would
+    # start the base interpreter of a virtualenv (pyvenv.cfg is looked up next to the link, not the target).
     scripts = {
         "srun": '#!/bin/bash\nwhile [ $# -gt 0 ] && [[ "$1" == -* ]]; do shift; done\nexec "$@"\n',
         "scontrol": '#!/bin/bash\necho "$*" >> "$FAKE_SCONTROL_LOG"\n',
+        "python": f'#!/bin/bash\nexec {shlex.quote(sys.executable)} "$@"\n',
     }
     for name, text in scripts.items():
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    (bin_dir / "python").symlink_to(sys.executable)
     return bin_dir
 
 
