@@ -83,11 +83,24 @@ RELEASES_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "releas
 
 # Keys of the released argument files that launchers own or that only ever hold placeholders.
 LAUNCHER_KEYS = frozenset({"dist_url", "local_rank"})
+# Keys of the reference's argument files that no code of the reference (or ours) reads: accepted in a
+# --config file and dropped, but no flags (the image-level student temperature is 0.1 in the reference's
+# loss whatever `student_temp` says; retrieval is always cosine, whatever `normalized_matching` says).
+REFERENCE_ONLY_KEYS = frozenset(
+    {
+        "resnet_dilate",
+        "student_temp",
+        "same_teacher_augmentations",
+        "normalized_matching",
+        "which_features",
+        "untar_path",
+        "image_queries",
+        "labels_path",
+    }
+)
 # Keys that earlier versions wrote to args.json although they are no flags (derived, dropped on load).
 LEGACY_DERIVED_KEYS = frozenset({"used_synthetic_preset"})
-PATH_KEYS = frozenset(
-    {"output_dir", "data_path", "imagenet1k_path", "coco_path", "untar_path", "image_queries", "labels_path"}
-)
+PATH_KEYS = frozenset({"output_dir", "data_path", "imagenet1k_path", "coco_path"})
 PLACEHOLDER_VALUES = (".", "", ["."])
 
 
@@ -147,7 +160,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(0.99) for short runs with small batches.",
     )
     group.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="Batch norm in the head.")
-    group.add_argument("--resnet_dilate", default=2, type=int, help="Unused (reference flag, ResNet only).")
 
     group = parser.add_argument_group("Temperatures")
     group.add_argument(
@@ -182,13 +194,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--student_temp_c", default=0.1, type=float, help="Student temperature of the object-level losses."
-    )
-    group.add_argument(
-        "--student_temp",
-        default=0.1,
-        type=float,
-        help="Accepted for compatibility and ignored: the reference never reads it (its "
-        "image-level loss hard-codes 0.1, which we use; see README).",
     )
 
     group = parser.add_argument_group("Optimisation")
@@ -292,9 +297,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "workers only decode, crop and flip, and send uint8 views (2.6x more images/s per worker at "
         "224 px, README Benchmarks). workers: the reference's PIL pipeline in the workers, float32 views.",
     )
-    group.add_argument(
-        "--same_teacher_augmentations", default=False, type=bool_flag, help="Unused (reference flag)."
-    )
 
     group = parser.add_argument_group("CrIBo")
     group.add_argument(
@@ -327,15 +329,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=bool_flag,
         help="Update the Sinkhorn column marginal to the current cluster sizes.",
     )
-    group.add_argument(
-        "--normalized_matching",
-        default=True,
-        type=bool_flag,
-        help="Kept for compatibility; retrieval always uses cosine similarity.",
-    )
     group.add_argument("--sinkhorn_lambda", default=20.0, type=float, help="Sinkhorn entropic weight.")
     group.add_argument("--sinkhorn_iterations", default=5, type=int, help="Sinkhorn iterations.")
-    group.add_argument("--which_features", default="last", choices=["last"], help="Features to cluster.")
     group.add_argument(
         "--cost_normalization",
         default="image",
@@ -366,9 +361,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--imagenet1k_path", default="", type=str, help="Alias of --data_path for ImageNet.")
     group.add_argument("--coco_path", default="", type=str, help="Alias of --data_path for COCO images.")
-    group.add_argument("--untar_path", default="", type=str, help="Unused (reference flag).")
-    group.add_argument("--image_queries", default=".", type=str, help="Unused (reference flag).")
-    group.add_argument("--labels_path", default=".", type=str, help="Unused (reference flag).")
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
@@ -449,7 +441,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "activations) exceeds what is free; false starts anyway.",
     )
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Compute device.")
-    group.add_argument("--dist_url", default="env://", type=str, help="Ignored: rank comes from the env.")
     group.add_argument(
         "--local_rank",
         "--local-rank",
@@ -480,7 +471,7 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         raise SystemExit(f"--config {path}: not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a JSON object of flag names to values")
-    unknown = sorted(set(values) - valid_keys - LEGACY_DERIVED_KEYS)
+    unknown = sorted(set(values) - valid_keys - LEGACY_DERIVED_KEYS - REFERENCE_ONLY_KEYS - LAUNCHER_KEYS)
     if unknown:
         raise SystemExit(
             f"--config {path}: unknown key(s) {', '.join(unknown)}; "
@@ -488,7 +479,7 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         )
     kept = {}
     for key, value in values.items():
-        if key in LAUNCHER_KEYS or key in LEGACY_DERIVED_KEYS or key == "config":
+        if key == "config" or key in LAUNCHER_KEYS | LEGACY_DERIVED_KEYS | REFERENCE_ONLY_KEYS:
             continue
         if key in PATH_KEYS and value in PLACEHOLDER_VALUES:
             continue

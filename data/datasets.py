@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.palette import voc_palette
+from data.palette import voc_palette  # noqa: F401  (re-exported: the VOC reader's public palette)
 from data.synthetic import SyntheticScenes, SyntheticSegmentation
 
 logger = logging.getLogger(__name__)
