@@ -53,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
+        "--dataset_type",
+        dest="dataset",
         default="synthetic",
         choices=DATASETS,
         help="synthetic (built-in scenes, default), voc (Pascal VOC 2012 + SBD) or ade20k.",
@@ -96,7 +98,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("protocol")
     group.add_argument(
+        "--image_size",
         "--input_size",
+        dest="input_size",
         default=None,
         type=int,
         help="Network input side, a multiple of --patch_size (default 512; the image size for "
@@ -146,8 +150,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--nprobe", default=32, type=int, help="IVF lists searched per query.")
 
     group = parser.add_argument_group("run")
-    group.add_argument("--batch_size", default=16, type=int, help="Images per forward pass, per process.")
-    group.add_argument("--num_workers", default=4, type=int, help="Data-loading workers per process.")
+    group.add_argument(
+        "--batch_size_per_gpu",
+        "--batch_size",
+        dest="batch_size",
+        default=16,
+        type=int,
+        help="Images per forward pass, per process (GPU).",
+    )
+    group.add_argument("--num_workers", default=7, type=int, help="Data-loading workers per process.")
     group.add_argument(
         "--seed",
         default=0,

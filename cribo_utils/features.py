@@ -272,6 +272,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset",
+        "--dataset_type",
+        dest="dataset",
         default="synthetic",
         choices=CLASSIFICATION_DATASETS,
         help="synthetic: generated scenes (no download; sizes from --synthetic_num_*); imagenet1k / "
@@ -282,6 +284,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     group.add_argument(
         "--image_size",
+        "--input_size",
+        dest="image_size",
         default=None,
         type=int,
         help="Centre-crop (and train-crop) side. Default 224 for folders, 128 for synthetic scenes.",
@@ -300,7 +304,8 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument(
         "--batch_size_per_gpu", default=128, type=int, help="Images per GPU (process) and batch."
     )
-    group.add_argument("--num_workers", default=8, type=int, help="Data-loading workers per GPU (process).")
+    group.add_argument("--num_workers", default=7, type=int, help="Data-loading workers per GPU (process).")
+    group.add_argument("--local_rank", "--local-rank", default=0, type=int, help=argparse.SUPPRESS)
     group.add_argument(
         "--output_json",
         default=None,

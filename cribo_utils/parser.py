@@ -139,6 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--image_size",
+        "--input_size",
         default=224,
         type=int,
         help="Side of the two global crops in pixels; must be divisible by --patch_size.",
@@ -348,6 +349,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("Data")
     group.add_argument(
         "--dataset_type",
+        "--dataset",
         default=None,
         choices=DATASET_TYPES,
         help="Default: synthetic when no path is given, else imagenet1k / coco from the path.",
