@@ -12,9 +12,10 @@ objectives teach the network to ignore. The level (``--synthetic_level``, :data:
 * **class = texture family** (:data:`TEXTURE_FAMILIES`: checkered, dotted, grid, striped), a two-colour
   pattern whose period (12-15 px at 128 px) fits about once in a 16 px patch, so one patch shows its class
   and a cluster of patches shows it clearly; the four families differ in structure (2-D checks, discs on a
-  lattice, thin crossing lines, 1-D stripes), not in the colours they use. (Bent stripes and random
-  speckle were tried as further classes; even with labels the network confused them with stripes and
-  checks in the default budget, so they are not classes.)
+  lattice, crossing lines, 1-D stripes), not in the colours they use nor in how much of each: every
+  family paints half of each period cell with each colour, so an object's mean colour says nothing of its
+  class. (Bent stripes and random speckle were tried as further classes; even with labels the network
+  confused them with stripes and checks in the default budget, so they are not classes.)
 * **colour is an instance nuisance**: every object gets two random colours, the pattern colour brighter
   than the base by at least 60 luma (so a pattern is the same light-on-dark figure whatever its hues),
   and the per-class mean colour is mid-grey for every class. Random features are dominated by colour; the
@@ -215,6 +216,10 @@ class SceneLevel:
 # period fits about once in a 16 px patch. "wavy" and "speckled" (see _texture_bits) are patterns the
 # renderer knows but no level uses as a class.
 TEXTURE_FAMILIES: tuple[str, ...] = ("checkered", "dotted", "grid", "striped")
+# Pattern colour share of the dotted and grid families, one half like stripes and checks (pi r^2 = p^2 / 2;
+# 1 - (1 - w)^2 = 1 / 2), so no family is brighter on average than another.
+DOT_AREA_SHARE: float = 0.5
+GRID_LINE_SHARE: float = 1.0 - 1.0 / math.sqrt(2.0)
 
 SCENE_LEVELS: dict[str, SceneLevel] = {
     # The class is the texture family, read from any patch of the object; every nuisance is one that the
@@ -475,8 +480,12 @@ def _texture_bits(
 
     * striped: floor(a' / h) mod 2; checkered: (floor(a' / h) + floor(b' / h)) mod 2;
     * wavy: floor((a' + 0.25 period sin(2 pi b' / (2 period))) / h) mod 2 (stripes bent into a sine wave);
-    * dotted: 1 inside discs of radius 0.3 period centred on the period lattice;
-    * grid: 1 on lines of width period / 4 along both lattice axes;
+    * dotted: 1 inside discs of radius period / sqrt(2 pi) centred on the period lattice;
+    * grid: 1 on lines of width (1 - 1 / sqrt(2)) period along both lattice axes;
+
+    Disc radius and line width are chosen so that, like stripes and checks, every family paints exactly
+    half of each period cell with each colour: the mean colour of an object is then the same for every
+    family and cannot hint at the class (a pattern is told by its structure, not its brightness).
     * speckled: a pseudo-random bit per cell (floor(a' / h), floor(b' / h)) (:func:`_speckle_bits`).
 
     ``reach`` bounds |a| and |b|; a whole number of periods larger than it is added before the integer cast,
@@ -496,9 +505,9 @@ def _texture_bits(
     elif texture == "dotted":
         du = np.mod(shifted_a, np.float32(period)) - np.float32(half)
         dv = np.mod(shifted_b, np.float32(period)) - np.float32(half)
-        along = (du * du + dv * dv <= np.float32((0.3 * period) ** 2)).astype(np.int32)
+        along = (du * du + dv * dv <= np.float32(period**2 * DOT_AREA_SHARE / math.pi)).astype(np.int32)
     elif texture == "grid":
-        width = np.float32(period / 4.0)
+        width = np.float32(period * GRID_LINE_SHARE)
         along = (
             (np.mod(shifted_a, np.float32(period)) < width) | (np.mod(shifted_b, np.float32(period)) < width)
         ).astype(np.int32)
