@@ -4,7 +4,7 @@ Protocol and defaults: dense-nn-protocol.md, Part A. The logic lives in :mod:`cr
 
 Synthetic scenes (CPU, a few minutes; a random network unless --pretrained_weights is given)::
 
-    python eval_dense_nn.py --arch vit_tiny --pretrained_weights output/checkpoint.pth --num_workers 2
+    python eval_dense_nn.py --pretrained_weights output/checkpoint.pth --num_workers 2
 
 Pascal VOC 2012 trainaug -> val, the settings of the literature (512 px, 10,240,000 memory entries)::
 
@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import LOADING_ERRORS, add_backbone_args
+from cribo_utils.checkpoint_formats import LOADING_ERRORS, add_backbone_args, resolve_backbone_args
 from cribo_utils.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
 from cribo_utils.logger import setup_logging
 from data.synthetic import add_scene_args
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = distributed.init_distributed()
     setup_logging(None, env.rank)
     try:
-        return run_dense_nn(args)
+        return run_dense_nn(resolve_backbone_args(args))
     finally:
         distributed.cleanup()
 

@@ -2,7 +2,7 @@
 
     python eval_knn.py                              # synthetic scenes, random weights (warned)
     python eval_knn.py --arch resnet50 --pretrained_weights dino_resnet50_pretrain.pth  # conv: pooled stage 4
-    python eval_knn.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth
+    python eval_knn.py --pretrained_weights output/teacher_backbone.pth  # arch read from the weights
     python eval_knn.py --arch vit_small --pretrained_weights vits16-in.pth --dataset imagenet1k \\
         --data_path /datasets/imagenet              # 256 -> 224 centre crops, k = 10 20 100 200
     torchrun --nproc_per_node=8 eval_knn.py --pretrained_weights vits16-in.pth --dataset imagenet1k \\
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import LOADING_ERRORS
+from cribo_utils.checkpoint_formats import LOADING_ERRORS, resolve_backbone_args
 from cribo_utils.knn import get_args_parser, run_knn
 from cribo_utils.logger import setup_logging
 
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     env = distributed.init_distributed()  # before the logging set-up, so only rank 0 logs to stdout
     setup_logging(None, rank=env.rank)
-    return run_knn(args)
+    return run_knn(resolve_backbone_args(args))
 
 
 if __name__ == "__main__":

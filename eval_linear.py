@@ -2,7 +2,7 @@
 
     python eval_linear.py                                           # synthetic scenes, cached features
     python eval_linear.py --arch convnext_small --pretrained_weights convnext_small_alpha0.75.pth  # VICRegL
-    python eval_linear.py --arch vit_tiny --pretrained_weights output/teacher_backbone.pth --epochs 20
+    python eval_linear.py --pretrained_weights output/teacher_backbone.pth --epochs 20
     torchrun --nproc_per_node=8 eval_linear.py --arch vit_small --pretrained_weights vits16-in.pth \\
         --dataset imagenet1k --data_path /datasets/imagenet --n_last_blocks 4 --avgpool_patchtokens false
     torchrun --nproc_per_node=8 eval_linear.py --arch vit_base --pretrained_weights vitb16-in.pth \\
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import LOADING_ERRORS
+from cribo_utils.checkpoint_formats import LOADING_ERRORS, resolve_backbone_args
 from cribo_utils.linear_probe import get_args_parser, run_linear
 from cribo_utils.logger import setup_logging
 
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     env = distributed.init_distributed()  # before the logging set-up, so only rank 0 logs to stdout
     setup_logging(None, rank=env.rank)
-    return run_linear(args)
+    return run_linear(resolve_backbone_args(args))
 
 
 if __name__ == "__main__":

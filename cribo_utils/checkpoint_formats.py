@@ -98,6 +98,9 @@ _MAX_LISTED_KEYS = 20
 _BACKBONE_MARKERS = ("cls_token", "conv1.weight", "downsample_layers.0.0.weight")
 #: ``patch_size`` passed for conv nets, which ignore it (their dense stride follows the stage).
 _CONV_PATCH_SIZE_PLACEHOLDER = 16
+#: What the evaluations build when neither a flag nor a checkpoint says otherwise (DINO's defaults).
+DEFAULT_EVAL_ARCH = "vit_small"
+DEFAULT_PATCH_SIZE = 16
 
 
 class CheckpointFormatError(ValueError):
@@ -449,6 +452,82 @@ def _checkpoint_args(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def stored_training_args(checkpoint: Mapping[str, Any], weights: StrPath) -> dict[str, Any]:
+    """The training arguments behind a checkpoint: its ``args`` entry, else the ``args.json`` a training run
+    writes next to its checkpoints (``teacher_backbone.pth`` holds weights only), else {}."""
+    import json
+
+    args = _checkpoint_args(checkpoint)
+    if args:
+        return args
+    args_json = Path(weights).parent / "args.json"
+    if not args_json.is_file():
+        return {}
+    try:
+        with open(args_json) as handle:
+            stored = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        logger.warning("ignoring %s: %s", args_json, error)
+        return {}
+    if not isinstance(stored, dict):
+        return {}
+    logger.info("training settings read from %s", args_json)
+    return stored
+
+
+def resolve_architecture(
+    weights: StrPath | None,
+    checkpoint_key: str = "teacher",
+    arch: str | None = None,
+    patch_size: int | None = None,
+) -> tuple[str, int]:
+    """The ``(arch, patch_size)`` to build: each explicit value, else what the checkpoint records (its
+    training arguments, :func:`stored_training_args`), else what its weights' shapes fit
+    (:func:`cribo_utils.architecture_detection.detect_architecture`); ``vit_small`` / 16 (DINO's defaults)
+    when no weights are given. A contradiction between an explicit value and the weights is reported
+    later, by :func:`build_pretrained_backbone`, with the flag to change.
+
+    Raises:
+        CheckpointFormatError: the checkpoint neither records an architecture nor has weights of one
+            this repository builds (the message names the file and asks for ``--arch``).
+    """
+    from models import ARCHS, EVAL_ARCHS
+
+    if arch is not None and (patch_size is not None or arch not in ARCHS):
+        return arch, patch_size or _CONV_PATCH_SIZE_PLACEHOLDER
+    if weights is None:
+        return arch or DEFAULT_EVAL_ARCH, patch_size or DEFAULT_PATCH_SIZE
+    checkpoint = load_checkpoint_file(weights)
+    recorded = stored_training_args(checkpoint, weights)
+    detected = detect_architecture(extract_backbone_state_dict(checkpoint, checkpoint_key))
+    if arch is None:
+        recorded_arch = recorded.get("arch")
+        arch = recorded_arch if recorded_arch in EVAL_ARCHS else detected.arch
+    if arch is None:
+        raise CheckpointFormatError(
+            f"cannot tell the architecture of {str(weights)!r}: it records none and its weights "
+            f"({detected.description}) fit no architecture of this repository; pass --arch (one of "
+            f"{', '.join(EVAL_ARCHS)})"
+        )
+    if patch_size is None:
+        recorded_patch = recorded.get("patch_size")
+        patch_size = (
+            recorded_patch if isinstance(recorded_patch, int) else detected.patch_size
+        ) or DEFAULT_PATCH_SIZE
+    return arch, patch_size
+
+
+def resolve_backbone_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the ``--arch`` / ``--patch_size`` left unset (None) from ``--pretrained_weights``, in place
+    (:func:`resolve_architecture`); every evaluation and figure calls this before building anything."""
+    given = (args.arch, args.patch_size)
+    weights = args.pretrained_weights or None
+    args.arch, args.patch_size = resolve_architecture(weights, args.checkpoint_key, *given)
+    if weights is not None and given != (args.arch, args.patch_size):
+        logger.info("architecture of %s: --arch %s --patch_size %d", weights, args.arch, args.patch_size)
+    return args
+
+
 def _check_architecture(checkpoint: Mapping[str, Any], arch: str, patch_size: int, path: StrPath) -> None:
     """Fail early, naming the flag to change, when the checkpoint's recorded arch differs from the request.
 
@@ -666,16 +745,17 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     group.add_argument(
         "--arch",
-        default="vit_small",
+        default=None,
         type=str,
-        help="vit_tiny, vit_small, vit_base, vit_large, resnet50 or convnext_{tiny,small,base,large,xlarge}; "
-        "must match the checkpoint (a mismatch is reported with the arch the weights fit).",
+        help="vit_tiny, vit_small, vit_base, vit_large, resnet50 or convnext_{tiny,small,base,large,xlarge}. "
+        "Default: what the checkpoint records or its weights fit (vit_small without weights); a mismatch "
+        "is reported with the arch the weights fit.",
     )
     group.add_argument(
         "--patch_size",
-        default=16,
+        default=None,
         type=int,
-        help="ViT patch size; must match the checkpoint (conv nets: unused).",
+        help="ViT patch size (conv nets: unused). Default: the checkpoint's (16 without weights).",
     )
     group.add_argument(
         "--dense_stage",
@@ -702,7 +782,10 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def backbone_from_args(args: argparse.Namespace) -> nn.Module:
-    """:func:`build_pretrained_backbone` from the flags that :func:`add_backbone_args` defines."""
+    """:func:`build_pretrained_backbone` from the flags that :func:`add_backbone_args` defines (an unset
+    ``--arch`` / ``--patch_size`` resolved first, :func:`resolve_backbone_args`)."""
+    if args.arch is None or args.patch_size is None:
+        resolve_backbone_args(args)
     return build_pretrained_backbone(
         args.arch,
         args.patch_size,

@@ -346,3 +346,53 @@ def test_image_size_and_depth_are_read_from_the_weights():
     assert cf.checkpoint_depth(state) == 6
     assert cf.checkpoint_image_size({"pos_embed": torch.zeros(1, 1 + 12, 8)}, 16) == 224
     assert cf.checkpoint_depth({"cls_token": torch.zeros(1)}) is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# --arch / --patch_size read from the checkpoint
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_architecture_is_read_from_recorded_args_then_from_the_shapes(networks, tmp_path):
+    recorded = tmp_path / "released.pth"  # records args: arch vit_tiny, patch_size 16
+    torch.save(_layouts(networks)["cribo_released"], recorded)
+    assert cf.resolve_architecture(recorded) == ("vit_tiny", 16)
+    torch.manual_seed(0)
+    bare = tmp_path / "bare.pth"  # records nothing: the shapes say ViT-Small/8
+    torch.save(build_backbone("vit_small", patch_size=8, img_size=IMG, depth=DEPTH).state_dict(), bare)
+    assert cf.resolve_architecture(bare) == ("vit_small", 8)
+    assert cf.resolve_architecture(bare, patch_size=8) == ("vit_small", 8)
+    assert cf.resolve_architecture(bare, arch="vit_base", patch_size=4) == ("vit_base", 4)  # explicit wins
+    assert cf.resolve_architecture(None) == ("vit_small", 16)  # random init: DINO's defaults
+    assert cf.resolve_architecture(None, arch="resnet50") == ("resnet50", 16)
+
+
+def test_args_json_next_to_weights_only_files_is_read(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    weights = tmp_path / "teacher_backbone.pth"
+    torch.save(build_backbone("vit_tiny", patch_size=16, img_size=IMG, depth=DEPTH).state_dict(), weights)
+    assert cf.stored_training_args(cf.load_checkpoint_file(weights), weights) == {}
+    (tmp_path / "args.json").write_text(json.dumps({"arch": "vit_tiny", "patch_size": 16, "image_size": 96}))
+    stored = cf.stored_training_args(cf.load_checkpoint_file(weights), weights)
+    assert stored["image_size"] == 96 and stored["arch"] == "vit_tiny"
+
+
+def test_unknown_architecture_asks_for_the_flag_naming_the_file(tmp_path):
+    path = tmp_path / "mystery.pth"
+    torch.save({"encoder.weight": torch.zeros(3, 3), "encoder.bias": torch.zeros(3)}, path)
+    with pytest.raises(cf.CheckpointFormatError) as error:
+        cf.resolve_architecture(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "pass --arch" in message
+
+
+def test_eval_flags_left_unset_are_filled_from_the_checkpoint(networks, tmp_path):
+    parser = cf.add_backbone_args(argparse.ArgumentParser())
+    path = tmp_path / "released.pth"
+    torch.save(_layouts(networks)["cribo_released"], path)
+    args = cf.resolve_backbone_args(parser.parse_args(["--pretrained_weights", str(path)]))
+    assert (args.arch, args.patch_size) == ("vit_tiny", 16)
+    backbone = cf.backbone_from_args(parser.parse_args(["--pretrained_weights", str(path)]))
+    assert backbone.embed_dim == 192 and len(backbone.blocks) == DEPTH

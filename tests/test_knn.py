@@ -230,3 +230,18 @@ def test_eval_knn_writes_next_to_the_checkpoint(tmp_path):
     written = json.loads((tmp_path / "run" / "eval_knn.json").read_text())
     assert written["pretrained_weights"] == str(checkpoint) and written["checkpoint_key"] == "teacher"
     assert written["results"] == json.loads(json.dumps(results["results"]))
+
+
+def test_eval_knn_reads_the_architecture_from_the_checkpoint(tmp_path):
+    import eval_knn
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", patch_size=16, img_size=32, depth=2)
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, checkpoint)
+    argv = _knn_argv(
+        tmp_path, "--pretrained_weights", str(checkpoint), "--output_json", str(tmp_path / "r.json")
+    )
+    assert argv[:2] == ["--arch", "vit_tiny"]
+    results = eval_knn.main(argv[2:])  # no --arch: the weights' shapes say ViT-Tiny/16
+    assert results["arch"] == "vit_tiny" and results["patch_size"] == 16
