@@ -656,7 +656,6 @@ def build_pretrain_dataset(
         skip_bad_files: skip unreadable files instead of raising (not used by "synthetic").
     """
     if dataset_type == "synthetic":
-
         return SyntheticScenes(split="train", transform=transform, **(synthetic_kwargs or {}))
     if dataset_type == "imagenet1k":
         return _imagenet_folder(
@@ -691,7 +690,6 @@ def build_classification_dataset(
         skip_bad_files: skip unreadable files instead of raising.
     """
     if name == "synthetic":
-
         return SyntheticScenes(split=split, transform=transform, **(synthetic_kwargs or {}))
     if name == "imagenet1k":
         return _imagenet_folder(_require_data_path(data_path, name), split, transform, skip_bad_files)
@@ -720,7 +718,6 @@ def build_segmentation_dataset(
         skip_bad_files: skip unreadable files instead of raising.
     """
     if name == "synthetic":
-
         return SyntheticSegmentation(
             split="train" if split == "trainaug" else split, transforms=transforms, **(synthetic_kwargs or {})
         )

@@ -1,0 +1,102 @@
+"""The training state on disk: what a checkpoint holds, restoring it exactly, seeding from a released
+checkpoint, and the digest that proves every rank ends with the same state."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from cribo_utils import distributed
+from cribo_utils.checkpoint import save_training_checkpoint, with_prefix, without_prefix
+from cribo_utils.train.health import check_finite_weights
+from cribo_utils.train.parts import TrainingParts
+
+logger = logging.getLogger(__name__)
+
+
+def args_as_plain_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """``vars(args)`` with tuples as lists: what ``args.json`` and the checkpoint's ``args`` hold."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in vars(args).items()}
+
+
+def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[str, Any]:
+    """The plain-data checkpoint dictionary (see :mod:`cribo_utils.checkpoint`)."""
+    args_dict = args_as_plain_dict(parts.args)
+    state = {
+        "student": with_prefix(parts.student.state_dict(), "module."),
+        "teacher": parts.teacher.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "epoch": epoch,
+        "iteration": iteration,
+        "args": args_dict,
+        "dino_loss": {"center": parts.loss.center.cpu(), "center_c": parts.loss.center_c.cpu()},
+        "memory_bank_meta": {"num_images": parts.bank.num_images, "step": int(parts.bank.step)},
+    }
+    state.update({key: value.cpu() for key, value in parts.bank.to_reference_layout().items()})
+    if parts.scaler is not None:
+        state["fp16_scaler"] = parts.scaler.state_dict()
+    return state
+
+
+def restore_state(parts: TrainingParts, checkpoint: dict[str, Any]) -> tuple[int, int]:
+    """Load a full checkpoint into ``parts`` (strict); returns ``(epoch, iteration)`` to continue from."""
+    parts.student.load_state_dict(without_prefix(checkpoint["student"], "module."), strict=True)
+    parts.teacher.load_state_dict(without_prefix(checkpoint["teacher"], "module."), strict=True)
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    parts.loss.center.copy_(checkpoint["dino_loss"]["center"])
+    parts.loss.center_c.copy_(checkpoint["dino_loss"]["center_c"])
+    if "centroids_queue_cpu" in checkpoint:
+        meta = checkpoint.get("memory_bank_meta", {})
+        parts.bank.load_reference_layout(
+            {key: checkpoint[key].to(parts.device) for key in ("centroids_queue_cpu", "cpv_queue_cpu")},
+            num_images=meta.get("num_images"),
+        )
+        parts.bank.step.fill_(int(meta.get("step", 0)))
+    if parts.scaler is not None and "fp16_scaler" in checkpoint:
+        parts.scaler.load_state_dict(checkpoint["fp16_scaler"])
+    iteration = int(checkpoint.get("iteration", checkpoint["epoch"] * parts.iters_per_epoch))
+    return iteration // parts.iters_per_epoch, iteration
+
+
+def seed_from_released_checkpoint(parts: TrainingParts, path: str) -> None:
+    """``--start_checkpoint_path``: initialise student and teacher from a released full checkpoint."""
+    from cribo_utils.checkpoint_formats import load_checkpoint_file
+
+    checkpoint = load_checkpoint_file(path)
+    for name, network in (("student", parts.student), ("teacher", parts.teacher)):
+        if name not in checkpoint:
+            raise SystemExit(
+                f"--start_checkpoint_path {path}: no '{name}' entry (keys: {sorted(checkpoint)})"
+            )
+        network.load_state_dict(without_prefix(checkpoint[name], "module."), strict=True)
+    if "dino_loss" in checkpoint:
+        parts.loss.center.copy_(checkpoint["dino_loss"]["center"])
+        parts.loss.center_c.copy_(checkpoint["dino_loss"]["center_c"])
+    logger.info("initialised student and teacher from %s", path)
+
+
+def state_digest(parts: TrainingParts) -> dict[str, str]:
+    """SHA-256 of the teacher weights, the loss centres and the memory bank: equal on every rank after
+    a correct data-parallel run (logged by every rank at the end of training)."""
+    import hashlib
+
+    digests = {}
+    for name, tensors in (
+        ("teacher", parts.teacher.state_dict()),
+        ("centres", parts.loss.state_dict()),
+        ("memory_bank", parts.bank.to_reference_layout()),
+    ):
+        sha = hashlib.sha256()
+        for key in sorted(tensors):
+            sha.update(key.encode())
+            sha.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
+        digests[name] = sha.hexdigest()[:16]
+    return digests
+
+
+def save(parts: TrainingParts, epoch: int, iteration: int, epoch_copy: int | None = None) -> None:
+    check_finite_weights(parts, iteration)
+    if distributed.is_main_process():
+        save_training_checkpoint(checkpoint_state(parts, epoch, iteration), parts.args.output_dir, epoch_copy)
+    distributed.barrier()
