@@ -1,6 +1,6 @@
 """Dense nearest-neighbour retrieval (Hummingbird) evaluation of a frozen ViT: mIoU by label transfer.
 
-Protocol and defaults: dense-nn-protocol.md, Part A. The logic lives in :mod:`cribo_utils.dense_nn`.
+Protocol and defaults: dense-nn-protocol.md, Part A. The logic lives in :mod:`cribo_utils.eval.dense_nn`.
 
 Synthetic scenes (CPU, a few minutes; a random network unless --pretrained_weights is given)::
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from cribo_utils import distributed
 from cribo_utils.checkpoint_formats import LOADING_ERRORS, add_backbone_args, resolve_backbone_args
-from cribo_utils.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
+from cribo_utils.eval.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
 from cribo_utils.logger import setup_logging
 from data.synthetic import add_scene_args
 

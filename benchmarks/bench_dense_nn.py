@@ -6,7 +6,7 @@
 
 Two parts, each in a fresh process:
 
-1. ``pipeline`` (the real ``cribo_utils.dense_nn`` code on synthetic segmentation scenes, a random-init
+1. ``pipeline`` (the real ``cribo_utils.eval.dense_nn`` code on synthetic segmentation scenes, a random-init
    or ``--weights`` backbone): memory images/s for data loading alone, for ``extract_memory_shard``
    (data + feature extraction + patch sampling), for ``assemble_memory`` (index add), and query
    images/s for ``evaluate_memory`` (data + features + search + label transfer + upsampling + scoring).
@@ -57,7 +57,7 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from cribo_utils import dense_nn
+    from cribo_utils.eval import dense_nn
     from data.synthetic import SyntheticSegmentation
     from models import build_backbone
 
@@ -152,7 +152,7 @@ def _build_shard_index(cfg: dict[str, Any], rows: int, generator: Any) -> tuple[
     import torch
     import torch.nn.functional as F
 
-    from cribo_utils.dense_nn import PatchIndex, default_nlist
+    from cribo_utils.eval.dense_nn import PatchIndex, default_nlist
     from cribo_utils.sharded_search import TorchShardIndex
 
     dim = cfg["dim"]
@@ -293,7 +293,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--max_ram_fraction",
         type=float,
         default=0.6,
-        help="Skip an index size needing more than this fraction of MemAvailable.",
+        help="Skip an index size needing more than this fraction of the available RAM (MemAvailable, "
+        "capped by the cgroup limit).",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
@@ -302,9 +303,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def available_bytes() -> int | None:
-    from cribo_utils.dense_nn import available_memory_bytes
+    import torch
 
-    return available_memory_bytes()
+    from cribo_utils.resources import available_memory
+
+    probe = available_memory(torch.device("cpu"))
+    return probe[0] if probe is not None else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ are broken by global id and the shards are contiguous in global order, the neigh
 W (up to the rounding of the similarities themselves).
 
 Local indexes: :class:`TorchShardIndex` (exact; chunked matrix products and ``topk`` on the compute
-device, so a GPU node searches on its GPU) and the faiss ones in :mod:`cribo_utils.dense_nn`
+device, so a GPU node searches on its GPU) and the faiss ones in :mod:`cribo_utils.eval.dense_nn`
 (``IndexFlatIP``, or ``IndexIVFFlat`` for an approximate search), used through the same protocol.
 """
 

@@ -17,7 +17,7 @@ Five figures, each a function returning the path of the PNG it wrote (default fo
    bank object from each view with the cycle-consistency test (Sec. 8); the retrieved object is drawn in
    the bank image it came from, framed green when the test passed and red when it failed.
 3. ``dense`` (:func:`plot_dense`): image, ground truth and the dense nearest-neighbour prediction
-   (dense-nn-protocol.md Part A, via :mod:`cribo_utils.dense_nn`) with the dataset's palette.
+   (dense-nn-protocol.md Part A, via :mod:`cribo_utils.eval.dense_nn`) with the dataset's palette.
 4. ``attention`` (:func:`plot_attention`): the last block's [CLS] attention of every head and the first
    three principal components of the patch features as RGB (:func:`pca_rgb`).
 5. ``curves`` (:func:`plot_curves`): every loss term, the schedules, the cluster count and the
@@ -1155,8 +1155,8 @@ def plot_dense(
     """Figure 3: dense nearest-neighbour label transfer (dense-nn-protocol.md Part A).
 
     A memory of patch features and soft patch labels is built from ``memory_dataset`` with
-    :func:`cribo_utils.dense_nn.build_memory` (one augmentation pass, every patch kept), then each image
-    is predicted with :func:`cribo_utils.dense_nn.predict`:
+    :func:`cribo_utils.eval.dense_nn.build_memory` (one augmentation pass, every patch kept), then each image
+    is predicted with :func:`cribo_utils.eval.dense_nn.predict`:
     ``y_hat(q) = sum_j softmax_j(cos(q, x_j) / beta) y_j`` over the k nearest memory patches,
     upsampled bilinearly and arg-maxed per pixel. One row per image: image, ground truth (if given),
     prediction, and a legend of the classes shown.
@@ -1182,7 +1182,7 @@ def plot_dense(
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from cribo_utils.dense_nn import DenseNNConfig, build_memory, predict
+    from cribo_utils.eval.dense_nn import DenseNNConfig, build_memory, predict
     from data.transforms import normalize, paired_resize
 
     if len(masks) != len(images):
@@ -1703,7 +1703,7 @@ def _dense_sources(
     """(memory dataset, query images, query masks, C, class names) for the dense figure."""
     from torch.utils.data import Subset
 
-    from cribo_utils.dense_nn import DEFAULT_SPLITS, dataset_classes
+    from cribo_utils.eval.dense_nn import DEFAULT_SPLITS, dataset_classes
     from data.datasets import build_segmentation_dataset, load_image, load_mask
 
     if args.dataset != "synthetic" and not args.data_path:

@@ -1,4 +1,4 @@
-"""Tests of the dense nearest-neighbour retrieval evaluation (cribo_utils.dense_nn, eval_dense_nn.py)."""
+"""Tests of the dense nearest-neighbour retrieval evaluation (cribo_utils.eval.dense_nn, eval_dense_nn.py)."""
 
 import json
 import math
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from cribo_utils import dense_nn
-from cribo_utils.dense_nn import (
+from cribo_utils.eval import dense_nn
+from cribo_utils.eval.dense_nn import (
     DenseNNConfig,
     MemoryItems,
     MemoryPlan,

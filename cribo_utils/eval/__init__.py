@@ -1,0 +1,1 @@
+"""Evaluations of frozen backbones."""
