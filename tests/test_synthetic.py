@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from data.datasets import ImageFolderDataset, VOCSegmentation, voc_palette
+from data.scene_render import _texture_bits
 from data.synthetic import (
     IGNORE_INDEX,
     NUM_OBJECT_CLASSES,
@@ -29,7 +30,6 @@ from data.synthetic import (
     SceneObject,
     SyntheticScenes,
     SyntheticSegmentation,
-    _texture_bits,
     label_from_mask,
     main,
     render_scene,
