@@ -30,14 +30,15 @@ divided among the ``LOCAL_WORLD_SIZE`` processes of the node.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from cribo_utils.parser import ConfigError
+from models.student_teacher import NetworkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,36 @@ class MemoryEstimate:
 
 
 @dataclass(frozen=True)
+class RunShape:
+    """What the estimate depends on: the networks and the training flags of the same names.
+
+    Attributes:
+        network: the student / teacher settings (arch, depth, patch and image size, head widths).
+        batch_size_per_gpu: images per process B.
+        n_tokens: centroids per image K.
+        queue_size: images in the memory bank Q.
+        optimizer: ``adamw`` (two states per parameter) or ``sgd`` / ``lars`` (one).
+    """
+
+    network: NetworkConfig
+    batch_size_per_gpu: int
+    n_tokens: int
+    queue_size: int
+    optimizer: str
+
+    @classmethod
+    def from_args(cls, args: Any) -> RunShape:
+        """From resolved training flags."""
+        return cls(
+            NetworkConfig.from_args(args),
+            args.batch_size_per_gpu,
+            args.n_tokens,
+            args.queue_size,
+            args.optimizer,
+        )
+
+
+@dataclass(frozen=True)
 class NetworkSize:
     """Shape facts of one network (student or teacher) as configured.
 
@@ -104,8 +135,8 @@ class NetworkSize:
     bottleneck_dim: int
 
 
-def network_size(args: argparse.Namespace) -> NetworkSize:
-    """Parameters and widths of one network as configured by ``args``, without allocating it.
+def network_size(network: NetworkConfig) -> NetworkSize:
+    """Parameters and widths of one network as configured, without allocating it.
 
     The networks are built on the ``meta`` device (shapes only), so the counts are exact and cost no memory.
     """
@@ -116,7 +147,7 @@ def network_size(args: argparse.Namespace) -> NetworkSize:
     models_logger.setLevel(logging.WARNING)  # the real build logs the sizes; this shape-only one stays quiet
     try:
         with torch.device("meta"):
-            student, _ = build_student_teacher(args)
+            student, _ = build_student_teacher(network)
     finally:
         models_logger.setLevel(level)
     head_shapes = {name: tuple(p.shape) for name, p in student.head.named_parameters()}
@@ -130,37 +161,37 @@ def network_size(args: argparse.Namespace) -> NetworkSize:
     )
 
 
-def activation_values(args: argparse.Namespace, size: NetworkSize) -> tuple[int, int]:
+def activation_values(run: RunShape, size: NetworkSize) -> tuple[int, int]:
     """Rough number of activation values kept for the backward pass: ``(backbone, heads)``.
 
     Backbone: ``2B * L * 16 T D``; heads: ``2B (4H + 2b + 5O) + 2M (4H + 2b + 7Oc)`` with ``M = B K / 2``
     (module docstring). ``B = --batch_size_per_gpu``, ``T = 1 + (image_size / patch_size)^2``.
     """
-    images = 2 * args.batch_size_per_gpu
-    tokens = 1 + (args.image_size // args.patch_size) ** 2
+    network = run.network
+    images = 2 * run.batch_size_per_gpu
+    tokens = 1 + (network.image_size // network.patch_size) ** 2
     backbone = images * size.depth * BACKBONE_VALUES_PER_TOKEN_AND_DIM * tokens * size.embed_dim
-    objects = 2 * int(args.batch_size_per_gpu * args.n_tokens * VALID_CLUSTER_FRACTION)
+    objects = 2 * int(run.batch_size_per_gpu * run.n_tokens * VALID_CLUSTER_FRACTION)
     trunk = 4 * size.hidden_dim + 2 * size.bottleneck_dim
-    heads = images * (trunk + 5 * args.out_dim) + objects * (trunk + 7 * args.out_dim_c)
+    heads = images * (trunk + 5 * network.out_dim) + objects * (trunk + 7 * network.out_dim_c)
     return backbone, heads
 
 
-def estimate_training_memory(args: argparse.Namespace, activation_bytes: int = FP32_BYTES) -> MemoryEstimate:
+def estimate_training_memory(run: RunShape, activation_bytes: int = FP32_BYTES) -> MemoryEstimate:
     """Estimate the memory one training process needs (module docstring).
 
     Args:
-        args: resolved training flags (arch, depth, patch/image size, out dims, n_tokens, queue_size,
-            batch_size_per_gpu, optimizer).
+        run: what the run is made of (:meth:`RunShape.from_args` of the training flags).
         activation_bytes: bytes per backbone activation value: 2 under fp16/bf16 autocast, else 4.
 
     Returns:
         The estimate, split into bank, networks and activations.
     """
-    size = network_size(args)
-    bank = 2 * args.n_tokens * args.queue_size * size.embed_dim * FP32_BYTES + 8 * args.queue_size
-    optimizer_states = 2 if args.optimizer == "adamw" else 1
+    size = network_size(run.network)
+    bank = 2 * run.n_tokens * run.queue_size * size.embed_dim * FP32_BYTES + 8 * run.queue_size
+    optimizer_states = 2 if run.optimizer == "adamw" else 1
     networks = FP32_BYTES * (2 * size.parameters + (1 + optimizer_states) * size.trainable)
-    backbone_values, head_values = activation_values(args, size)
+    backbone_values, head_values = activation_values(run, size)
     activations = backbone_values * activation_bytes + head_values * FP32_BYTES
     return MemoryEstimate(bank, networks, activations, size.parameters, size.embed_dim)
 
@@ -233,15 +264,15 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
     return available, source
 
 
-def format_estimate(args: argparse.Namespace, estimate: MemoryEstimate) -> str:
+def format_estimate(run: RunShape, estimate: MemoryEstimate) -> str:
     """One line: total and its three parts, with the bank formula spelled out."""
     gib = {
         name: getattr(estimate, f"{name}_bytes") / GIB
         for name in ("total", "bank", "networks", "activations")
     }
     bank = (
-        f"memory bank {gib['bank']:.1f} GiB = 2 views x --n_tokens {args.n_tokens} x --queue_size "
-        f"{args.queue_size} x width {estimate.embed_dim} x 4 bytes"
+        f"memory bank {gib['bank']:.1f} GiB = 2 views x --n_tokens {run.n_tokens} x --queue_size "
+        f"{run.queue_size} x width {estimate.embed_dim} x 4 bytes"
     )
     networks = (
         f"networks and optimiser {gib['networks']:.1f} GiB for 2 x {estimate.parameters / 1e6:.1f}M "
@@ -258,7 +289,7 @@ _ADVICE = {
 
 
 def check_memory(
-    args: argparse.Namespace,
+    run: RunShape,
     device: torch.device,
     activation_bytes: int = FP32_BYTES,
     processes_per_node: int | None = None,
@@ -266,7 +297,7 @@ def check_memory(
     """Refuse to start when the estimated memory exceeds what is available.
 
     Args:
-        args: resolved training flags.
+        run: what the run is made of (:meth:`RunShape.from_args` of the training flags).
         device: where the networks, the bank and the activations will live.
         activation_bytes: bytes per backbone activation value (2 under fp16/bf16 autocast, else 4).
         processes_per_node: processes sharing this machine's RAM on CPU (default: ``LOCAL_WORLD_SIZE``,
@@ -278,9 +309,9 @@ def check_memory(
     Raises:
         InsufficientMemoryError: one line with the needed and available memory and the flag to lower.
     """
-    estimate = estimate_training_memory(args, activation_bytes)
+    estimate = estimate_training_memory(run, activation_bytes)
     available = available_memory(device)
-    logger.info("estimated memory per process: %s", format_estimate(args, estimate))
+    logger.info("estimated memory per process: %s", format_estimate(run, estimate))
     if available is None:
         logger.warning("cannot tell how much memory is free on %s; skipping the memory check", device)
         return estimate
@@ -291,7 +322,7 @@ def check_memory(
     if estimate.total_bytes * sharing > free_bytes:
         per = f" x {sharing} processes on this node" if sharing > 1 else ""
         raise InsufficientMemoryError(
-            f"not enough memory: the run needs about {format_estimate(args, estimate)}{per} but only "
+            f"not enough memory: the run needs about {format_estimate(run, estimate)}{per} but only "
             f"{free_bytes / GIB:.1f} GiB is available on {device.type} ({source}); "
             f"{_ADVICE[estimate.largest_part()]}, or pass --check_memory false to start anyway"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,34 +103,75 @@ class CrIBoNetwork(nn.Module):
         return self.head(cls_tokens), logits[:2], neighbour_logits
 
 
-def build_student_teacher(args: Any) -> tuple[CrIBoNetwork, CrIBoNetwork]:
+@dataclass(frozen=True)
+class NetworkConfig:
+    """What :func:`build_student_teacher` needs: the training flags of the same names.
+
+    Attributes:
+        arch: ViT size (``vit_tiny`` ... ``vit_large``).
+        patch_size: ViT patch size p.
+        out_dim: image-level head output width O.
+        out_dim_c: object-level head output width O_c.
+        drop_path_rate: stochastic depth of the student.
+        image_size: side of the global crops (sets the positional table).
+        depth: number of blocks (None: the architecture's).
+        use_bn_in_head: BatchNorm in the head MLP.
+        norm_last_layer: weight-normalised last layer with frozen gain.
+        grad_checkpointing: recompute the student's blocks in backward.
+    """
+
+    arch: str
+    patch_size: int
+    out_dim: int
+    out_dim_c: int
+    drop_path_rate: float = 0.1
+    image_size: int = 224
+    depth: int | None = None
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    grad_checkpointing: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any) -> NetworkConfig:
+        """From parsed training flags (anything with those attributes; the optional ones default)."""
+        return cls(
+            arch=args.arch,
+            patch_size=args.patch_size,
+            out_dim=args.out_dim,
+            out_dim_c=args.out_dim_c,
+            drop_path_rate=args.drop_path_rate,
+            image_size=getattr(args, "image_size", 224),
+            depth=getattr(args, "depth", None),
+            use_bn_in_head=args.use_bn_in_head,
+            norm_last_layer=args.norm_last_layer,
+            grad_checkpointing=getattr(args, "grad_checkpointing", False),
+        )
+
+
+def build_student_teacher(config: NetworkConfig) -> tuple[CrIBoNetwork, CrIBoNetwork]:
     """Build the student and a teacher with identical initial weights.
 
-    Reads ``args.arch``, ``args.patch_size``, ``args.drop_path_rate``, ``args.out_dim``,
-    ``args.out_dim_c``, ``args.use_bn_in_head``, ``args.norm_last_layer`` and, when present,
-    ``args.image_size`` (default 224), ``args.depth`` (default: the architecture's) and
-    ``args.grad_checkpointing`` (default False: recompute the student's blocks in backward).
     The teacher is a copy of the student with stochastic depth and checkpointing switched off, no
     gradients and eval mode.
 
     Args:
-        args: parsed training flags (an ``argparse.Namespace`` or anything with those attributes).
+        config: the networks' settings (:meth:`NetworkConfig.from_args` from the training flags).
     Returns:
         ``(student, teacher)``.
     """
     backbone = build_backbone(
-        args.arch,
-        patch_size=args.patch_size,
-        drop_path_rate=args.drop_path_rate,
-        img_size=getattr(args, "image_size", 224),
-        depth=getattr(args, "depth", None),
+        config.arch,
+        patch_size=config.patch_size,
+        drop_path_rate=config.drop_path_rate,
+        img_size=config.image_size,
+        depth=config.depth,
     )
     head = CrIBoHead(
         backbone.embed_dim,
-        args.out_dim,
-        args.out_dim_c,
-        use_bn=args.use_bn_in_head,
-        norm_last_layer=args.norm_last_layer,
+        config.out_dim,
+        config.out_dim_c,
+        use_bn=config.use_bn_in_head,
+        norm_last_layer=config.norm_last_layer,
     )
     student = CrIBoNetwork(backbone, head)
     teacher = copy.deepcopy(student)
@@ -138,12 +180,12 @@ def build_student_teacher(args: Any) -> tuple[CrIBoNetwork, CrIBoNetwork]:
             module.drop_prob = 0.0
     teacher.requires_grad_(False)
     teacher.eval()
-    if getattr(args, "grad_checkpointing", False) and hasattr(backbone, "set_grad_checkpointing"):
+    if config.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
         backbone.set_grad_checkpointing(True)
     logger.info(
         "Built student and teacher %s/%d: backbone %.1fM parameters, head %.1fM parameters",
-        args.arch,
-        args.patch_size,
+        config.arch,
+        config.patch_size,
         sum(p.numel() for p in backbone.parameters()) / 1e6,
         sum(p.numel() for p in head.parameters()) / 1e6,
     )

@@ -21,6 +21,7 @@ from cribo_utils.distributed import DistEnv
 from cribo_utils.parser import ConfigError, resolve_args, validate_args
 from data.datasets import ImageFolderDataset
 from data.loading import PerSampleSeededDataset
+from models.student_teacher import NetworkConfig
 from tests.fixtures_datasets import make_imagefolder, random_image, write_bad_file, write_image
 from tests.launch_helpers import REPO, output_of, start, step_records, training_command, wait_for_exit
 from tests.test_train import TINY
@@ -308,7 +309,7 @@ def _too_few(root):
 def test_empty_or_misplaced_dataset_stops_before_training(tmp_path, monkeypatch, make, expected):
     data = tmp_path / "data"
     make(data)
-    monkeypatch.setattr(train, "build_student_teacher", _no_model)
+    monkeypatch.setattr(train.engine, "build_student_teacher", _no_model)
     message = run_script_on_imagefolder(monkeypatch, tmp_path / "run", data)
     assert isinstance(message, str) and "\n" not in message
     assert expected in message and str(data) in message
@@ -373,7 +374,7 @@ def test_checkpoint_refuses_non_finite_weights(tmp_path):
     ],
 )
 def test_bad_configuration_stops_with_one_line_before_any_network(tmp_path, monkeypatch, flags, expected):
-    monkeypatch.setattr(train, "build_student_teacher", _no_model)
+    monkeypatch.setattr(train.engine, "build_student_teacher", _no_model)
     message = run_script(monkeypatch, "--output_dir", str(tmp_path), *TINY, *flags)
     assert isinstance(message, str) and "\n" not in message, message
     assert expected in message
@@ -399,7 +400,7 @@ def test_global_batch_size_must_divide_across_processes():
 
 
 def test_absurd_queue_names_needed_and_available_memory_and_the_flag(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "build_student_teacher", _no_model)
+    monkeypatch.setattr(train.engine, "build_student_teacher", _no_model)
     message = run_script(monkeypatch, "--output_dir", str(tmp_path), *TINY, "--queue_size", "1000000000")
     # bank: 2 views x 2 tokens x 1e9 images x 192 x 4 bytes + 8 bytes per image (counts) = 2868.5 GiB
     assert "needs about 2868." in message and "memory bank 2868.5 GiB" in message
@@ -412,8 +413,8 @@ def test_network_size_on_the_meta_device_matches_the_real_networks():
 
     for flags in (TINY, [*TINY, "--norm_last_layer", "false", "--out_dim", "100", "--depth", "2"]):
         args = resolve_args(flags)
-        size = resources.network_size(args)
-        student, teacher = build_student_teacher(args)
+        size = resources.network_size(NetworkConfig.from_args(args))
+        student, teacher = build_student_teacher(NetworkConfig.from_args(args))
         assert size.parameters == sum(p.numel() for p in student.parameters())
         assert size.parameters == sum(p.numel() for p in teacher.parameters())
         assert size.trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -427,8 +428,8 @@ def test_network_size_on_the_meta_device_matches_the_real_networks():
 
 def test_memory_estimate_by_hand():
     args = resolve_args([*TINY, "--queue_size", "1000", "--n_tokens", "3"])
-    size = resources.network_size(args)
-    estimate = resources.estimate_training_memory(args, activation_bytes=4)
+    size = resources.network_size(NetworkConfig.from_args(args))
+    estimate = resources.estimate_training_memory(resources.RunShape.from_args(args), activation_bytes=4)
     assert estimate.bank_bytes == 2 * 3 * 1000 * 192 * 4 + 8 * 1000
     # student + teacher weights, gradients and two Adam moments of the trainable parameters
     assert estimate.networks_bytes == 4 * (2 * size.parameters + 3 * size.trainable)
@@ -437,7 +438,7 @@ def test_memory_estimate_by_hand():
     backbone = 8 * 1 * 16 * 5 * 192
     heads = 8 * (4 * 2048 + 512 + 5 * 32) + 12 * (4 * 2048 + 512 + 7 * 32)
     assert estimate.activations_bytes == 4 * (backbone + heads)
-    half = resources.estimate_training_memory(args, activation_bytes=2)
+    half = resources.estimate_training_memory(resources.RunShape.from_args(args), activation_bytes=2)
     assert half.activations_bytes == 2 * backbone + 4 * heads
     assert estimate.total_bytes == estimate.bank_bytes + estimate.networks_bytes + estimate.activations_bytes
 
@@ -454,18 +455,20 @@ def test_memory_check_names_the_largest_part(monkeypatch, flags, advice):
     monkeypatch.setattr(resources, "available_memory", lambda device: (2 * resources.GIB, "test"))
     args = resolve_args([*TINY, *flags])
     with pytest.raises(resources.InsufficientMemoryError, match=advice) as info:
-        resources.check_memory(args, torch.device("cpu"), processes_per_node=1)
+        resources.check_memory(resources.RunShape.from_args(args), torch.device("cpu"), processes_per_node=1)
     assert "only 2.0 GiB is available on cpu (test)" in str(info.value)
-    resources.check_memory(resolve_args(TINY), torch.device("cpu"), processes_per_node=1)  # the tiny run fits
+    resources.check_memory(
+        resources.RunShape.from_args(resolve_args(TINY)), torch.device("cpu"), processes_per_node=1
+    )  # the tiny run fits
 
 
 def test_memory_check_counts_the_processes_sharing_a_node(monkeypatch):
     args = resolve_args(TINY)
-    need = resources.estimate_training_memory(args).total_bytes
+    need = resources.estimate_training_memory(resources.RunShape.from_args(args)).total_bytes
     monkeypatch.setattr(resources, "available_memory", lambda device: (int(need * 1.5), "test"))
-    resources.check_memory(args, torch.device("cpu"), processes_per_node=1)
+    resources.check_memory(resources.RunShape.from_args(args), torch.device("cpu"), processes_per_node=1)
     with pytest.raises(resources.InsufficientMemoryError, match="x 2 processes on this node"):
-        resources.check_memory(args, torch.device("cpu"), processes_per_node=2)
+        resources.check_memory(resources.RunShape.from_args(args), torch.device("cpu"), processes_per_node=2)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from cribo_utils.memory_bank import CentroidMemoryBank
 from cribo_utils.optim import build_optimizer, get_params_groups
 from cribo_utils.parser import describe_preset, release_batch_note, validate_args
 from cribo_utils.progress import Progress, format_seconds
-from cribo_utils.resources import check_memory
+from cribo_utils.resources import RunShape, check_memory
 from cribo_utils.schedules import cosine_schedule
 from cribo_utils.train.health import NonFiniteLossError
 from cribo_utils.train.loader import build_pretrain_loader
@@ -49,7 +49,7 @@ from cribo_utils.train.state import (
 from cribo_utils.train.step import training_step
 from data.datasets import DatasetLayoutError
 from data.loading import UnreadableSampleError, mix_seed
-from models.student_teacher import build_student_teacher
+from models.student_teacher import NetworkConfig, build_student_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_training_parts(
     check_nn_loss_can_start(args, iters_per_epoch, env.world_size)
 
     torch.manual_seed(mix_seed(args.seed))  # identical initial weights on every rank
-    student, teacher = build_student_teacher(args)
+    student, teacher = build_student_teacher(NetworkConfig.from_args(args))
     student.to(device)
     teacher.to(device)
     student_ddp: nn.Module = student
@@ -199,7 +199,9 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
         if args.check_memory:
             device = resolve_device(args, env)
             autocast_dtype = resolve_precision(args, device)
-            check_memory(args, device, activation_bytes=4 if autocast_dtype is None else 2)
+            check_memory(
+                RunShape.from_args(args), device, activation_bytes=4 if autocast_dtype is None else 2
+            )
         return _train(args, env, stop_signal)
     except TRAINING_ERRORS as error:
         logger.error("%s", error)
