@@ -36,10 +36,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import LOADING_ERRORS, add_backbone_args, resolve_backbone_args
 from cribo_utils.eval.dense_nn import DATASETS, INDEX_KINDS, run_dense_nn
-from cribo_utils.logger import setup_logging
+from cribo_utils.runtime import distributed
+from cribo_utils.runtime.logger import setup_logging
+from cribo_utils.weights.checkpoint_formats import LOADING_ERRORS, add_backbone_args, resolve_backbone_args
 from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)

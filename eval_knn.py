@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen [CLS] features (DINO's protocol; logic in cribo_utils/knn.py).
+"""Weighted k-NN classification on frozen [CLS] features (DINO's protocol; logic in cribo_utils/eval/knn.py).
 
     python eval_knn.py                              # synthetic scenes, random weights (warned)
     python eval_knn.py --arch resnet50 --pretrained_weights dino_resnet50_pretrain.pth  # conv: pooled stage 4
@@ -18,10 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import LOADING_ERRORS, resolve_backbone_args
-from cribo_utils.knn import get_args_parser, run_knn
-from cribo_utils.logger import setup_logging
+from cribo_utils.eval.knn import get_args_parser, run_knn
+from cribo_utils.runtime import distributed
+from cribo_utils.runtime.logger import setup_logging
+from cribo_utils.weights.checkpoint_formats import LOADING_ERRORS, resolve_backbone_args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

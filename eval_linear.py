@@ -1,4 +1,4 @@
-"""Linear probe on frozen ViT features (DINO's protocol; logic in cribo_utils/linear_probe.py).
+"""Linear probe on frozen ViT features (DINO's protocol; logic in cribo_utils/eval/linear_probe.py).
 
     python eval_linear.py                                           # synthetic scenes, cached features
     python eval_linear.py --arch convnext_small --pretrained_weights convnext_small_alpha0.75.pth  # VICRegL
@@ -21,10 +21,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import LOADING_ERRORS, resolve_backbone_args
-from cribo_utils.linear_probe import get_args_parser, run_linear
-from cribo_utils.logger import setup_logging
+from cribo_utils.eval.linear_probe import get_args_parser, run_linear
+from cribo_utils.runtime import distributed
+from cribo_utils.runtime.logger import setup_logging
+from cribo_utils.weights.checkpoint_formats import LOADING_ERRORS, resolve_backbone_args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

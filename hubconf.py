@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cribo_utils.checkpoint_formats import load_released_model
+from cribo_utils.weights.checkpoint_formats import load_released_model
 
 dependencies = ["torch", "torchvision"]
 

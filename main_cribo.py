@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from cribo_utils.parser import resolve_args
 from cribo_utils.train import TRAINING_ERRORS, train_cribo
+from cribo_utils.train.parser import resolve_args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

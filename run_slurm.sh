@@ -6,7 +6,7 @@
 #   OUTPUT_DIR=runs/vits16-in sbatch run_slurm.sh ...     # a fixed output folder, kept across requeues
 #
 # Every task reads its rank, world size, local rank and the master address from the SLURM environment
-# (cribo_utils/distributed.py), so no MASTER_ADDR is set here. SLURM sends SIGUSR1 to the tasks 120 s
+# (cribo_utils/runtime/distributed.py), so no MASTER_ADDR is set here. SLURM sends SIGUSR1 to the tasks 120 s
 # before the time limit (--signal below): training writes a checkpoint at the next iteration and exits
 # with code 75, this script requeues the job, and the requeued job resumes from $OUTPUT_DIR (the default
 # folder name uses the job id, which a requeued job keeps).

@@ -108,7 +108,7 @@ def make_inputs(batch: int, tokens: int, dim: int, device: Any, seed: int = 0) -
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from cribo_utils.clustering import joint_cluster
+    from cribo_utils.method.clustering import joint_cluster
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])

@@ -67,7 +67,7 @@ def pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     backbone = build_backbone(cfg["arch"], patch_size=cfg["patch_size"]).to(device).eval()
     if cfg.get("weights"):
-        from cribo_utils.checkpoint_formats import load_backbone
+        from cribo_utils.weights.checkpoint_formats import load_backbone
 
         load_backbone(backbone, cfg["weights"])
     train = SyntheticSegmentation(
@@ -153,7 +153,7 @@ def _build_shard_index(cfg: dict[str, Any], rows: int, generator: Any) -> tuple[
     import torch.nn.functional as F
 
     from cribo_utils.eval.dense_nn import PatchIndex, default_nlist
-    from cribo_utils.sharded_search import TorchShardIndex
+    from cribo_utils.eval.sharded_search import TorchShardIndex
 
     dim = cfg["dim"]
     if cfg["index"] == "torch":
@@ -305,7 +305,7 @@ def get_parser() -> argparse.ArgumentParser:
 def available_bytes() -> int | None:
     import torch
 
-    from cribo_utils.resources import available_memory
+    from cribo_utils.train.resources import available_memory
 
     probe = available_memory(torch.device("cpu"))
     return probe[0] if probe is not None else None

@@ -42,8 +42,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from benchmarks.bench_train_step import fill_bank
-    from cribo_utils.memory_bank import CentroidMemoryBank
-    from cribo_utils.neighbours import find_cycle_consistent_neighbours
+    from cribo_utils.method.memory_bank import CentroidMemoryBank
+    from cribo_utils.method.neighbours import find_cycle_consistent_neighbours
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])

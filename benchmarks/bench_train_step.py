@@ -125,7 +125,7 @@ def training_step_flops(
 
 def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
     """Training flags of one configuration: the reference defaults plus the benchmark's choices."""
-    from cribo_utils.parser import get_args_parser, validate_args
+    from cribo_utils.train.parser import get_args_parser, validate_args
 
     argv = [
         "--arch",
@@ -240,9 +240,9 @@ def bare_backbone_step(parts: Any, batch: Any, iteration: int, timer: Any) -> di
     """The DINO-style floor: backbones + [CLS] head + image-level loss + optimiser step (same views)."""
     import torch
 
-    from cribo_utils.loss import image_level_loss
-    from cribo_utils.optim import cancel_gradients_last_layer, clip_gradients
+    from cribo_utils.method.loss import image_level_loss
     from cribo_utils.train import augment_on_device, autocast
+    from cribo_utils.train.optim import cancel_gradients_last_layer, clip_gradients
 
     args = parts.args
     for index, group in enumerate(parts.optimizer.param_groups):
@@ -292,7 +292,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from cribo_utils.distributed import DistEnv
+    from cribo_utils.runtime.distributed import DistEnv
     from cribo_utils.train import StepTimer, build_training_parts, training_step
 
     if cfg.get("threads"):

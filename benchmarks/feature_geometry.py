@@ -38,8 +38,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import format_table, machine_info, write_json  # noqa: E402
-from cribo_utils.checkpoint_formats import build_pretrained_backbone  # noqa: E402
-from cribo_utils.metrics import confusion_matrix, iou_per_class  # noqa: E402
+from cribo_utils.eval.metrics import confusion_matrix, iou_per_class  # noqa: E402
+from cribo_utils.weights.checkpoint_formats import build_pretrained_backbone  # noqa: E402
 from data.synthetic import NUM_SEG_CLASSES, OBJECT_COLOUR_MODES, SHAPES, SyntheticSegmentation  # noqa: E402
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 

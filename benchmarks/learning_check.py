@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import main_cribo  # noqa: E402
-from cribo_utils.checkpoint_formats import load_backbone  # noqa: E402
 from cribo_utils.eval.dense_nn import DenseNNConfig, evaluate_dense_nn  # noqa: E402
+from cribo_utils.weights.checkpoint_formats import load_backbone  # noqa: E402
 from data.synthetic import SyntheticSegmentation  # noqa: E402
 from models import build_backbone  # noqa: E402
 

@@ -28,7 +28,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.feature_geometry import check_input_size, normalise, render_scenes  # noqa: E402
-from cribo_utils.checkpoint import atomic_save  # noqa: E402
+from cribo_utils.train.checkpoint import atomic_save  # noqa: E402
 from data.synthetic import DEFAULT_LEVEL, OBJECT_COLOUR_MODES, SCENE_LEVELS  # noqa: E402
 from models import ARCHS, build_backbone  # noqa: E402
 

@@ -24,11 +24,12 @@ Five figures, each a function returning the path of the PNG it wrote (default fo
    cycle-consistent fraction against the iteration, from a training ``log.txt``.
 
 Every model figure runs on a randomly initialised ViT (no ``--pretrained_weights``) or on any checkpoint
-:mod:`cribo_utils.checkpoint_formats` reads, on the synthetic scenes (default) or on a folder of images
+:mod:`cribo_utils.weights.checkpoint_formats` reads, on the synthetic scenes (default) or on a folder of
+images
 (``--images DIR``, optionally ``--recursive``). Settings not given on the command line are read from the
 checkpoint's stored training arguments when it has them (``arch``, ``patch_size``, ``depth``,
 ``image_size``, ``n_tokens``, ``pos_alpha``), else from the weights themselves, else from the synthetic
-CPU preset of :mod:`cribo_utils.parser`. Figure sizes are exact: a grid of ``rows x cols`` panels of
+CPU preset of :mod:`cribo_utils.train.parser`. Figure sizes are exact: a grid of ``rows x cols`` panels of
 ``panel`` inches at ``dpi`` is ``cols * panel_w * dpi`` by ``rows * panel_h * dpi`` pixels.
 """
 
@@ -52,7 +53,7 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor, nn
 
-from cribo_utils.parser import SYNTHETIC_PRESET
+from cribo_utils.train.parser import SYNTHETIC_PRESET
 from data.synthetic import DEFAULT_LEVEL, OBJECT_COLOUR_MODES, SCENE_LEVELS
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from cribo_utils.memory_bank import CentroidMemoryBank
+    from cribo_utils.method.memory_bank import CentroidMemoryBank
     from data.transforms import CropBox
     from models.vision_transformer import VisionTransformer
 
@@ -454,7 +455,7 @@ def load_figure_model(
     size, blocks -> depth) > the synthetic preset (``vit_tiny``, patch 16, depth 6).
 
     Args:
-        weights: any checkpoint layout of :mod:`cribo_utils.checkpoint_formats`; None: random weights.
+        weights: any checkpoint layout of :mod:`cribo_utils.weights.checkpoint_formats`; None: random weights.
         checkpoint_key: network of a student/teacher checkpoint (``teacher`` by default).
         arch: ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large``, or a conv arch
             (``resnet50``, ``convnext_*``; also chosen when the weights are a conv net's).
@@ -490,7 +491,7 @@ def load_figure_model(
         training_args: dict[str, Any] = {}
         image_size = _FALLBACK["image_size"]
     else:
-        from cribo_utils.checkpoint_formats import (
+        from cribo_utils.weights.checkpoint_formats import (
             checkpoint_depth,
             checkpoint_image_size,
             extract_backbone_state_dict,
@@ -544,12 +545,12 @@ def _load_conv_figure_model(
     A conv net is used when ``arch`` names one, or when ``arch`` is not given and the weights' shapes are
     a conv net's. Its dense grid (last stage, stride 32) stands for the patch tokens; it has no attention.
     """
-    from cribo_utils.architecture_detection import detect_architecture
-    from cribo_utils.checkpoint_formats import build_pretrained_backbone, extract_backbone_state_dict
+    from cribo_utils.weights.architecture_detection import detect_architecture
+    from cribo_utils.weights.checkpoint_formats import build_pretrained_backbone, extract_backbone_state_dict
     from models import CONV_ARCHS, build_eval_backbone
 
     if arch is None and weights is not None:
-        from cribo_utils.checkpoint_formats import load_checkpoint_file
+        from cribo_utils.weights.checkpoint_formats import load_checkpoint_file
 
         detected = detect_architecture(
             extract_backbone_state_dict(load_checkpoint_file(weights), checkpoint_key)
@@ -708,7 +709,7 @@ def cluster_image_views(
     Returns:
         :class:`ClusteredViews`.
     """
-    from cribo_utils.clustering import joint_cluster, object_representations
+    from cribo_utils.method.clustering import joint_cluster, object_representations
 
     if not images:
         raise ValueError("cluster_image_views: no images given")
@@ -956,7 +957,7 @@ class ObjectBank:
     """A memory bank filled from a set of images, remembering where each stored object came from.
 
     Attributes:
-        bank: the :class:`cribo_utils.memory_bank.CentroidMemoryBank` holding the objects.
+        bank: the :class:`cribo_utils.method.memory_bank.CentroidMemoryBank` holding the objects.
         views: the clustered views of the bank images.
         slot_image: (K * Q,) long bank image of every slot (-1 for empty slots).
         slot_cluster: (K * Q,) long cluster id of every slot (-1 for empty slots).
@@ -990,7 +991,7 @@ def build_object_bank(
     Returns:
         :class:`ObjectBank`, whose ``locate`` maps bank slots back to (image, cluster).
     """
-    from cribo_utils.memory_bank import CentroidMemoryBank
+    from cribo_utils.method.memory_bank import CentroidMemoryBank
 
     views = cluster_image_views(backbone, images, image_size, n_clusters, pos_alpha, seed, photometric)
     bank = CentroidMemoryBank(len(images), n_clusters, views.objects1.shape[1]).to(views.objects1.device)
@@ -1000,7 +1001,7 @@ def build_object_bank(
     if not torch.equal(bank.view(1), views.objects1) or not torch.equal(bank.view(2), views.objects2):
         raise RuntimeError(
             "build_object_bank: the memory bank does not list one push's objects in push order; "
-            "cribo_utils.memory_bank changed its layout"
+            "cribo_utils.method.memory_bank changed its layout"
         )
     slot_image = torch.full((bank.capacity,), -1, dtype=torch.long, device=slots.device)
     slot_cluster = slot_image.clone()
@@ -1039,7 +1040,8 @@ def plot_neighbours(
     """Figure 2: objects, their nearest objects in a memory bank of other images, and the cycle check.
 
     The bank is built from ``bank_images`` (:func:`build_object_bank`); the query objects are all valid
-    objects of ``query_images``; retrieval is :func:`cribo_utils.neighbours.find_cycle_consistent_neighbours`
+    objects of ``query_images``; retrieval is
+    :func:`cribo_utils.method.neighbours.find_cycle_consistent_neighbours`
     (method doc Sec. 8): ``j_v(i) = argmax_r cos(c^v_i, q^v_r)``, accepted when the neighbour's other view
     points back to the query's other view among all current objects. One row per shown object: query
     view 1, its neighbour (bank view 1), query view 2, its neighbour (bank view 2); a neighbour is framed
@@ -1060,7 +1062,7 @@ def plot_neighbours(
     Returns:
         The path written.
     """
-    from cribo_utils.neighbours import find_cycle_consistent_neighbours
+    from cribo_utils.method.neighbours import find_cycle_consistent_neighbours
 
     if not bank_images:
         raise ValueError("plot_neighbours: the memory bank needs at least one image (--bank_images)")
@@ -1386,7 +1388,8 @@ class TrainingCurves:
 
 
 def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
-    """Parse a training ``log.txt`` (JSON lines, :class:`cribo_utils.logger.MetricLogger`) into series.
+    """Parse a training ``log.txt`` (JSON lines, :class:`cribo_utils.runtime.logger.MetricLogger`) into
+    series.
 
     A record with any ``epoch_``-prefixed key is a per-epoch average; every other record with an
     ``iteration`` is a per-iteration record. Non-numeric values are skipped.
@@ -1845,7 +1848,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from cribo_utils.logger import setup_logging
+    from cribo_utils.runtime.logger import setup_logging
 
     setup_logging(None)
     main()

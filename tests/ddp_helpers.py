@@ -13,7 +13,8 @@ not available), so only the first call of a test session pays for the import: la
 under a second. A worker's environment is the forkserver's (taken when it started), not the caller's
 current ``os.environ``. Each worker sets the torchrun variables (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` on a free local port) and calls the real
-``cribo_utils.distributed.init_distributed(backend="gloo")``, so every use of this helper also exercises
+``cribo_utils.runtime.distributed.init_distributed(backend="gloo")``, so every use of this helper also
+exercises
 the torchrun launch path. The return values travel back through ``torch.save`` files. An exception in any
 worker is re-raised in the caller with the worker's traceback; a worker that hangs is killed after
 ``timeout_s`` seconds.
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-_PRELOAD = ["torch", "cribo_utils.distributed"]
+_PRELOAD = ["torch", "cribo_utils.runtime.distributed"]
 _START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 _preload_requested = False
 
@@ -73,7 +74,7 @@ def _worker(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from cribo_utils import distributed
+    from cribo_utils.runtime import distributed
 
     distributed.init_distributed(timeout_s=timeout_s, backend="gloo")
     try:
@@ -90,7 +91,7 @@ def run_distributed(
     """Run ``fn(*args)`` on ``world_size`` gloo ranks and return the per-rank results.
 
     Args:
-        fn: a module-level (picklable) function; inside it use ``cribo_utils.distributed.get_rank()``
+        fn: a module-level (picklable) function; inside it use ``cribo_utils.runtime.distributed.get_rank()``
             to make rank-dependent inputs. Its return value must be ``torch.save``-able.
         *args: picklable arguments, identical for every rank.
         world_size: number of processes.

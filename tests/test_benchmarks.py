@@ -24,7 +24,7 @@ from benchmarks import (
     supervised_ceiling,
 )
 from benchmarks.harness import ROOT, format_table
-from cribo_utils.checkpoint_formats import build_pretrained_backbone
+from cribo_utils.weights.checkpoint_formats import build_pretrained_backbone
 
 SCRIPTS = (
     "bench_train_step",

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from cribo_utils.checkpoint import (
+from cribo_utils.train.checkpoint import (
     CheckpointError,
     atomic_save,
     find_resume_checkpoint,

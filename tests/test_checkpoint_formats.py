@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from cribo_utils import checkpoint_formats as cf
+from cribo_utils.weights import checkpoint_formats as cf
 from models import build_backbone
 from models.head import CrIBoHead
 from models.student_teacher import CrIBoNetwork
@@ -310,7 +310,7 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path):
 
 
 def test_random_initialisation_is_logged_loudly(caplog):
-    with caplog.at_level(logging.WARNING, logger="cribo_utils.checkpoint_formats"):
+    with caplog.at_level(logging.WARNING, logger="cribo_utils.weights.checkpoint_formats"):
         model = cf.build_pretrained_backbone("vit_tiny", 16, weights=None)
     assert "RANDOM INITIALISATION" in caplog.text
     assert not model.training and model.pos_embed.shape == (1, 197, 192)
@@ -318,7 +318,7 @@ def test_random_initialisation_is_logged_loudly(caplog):
 
 def test_files_written_by_the_training_checkpointer_load(networks, images, tmp_path):
     """Our own training files contain plain data only: a plain weights_only load works, and so does ours."""
-    from cribo_utils.checkpoint import TEACHER_NAME, save_training_checkpoint
+    from cribo_utils.train.checkpoint import TEACHER_NAME, save_training_checkpoint
 
     state = {key: value for key, value in _layouts(networks)["ours"].items() if key != "format_version"}
     checkpoint_path = Path(save_training_checkpoint(state, str(tmp_path)))

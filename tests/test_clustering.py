@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/clustering.py: the joint two-view clustering of method doc Sec. 4.
+"""Tests for cribo_utils/method/clustering.py: the joint two-view clustering of method doc Sec. 4.
 
 The fast, batched implementation is compared with a slow, literal, per-image reference written here
 (Python loops over images, clusters and tokens, float64, the (P, P, K) masked construction of the
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
-from cribo_utils.clustering import (
+from cribo_utils.method.clustering import (
     ClusteringResult,
     draw_seed_indices,
     joint_cluster,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 
-from cribo_utils.architecture_detection import detect_architecture
+from cribo_utils.weights.architecture_detection import detect_architecture
 from models import CONV_ARCHS, EVAL_ARCHS, build_eval_backbone
 from models.convnext import CONVNEXT_SIZES, ConvNeXt
 from models.resnet import ResNetBackbone

@@ -403,7 +403,7 @@ def test_ivf_index_end_to_end() -> None:
 
 
 def _distributed_run(memory_size: int, index: str) -> dict[str, Any]:
-    from cribo_utils.distributed import all_gather_varlen, get_world_size
+    from cribo_utils.runtime.distributed import all_gather_varlen, get_world_size
     from models import build_backbone
 
     torch.manual_seed(0)

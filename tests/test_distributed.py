@@ -1,4 +1,5 @@
-"""Tests for cribo_utils/distributed.py: launch-environment parsing (mocked) and real 2-rank collectives."""
+"""Tests for cribo_utils/runtime/distributed.py: launch-environment parsing (mocked) and real 2-rank
+collectives."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from ddp_helpers import run_distributed
 
-from cribo_utils import distributed
-from cribo_utils.distributed import (
+from cribo_utils.runtime import distributed
+from cribo_utils.runtime.distributed import (
     DistEnv,
     LaunchConfig,
     detect_launch_environment,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cribo_utils.checkpoint_formats import RELEASED_MODELS, CheckpointFormatError
+from cribo_utils.weights.checkpoint_formats import RELEASED_MODELS, CheckpointFormatError
 from models import build_backbone
 
 REPO_DIR = str(Path(__file__).resolve().parents[1])

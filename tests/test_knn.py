@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from ddp_helpers import run_distributed
 
-from cribo_utils import features as feat
-from cribo_utils.knn import knn_classify, knn_scores, knn_scores_multi_k, topk_accuracy
+from cribo_utils.eval import features as feat
+from cribo_utils.eval.knn import knn_classify, knn_scores, knn_scores_multi_k, topk_accuracy
 from models import build_backbone
 
 
@@ -205,7 +205,7 @@ def test_eval_knn_end_to_end_random_weights(tmp_path, capsys):
     output = tmp_path / "knn.json"
     dump = tmp_path / "features"
     results = eval_knn.main(_knn_argv(tmp_path, "--output_json", str(output), "--dump_features", str(dump)))
-    assert "WARNING cribo_utils.checkpoint_formats: RANDOM INITIALISATION" in capsys.readouterr().out
+    assert "WARNING cribo_utils.weights.checkpoint_formats: RANDOM INITIALISATION" in capsys.readouterr().out
     written = json.loads(output.read_text())
     assert written == json.loads(json.dumps(results))
     assert written["nb_knn"] == [5, 10, 24]  # 40 lowered to the 24 training images

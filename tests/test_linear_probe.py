@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cribo_utils import linear_probe as lp
-from cribo_utils.features import linear_probe_features
+from cribo_utils.eval import linear_probe as lp
+from cribo_utils.eval.features import linear_probe_features
 from models import build_backbone
 
 

@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/loss.py against loop-form formulas of method doc Sec. 6."""
+"""Tests for cribo_utils/method/loss.py against loop-form formulas of method doc Sec. 6."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 from ddp_helpers import run_distributed
 
-from cribo_utils import distributed
-from cribo_utils.loss import (
+from cribo_utils.method.loss import (
     CrIBoLoss,
     cross_view_object_loss,
     image_level_loss,
@@ -17,6 +16,7 @@ from cribo_utils.loss import (
     teacher_temperature,
     update_center,
 )
+from cribo_utils.runtime import distributed
 
 OUT, OUT_C = 7, 5
 

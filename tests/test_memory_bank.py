@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/memory_bank.py against a literal copy of the reference's queue update."""
+"""Tests for cribo_utils/method/memory_bank.py against a literal copy of the reference's queue update."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from ddp_helpers import run_distributed
 
-from cribo_utils import distributed
-from cribo_utils.memory_bank import CentroidMemoryBank
+from cribo_utils.method.memory_bank import CentroidMemoryBank
+from cribo_utils.runtime import distributed
 
 # --------------------------------------------------------------------------------------------------
 # Reference behaviour, written as literally as possible: prepend the new batch, truncate the old one.

@@ -1,11 +1,11 @@
-"""Tests of cribo_utils.metrics: confusion matrix, IoU, mIoU, pixel accuracy, Hungarian matching."""
+"""Tests of cribo_utils.eval.metrics: confusion matrix, IoU, mIoU, pixel accuracy, Hungarian matching."""
 
 import itertools
 
 import pytest
 import torch
 
-from cribo_utils.metrics import (
+from cribo_utils.eval.metrics import (
     ConfusionMatrixAccumulator,
     confusion_matrix,
     hungarian_matched_miou,

@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/neighbours.py: hand-made cycle cases and chunked == brute force."""
+"""Tests for cribo_utils/method/neighbours.py: hand-made cycle cases and chunked == brute force."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cribo_utils.memory_bank import CentroidMemoryBank
-from cribo_utils.neighbours import find_cycle_consistent_neighbours
+from cribo_utils.method.memory_bank import CentroidMemoryBank
+from cribo_utils.method.neighbours import find_cycle_consistent_neighbours
 
 CHUNK_SIZES = [1, 2, 3, 65536]
 

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from cribo_utils.optim import cancel_gradients_last_layer, clip_gradients, get_params_groups
+from cribo_utils.train.optim import cancel_gradients_last_layer, clip_gradients, get_params_groups
 
 
 class Toy(nn.Module):
@@ -54,7 +54,7 @@ def test_clipping_is_per_tensor():
 
 def test_adamw_step_matches_the_decoupled_update_equation():
     """One fused AdamW step: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), m_hat = g, v_hat = g^2."""
-    from cribo_utils.optim import build_optimizer
+    from cribo_utils.train.optim import build_optimizer
 
     torch.manual_seed(0)
     weight, bias = torch.randn(3, 4), torch.randn(4)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from cribo_utils.parser import (
+from cribo_utils.train import args_as_plain_dict
+from cribo_utils.train.parser import (
     SYNTHETIC_PRESET,
     ConfigError,
     describe_preset,
@@ -15,7 +16,6 @@ from cribo_utils.parser import (
     resolve_args,
     validate_args,
 )
-from cribo_utils.train import args_as_plain_dict
 
 
 def test_no_arguments_uses_the_synthetic_preset():

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cribo_utils import checkpoint_formats as cf
+from cribo_utils.weights import checkpoint_formats as cf
 from models import build_eval_backbone
 from models.vision_transformer import vit_large
 
@@ -250,7 +250,7 @@ def test_released_layout_loads_the_writing_network(
 ) -> None:
     for key in keys:
         reference = networks[network if key == "teacher" else f"{network}_student"]
-        with caplog.at_level(logging.INFO, logger="cribo_utils.checkpoint_formats"):
+        with caplog.at_level(logging.INFO, logger="cribo_utils.weights.checkpoint_formats"):
             model = cf.build_pretrained_backbone(
                 arch, 16, weights=release_files[file_name], checkpoint_key=key
             )
@@ -264,7 +264,7 @@ def test_vicregl_full_checkpoint_is_read_without_running_or_importing_code(relea
     # The plain unpickler would need VICRegL's optimizers module; weights_only refuses the function.
     with pytest.raises(ModuleNotFoundError, match="optimizers"):
         torch.load(path, weights_only=False)
-    with caplog.at_level(logging.INFO, logger="cribo_utils.checkpoint_formats"):
+    with caplog.at_level(logging.INFO, logger="cribo_utils.weights.checkpoint_formats"):
         checkpoint = cf.load_checkpoint_file(path)
     assert "optimizers" not in sys.modules
     assert "optimizers.exclude_bias_and_norm" in caplog.text
@@ -429,8 +429,8 @@ def _classification_argv(arch: str, weights: Path, output: Path) -> list[str]:
 def test_eval_knn_on_released_layouts(arch, file_name, width, networks, release_files, tmp_path) -> None:
     """eval_knn.py's features are the writing network's global features of the same images."""
     import eval_knn
-    from cribo_utils.features import build_classification_split, resolve_image_sizes
-    from cribo_utils.knn import get_args_parser
+    from cribo_utils.eval.features import build_classification_split, resolve_image_sizes
+    from cribo_utils.eval.knn import get_args_parser
     from data.transforms import eval_transform
 
     output = tmp_path / "knn.json"

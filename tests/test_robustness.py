@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import main_cribo
-from cribo_utils import resources, train
-from cribo_utils.checkpoint import find_resume_checkpoint, save_training_checkpoint
-from cribo_utils.distributed import DistEnv
-from cribo_utils.parser import ConfigError, resolve_args, validate_args
+from cribo_utils import train
+from cribo_utils.runtime.distributed import DistEnv
+from cribo_utils.train import resources
+from cribo_utils.train.checkpoint import find_resume_checkpoint, save_training_checkpoint
+from cribo_utils.train.parser import ConfigError, resolve_args, validate_args
 from data.datasets import ImageFolderDataset
 from data.loading import PerSampleSeededDataset
 from models.student_teacher import NetworkConfig
@@ -131,7 +132,7 @@ def test_both_checkpoints_damaged_is_a_clear_error_not_a_restart(tmp_path, monke
 SLOW_SAVER = r"""
 import sys, time
 import torch
-from cribo_utils.checkpoint import save_training_checkpoint
+from cribo_utils.train.checkpoint import save_training_checkpoint
 
 real_save = torch.save
 
@@ -269,7 +270,7 @@ def test_training_skips_unreadable_files_and_counts_them_per_epoch(tmp_path):
 
 
 def train_log(output_dir):
-    from cribo_utils.logger import read_log
+    from cribo_utils.runtime.logger import read_log
 
     return read_log(str(output_dir / "log.txt"))
 

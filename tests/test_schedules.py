@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from cribo_utils.schedules import cosine_schedule, teacher_temperature
+from cribo_utils.method.schedules import cosine_schedule, teacher_temperature
 
 
 def test_cosine_schedule_matches_the_formula():

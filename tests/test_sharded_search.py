@@ -1,4 +1,5 @@
-"""cribo_utils.sharded_search: block top-k with stable ties, the torch index, the exact cross-rank merge."""
+"""cribo_utils.eval.sharded_search: block top-k with stable ties, the torch index, the exact cross-rank
+merge."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cribo_utils.sharded_search import ShardedIndex, TorchShardIndex, block_top_k, merge_top_k
+from cribo_utils.eval.sharded_search import ShardedIndex, TorchShardIndex, block_top_k, merge_top_k
 from tests.ddp_helpers import run_distributed
 
 
@@ -38,7 +39,7 @@ def test_merge_top_k_orders_by_similarity_then_id_and_drops_padding() -> None:
 
 
 def test_torch_index_equals_bruteforce_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cribo_utils.sharded_search as search
+    import cribo_utils.eval.sharded_search as search
 
     memory, queries = _unit(500, 16, 0), _unit(40, 16, 1)
     memory[250] = memory[10]  # an exact tie: the smaller id must come first
@@ -64,7 +65,7 @@ def test_single_process_sharded_index_pads_a_small_memory() -> None:
 
 
 def _two_shard_search(memory: Tensor, queries: Tensor, k: int) -> dict[str, Tensor]:
-    from cribo_utils import distributed
+    from cribo_utils.runtime import distributed
 
     rank = distributed.get_rank()
     sizes = [130, memory.shape[0] - 130]

@@ -15,9 +15,9 @@ import torch
 
 import main_cribo
 from cribo_utils import train
-from cribo_utils.checkpoint import without_prefix
-from cribo_utils.memory_bank import CentroidMemoryBank
-from cribo_utils.parser import ConfigError
+from cribo_utils.method.memory_bank import CentroidMemoryBank
+from cribo_utils.train.checkpoint import without_prefix
+from cribo_utils.train.parser import ConfigError
 
 TINY = [
     "--depth",

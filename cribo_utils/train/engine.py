@@ -13,16 +13,13 @@ import time
 import torch
 from torch import nn
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint import CheckpointError, find_resume_checkpoint
-from cribo_utils.logger import MetricLogger, setup_logging
-from cribo_utils.loss import CrIBoLoss
-from cribo_utils.memory_bank import CentroidMemoryBank
-from cribo_utils.optim import build_optimizer, get_params_groups
-from cribo_utils.parser import describe_preset, release_batch_note, validate_args
-from cribo_utils.progress import Progress, format_seconds
-from cribo_utils.resources import RunShape, check_memory
-from cribo_utils.schedules import cosine_schedule
+from cribo_utils.method.loss import CrIBoLoss
+from cribo_utils.method.memory_bank import CentroidMemoryBank
+from cribo_utils.method.schedules import cosine_schedule
+from cribo_utils.runtime import distributed
+from cribo_utils.runtime.logger import MetricLogger, setup_logging
+from cribo_utils.runtime.progress import Progress, format_seconds
+from cribo_utils.train.checkpoint import CheckpointError, find_resume_checkpoint
 from cribo_utils.train.health import NonFiniteLossError
 from cribo_utils.train.loader import build_pretrain_loader
 from cribo_utils.train.nn_loss_schedule import (
@@ -31,6 +28,8 @@ from cribo_utils.train.nn_loss_schedule import (
     epoch_line,
     uses_memory_bank,
 )
+from cribo_utils.train.optim import build_optimizer, get_params_groups
+from cribo_utils.train.parser import describe_preset, release_batch_note, validate_args
 from cribo_utils.train.parts import TrainingParts, resolve_device, resolve_precision
 from cribo_utils.train.preemption import (
     EXIT_PREEMPTED,
@@ -39,6 +38,7 @@ from cribo_utils.train.preemption import (
     restore_signal_handlers,
     stop_requested,
 )
+from cribo_utils.train.resources import RunShape, check_memory
 from cribo_utils.train.state import (
     args_as_plain_dict,
     restore_state,
@@ -182,7 +182,8 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
 
     Raises:
         SystemExit: :data:`EXIT_PREEMPTED` after a checkpoint on SIGTERM / SIGUSR1; a
-            :class:`~cribo_utils.parser.ConfigError` (one line) for an impossible configuration or one that
+            :class:`~cribo_utils.train.parser.ConfigError` (one line) for an impossible configuration or one
+            that
             does not fit in memory.
         NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError, CollectiveFailure:
             (:data:`TRAINING_ERRORS`) a one-line message; the last good checkpoint is untouched.

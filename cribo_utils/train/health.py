@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cribo_utils import distributed
+from cribo_utils.runtime import distributed
 
 if TYPE_CHECKING:
     from cribo_utils.train.parts import TrainingParts

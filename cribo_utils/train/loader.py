@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from cribo_utils import distributed
-from cribo_utils.parser import ConfigError
+from cribo_utils.runtime import distributed
+from cribo_utils.train.parser import ConfigError
 from data.loading import (
     PerSampleSeededDataset,
     ResumableDistributedSampler,

@@ -7,9 +7,9 @@ import argparse
 import math
 from typing import TYPE_CHECKING
 
-from cribo_utils.loss import OBJECTIVES
-from cribo_utils.memory_bank import CentroidMemoryBank
-from cribo_utils.parser import ConfigError
+from cribo_utils.method.loss import OBJECTIVES
+from cribo_utils.method.memory_bank import CentroidMemoryBank
+from cribo_utils.train.parser import ConfigError
 
 if TYPE_CHECKING:
     from cribo_utils.train.parts import TrainingParts

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cribo_utils import distributed
-from cribo_utils.loss import CrIBoLoss
-from cribo_utils.memory_bank import CentroidMemoryBank
+from cribo_utils.method.loss import CrIBoLoss
+from cribo_utils.method.memory_bank import CentroidMemoryBank
+from cribo_utils.runtime import distributed
 from data.loading import PerSampleSeededDataset, ResumableDistributedSampler
 
 

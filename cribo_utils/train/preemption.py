@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cribo_utils import distributed
+from cribo_utils.runtime import distributed
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; requeue and resume.
 

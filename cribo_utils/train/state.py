@@ -7,8 +7,8 @@ import argparse
 import logging
 from typing import Any
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint import save_training_checkpoint, with_prefix, without_prefix
+from cribo_utils.runtime import distributed
+from cribo_utils.train.checkpoint import save_training_checkpoint, with_prefix, without_prefix
 from cribo_utils.train.health import check_finite_weights
 from cribo_utils.train.parts import TrainingParts
 
@@ -21,7 +21,7 @@ def args_as_plain_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[str, Any]:
-    """The plain-data checkpoint dictionary (see :mod:`cribo_utils.checkpoint`)."""
+    """The plain-data checkpoint dictionary (see :mod:`cribo_utils.train.checkpoint`)."""
     args_dict = args_as_plain_dict(parts.args)
     state = {
         "student": with_prefix(parts.student.state_dict(), "module."),
@@ -61,7 +61,7 @@ def restore_state(parts: TrainingParts, checkpoint: dict[str, Any]) -> tuple[int
 
 def seed_from_released_checkpoint(parts: TrainingParts, path: str) -> None:
     """``--start_checkpoint_path``: initialise student and teacher from a released full checkpoint."""
-    from cribo_utils.checkpoint_formats import load_checkpoint_file
+    from cribo_utils.weights.checkpoint_formats import load_checkpoint_file
 
     checkpoint = load_checkpoint_file(path)
     for name, network in (("student", parts.student), ("teacher", parts.teacher)):

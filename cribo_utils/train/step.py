@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from cribo_utils.clustering import joint_cluster, object_representations, positional_alpha
-from cribo_utils.neighbours import find_cycle_consistent_neighbours
-from cribo_utils.optim import cancel_gradients_last_layer, clip_gradients
+from cribo_utils.method.clustering import joint_cluster, object_representations, positional_alpha
+from cribo_utils.method.neighbours import find_cycle_consistent_neighbours
 from cribo_utils.train.health import check_finite_loss
 from cribo_utils.train.loader import augment_on_device
 from cribo_utils.train.nn_loss_schedule import nn_loss_active, uses_memory_bank
+from cribo_utils.train.optim import cancel_gradients_last_layer, clip_gradients
 from cribo_utils.train.parts import TrainingParts, autocast
 from data.loading import mix_seed
 from models.student_teacher import update_teacher

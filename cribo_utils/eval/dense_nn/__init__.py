@@ -21,7 +21,8 @@ backbone is frozen; no parameter is trained.
    ``score_patch = (sum_{c present in patch} f_c) * u``, ``u ~ U(0, 1)``, and the n lowest scores are kept
    (patches of classes rare within the image are favoured).
 2. **Search** (A.4). Inner product on L2-normalised features (= cosine) over a memory **sharded across
-   ranks** (:mod:`cribo_utils.sharded_search`: each rank holds ``M / W`` entries, exact top-k merged across
+   ranks** (:mod:`cribo_utils.eval.sharded_search`: each rank holds ``M / W`` entries, exact top-k merged
+   across
    ranks). The local search is ``torch`` (exact, chunked matrix products and ``topk`` on the evaluation
    device: the GPU of a GPU node; the default), faiss ``exact`` (``IndexFlatIP``, the former reference)
    or faiss ``ivf`` (``IndexIVFFlat``, approximate, for large memories); faiss is an optional extra
@@ -33,7 +34,7 @@ backbone is frozen; no parameter is trained.
 
    The (S, S, C) map is upsampled bilinearly to ``input_size`` and the arg-max class is taken per pixel.
 4. **Scoring** (A.6). Validation pairs are resized to ``input_size`` (mask nearest); a confusion matrix is
-   accumulated per batch (ignore label excluded) and all-reduced; see :mod:`cribo_utils.metrics`.
+   accumulated per batch (ignore label excluded) and all-reduced; see :mod:`cribo_utils.eval.metrics`.
 
 Data parallelism: the memory items (pass, image) and the validation images are split into global batches
 of ``batch_size`` and each rank takes a contiguous run of whole batches, so every image is processed in

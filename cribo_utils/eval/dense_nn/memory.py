@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from cribo_utils import distributed
 from cribo_utils.eval.dense_nn.config import DenseNNConfig
 from cribo_utils.eval.dense_nn.datasets import MemoryItems, memory_transform
 from cribo_utils.eval.dense_nn.labels import PatchLabels, patch_class_counts, select_memory_patches
@@ -36,7 +35,8 @@ from cribo_utils.eval.dense_nn.sharding import (
     _rank_sizes,
     _shard_loader,
 )
-from cribo_utils.sharded_search import ShardedIndex
+from cribo_utils.eval.sharded_search import ShardedIndex
+from cribo_utils.runtime import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def assemble_memory(
 
     The features stay sharded: rank r indexes only its own rows ``[offset_r, offset_r + m_r)`` (its
     extracted items, contiguous in global order) and searches go through
-    :class:`cribo_utils.sharded_search.ShardedIndex`. The labels (a few bytes per entry) are broadcast so
+    :class:`cribo_utils.eval.sharded_search.ShardedIndex`. The labels (a few bytes per entry) are broadcast so
     that every rank can read the labels of neighbours found on any shard. For IVF the quantiser is trained
     on a seeded sample of the whole memory, identical on every rank.
 

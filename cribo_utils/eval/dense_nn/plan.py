@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from cribo_utils import distributed
 from cribo_utils.eval.dense_nn.labels import _smallest_int_dtype
-from cribo_utils.resources import available_memory
+from cribo_utils.runtime import distributed
+from cribo_utils.train.resources import available_memory
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def check_memory_fits(
         index: one of ``INDEX_KINDS``.
         requested_size: the ``--memory_size`` flag (for the message).
         available: bytes available (default: the host's, from
-            :func:`cribo_utils.resources.available_memory`, which honours cgroup limits).
+            :func:`cribo_utils.train.resources.available_memory`, which honours cgroup limits).
     Returns:
         The estimate of :func:`estimate_memory_bytes`.
     Raises:

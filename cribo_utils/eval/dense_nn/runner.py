@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from cribo_utils import distributed
 from cribo_utils.eval.dense_nn.config import DEFAULT_SPLITS, config_from_args, default_output_json
 from cribo_utils.eval.dense_nn.scoring import dataset_classes, evaluate_dense_nn
+from cribo_utils.runtime import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     """
     import json
 
-    from cribo_utils.checkpoint_formats import backbone_from_args
+    from cribo_utils.weights.checkpoint_formats import backbone_from_args
     from models import dense_stride
 
     env = distributed.init_distributed()

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cribo_utils import distributed
 from cribo_utils.eval.dense_nn.config import DenseNNConfig
 from cribo_utils.eval.dense_nn.datasets import ResizedPairs
 from cribo_utils.eval.dense_nn.memory import build_memory
 from cribo_utils.eval.dense_nn.predict import backbone_attribute, dense_feature_dim, predict
 from cribo_utils.eval.dense_nn.search import DenseMemory
 from cribo_utils.eval.dense_nn.sharding import _comm_device, _max_batches_per_rank, _progress, _shard_loader
-from cribo_utils.metrics import ConfusionMatrixAccumulator
+from cribo_utils.eval.metrics import ConfusionMatrixAccumulator
+from cribo_utils.runtime import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def evaluate_dense_nn(
         num_classes: C (default: ``val_dataset.num_classes``).
         class_names: C names (default: ``val_dataset.class_names``).
     Returns:
-        dict with the scores of :func:`cribo_utils.metrics.segmentation_scores` (fractions in [0, 1]; the
+        dict with the scores of :func:`cribo_utils.eval.metrics.segmentation_scores` (fractions in [0, 1]; the
         identity class mapping), the confusion matrix, the memory plan and every protocol parameter.
     """
     if num_classes is None:

@@ -1,7 +1,7 @@
 """The searchable memory: faiss local indexes, the per-rank local index of a shard, and the memory itself.
 
 Each rank indexes its own shard (torch, or faiss ``exact`` / ``ivf``); searches go through
-:class:`cribo_utils.sharded_search.ShardedIndex`, which merges the exact top-k across ranks.
+:class:`cribo_utils.eval.sharded_search.ShardedIndex`, which merges the exact top-k across ranks.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cribo_utils import distributed
 from cribo_utils.eval.dense_nn.config import INDEX_KINDS, DenseNNConfig
 from cribo_utils.eval.dense_nn.labels import PatchLabels
 from cribo_utils.eval.dense_nn.plan import MemoryPlan
 from cribo_utils.eval.dense_nn.sharding import _ASSEMBLY_CHUNK_ROWS, _comm_device
-from cribo_utils.sharded_search import LocalIndex, ShardedIndex, TorchShardIndex
+from cribo_utils.eval.sharded_search import LocalIndex, ShardedIndex, TorchShardIndex
+from cribo_utils.runtime import distributed
 
 
 def _import_faiss() -> Any:

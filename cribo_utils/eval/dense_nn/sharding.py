@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cribo_utils import distributed
 from cribo_utils.eval.dense_nn.config import DenseNNConfig
+from cribo_utils.runtime import distributed
 
 # Rows of features sent per broadcast when the memory is assembled from the ranks' shards.
 _ASSEMBLY_CHUNK_ROWS = 65536
@@ -50,7 +50,7 @@ def _progress(loader: DataLoader, cfg: DenseNNConfig, description: str) -> Any:
     """Iterate ``loader`` with a throughput/ETA line on rank 0 (plain periodic lines when not a terminal)."""
     if not (cfg.progress and distributed.is_main_process()):
         return loader
-    from cribo_utils.progress import Progress
+    from cribo_utils.runtime.progress import Progress
 
     def iterate() -> Any:
         progress = Progress(len(loader), description, items_per_step=loader.batch_size or 1)

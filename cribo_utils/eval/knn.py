@@ -28,9 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import add_backbone_args, backbone_from_args
-from cribo_utils.features import (
+from cribo_utils.eval.features import (
     add_eval_data_args,
     build_classification_split,
     build_eval_loader,
@@ -42,6 +40,8 @@ from cribo_utils.features import (
     resolve_image_sizes,
     write_results_json,
 )
+from cribo_utils.runtime import distributed
+from cribo_utils.weights.checkpoint_formats import add_backbone_args, backbone_from_args
 
 logger = logging.getLogger(__name__)
 

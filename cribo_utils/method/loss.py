@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cribo_utils.distributed import all_reduce_sum
-from cribo_utils.schedules import teacher_temperature
+from cribo_utils.method.schedules import teacher_temperature
+from cribo_utils.runtime.distributed import all_reduce_sum
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cribo_utils.distributed import all_gather_varlen
+from cribo_utils.runtime.distributed import all_gather_varlen
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ entry outside ``backbone.*``: VICRegL's expander ``projector``, ``maps_projector
 match the model exactly: loading is ``strict=True`` and a mismatch raises an error that lists the
 missing, unexpected and mis-shaped keys (the reference helper loads with ``strict=False``, so a wrong
 layout silently loads nothing; defect 15). Before that, the weights' names and shapes are matched to an
-architecture (:mod:`cribo_utils.architecture_detection`), so a wrong ``--arch`` or a Swin / timm-named
+architecture (:mod:`cribo_utils.weights.architecture_detection`), so a wrong ``--arch`` or a Swin / timm-named
 file is reported in one line naming what the file holds.
 
 Files are read with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (the ``args`` entry of
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cribo_utils.architecture_detection import DetectedArchitecture, detect_architecture
+from cribo_utils.weights.architecture_detection import DetectedArchitecture, detect_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -483,7 +483,8 @@ def resolve_architecture(
 ) -> tuple[str, int]:
     """The ``(arch, patch_size)`` to build: each explicit value, else what the checkpoint records (its
     training arguments, :func:`stored_training_args`), else what its weights' shapes fit
-    (:func:`cribo_utils.architecture_detection.detect_architecture`); ``vit_small`` / 16 (DINO's defaults)
+    (:func:`cribo_utils.weights.architecture_detection.detect_architecture`); ``vit_small`` / 16 (DINO's
+    defaults)
     when no weights are given. A contradiction between an explicit value and the weights is reported
     later, by :func:`build_pretrained_backbone`, with the flag to change.
 
@@ -554,7 +555,8 @@ def check_weights_fit_arch(detected: DetectedArchitecture, arch: str, patch_size
     """One-line error when the weights' names and shapes are not those of ``--arch`` (before the strict load).
 
     Args:
-        detected: :func:`cribo_utils.architecture_detection.detect_architecture` of the stripped weights.
+        detected: :func:`cribo_utils.weights.architecture_detection.detect_architecture` of the stripped
+        weights.
         arch: the requested ``--arch``.
         patch_size: the requested ``--patch_size`` (compared for ViTs only).
         source: the file and format, quoted in the message.

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cribo_utils import distributed
-from cribo_utils.progress import Progress
+from cribo_utils.runtime import distributed
+from cribo_utils.runtime.progress import Progress
 from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)

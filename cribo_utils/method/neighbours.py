@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cribo_utils.memory_bank import CentroidMemoryBank
+from cribo_utils.method.memory_bank import CentroidMemoryBank
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cribo_utils.loss import OBJECTIVES
+from cribo_utils.method.loss import OBJECTIVES
 from data.synthetic import add_scene_args
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from cribo_utils.parser import ConfigError
+from cribo_utils.train.parser import ConfigError
 from models.student_teacher import NetworkConfig
 
 logger = logging.getLogger(__name__)

@@ -170,7 +170,7 @@ class ConfusionMatrixAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the matrices of all ranks in place (no-op in a world of one)."""
-        from cribo_utils.distributed import all_reduce_sum
+        from cribo_utils.runtime.distributed import all_reduce_sum
 
         all_reduce_sum(self.confusion)
 

@@ -1,6 +1,6 @@
 """DINO's linear probe on frozen ViT features (dense-protocol doc, Part C).
 
-Frozen features (see :func:`cribo_utils.features.linear_probe_features`):
+Frozen features (see :func:`cribo_utils.eval.features.linear_probe_features`):
 
     f(x) = [c_{L-n+1}(x), ..., c_L(x), (mean_i p_{L,i}(x) if avgpool)]  in R^{D (n + avgpool)},
 
@@ -38,9 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cribo_utils import distributed
-from cribo_utils.checkpoint_formats import add_backbone_args, backbone_from_args
-from cribo_utils.features import (
+from cribo_utils.eval.features import (
     add_eval_data_args,
     build_classification_split,
     build_eval_loader,
@@ -53,7 +51,9 @@ from cribo_utils.features import (
     resolve_image_sizes,
     write_results_json,
 )
-from cribo_utils.knn import topk_accuracy
+from cribo_utils.eval.knn import topk_accuracy
+from cribo_utils.runtime import distributed
+from cribo_utils.weights.checkpoint_formats import add_backbone_args, backbone_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def augmented_batches(
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Flags of ``eval_linear.py`` (DINO's names and defaults)."""
-    from cribo_utils.parser import bool_flag
+    from cribo_utils.train.parser import bool_flag
 
     parser = argparse.ArgumentParser("CrIBo linear probe", add_help=True)
     add_backbone_args(parser)

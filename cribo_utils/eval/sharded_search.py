@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from cribo_utils import distributed
+from cribo_utils.runtime import distributed
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""Process-level services shared by training and evaluation: distributed set-up and collectives, logging,
+progress bars."""
