@@ -189,11 +189,13 @@ def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """All image files below ``folder`` (recursive, symlinks followed), sorted by relative path."""
+def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """The image files (:data:`IMAGE_EXTENSIONS`) in ``folder`` and, when ``recursive``, in every folder
+    below it (symlinks followed), sorted by relative path; hidden files and folders are skipped."""
+    folder = Path(folder)
     found: list[Path] = []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith(".")) if recursive else []
         found.extend(Path(directory) / name for name in sorted(files) if _is_image_file(name))
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -297,7 +299,7 @@ class ImageFolderDataset(_FileDataset):
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         for label, folder in enumerate(class_folders):
-            images = _list_images(folder)
+            images = list_images(folder)
             if not images:
                 logger.warning(
                     "class folder `%s` holds no image; keeping it so class indices stay aligned", folder
@@ -363,7 +365,7 @@ class UnlabelledImageFolder(_FileDataset):
         self.transform = transform
         layout = "a folder of images, searched recursively (e.g. COCO `train2017/*.jpg`)"
         _require_dir(self.root, layout)
-        self.samples: list[Path] = _list_images(self.root)
+        self.samples: list[Path] = list_images(self.root)
         if not self.samples:
             raise DatasetLayoutError(
                 f"`{self.root}` holds no image file ({', '.join(IMAGE_EXTENSIONS)}); expected {layout}"
@@ -577,7 +579,7 @@ class ADE20KSegmentation(_SegmentationFiles):
         mask_folder = self.root / "annotations" / self.split
         _require_dir(image_folder, ADE20K_LAYOUT)
         _require_dir(mask_folder, ADE20K_LAYOUT)
-        self.images = _list_images(image_folder)
+        self.images = list_images(image_folder)
         if not self.images:
             raise DatasetLayoutError(f"`{image_folder}` holds no image; expected {ADE20K_LAYOUT}")
         mask_names = set(os.listdir(mask_folder))

@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/visualize.py: colour helpers, PCA, bank bookkeeping and every figure end to end.
+"""Tests for cribo_utils/figures/: colour helpers, PCA, bank bookkeeping and every figure end to end.
 
 Figures are produced on tiny inputs (vit_tiny with 2 blocks, 32-64 px, a few images) and checked to be
 PNG files of the exact expected pixel size that are not blank.
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cribo_utils import visualize as viz
+from cribo_utils import figures as viz
 from models import build_backbone
 
 PATCH = 16
@@ -364,7 +364,7 @@ def test_plot_attention_of_a_conv_net_says_it_has_none(
     from models import build_eval_backbone
 
     resnet = build_eval_backbone("resnet50").eval().requires_grad_(False)
-    with caplog.at_level(logging.WARNING, logger="cribo_utils.visualize"):
+    with caplog.at_level(logging.WARNING, logger="cribo_utils.figures.attention"):
         path = viz.plot_attention(resnet, scenes[:2], tmp_path / "a.png", image_size=64, dpi=DPI)
     assert_figure(path, viz.grid_pixel_size(2, 2, viz.IMAGE_PANEL, DPI))
     assert "conv net: it has no attention maps" in caplog.text

@@ -65,7 +65,23 @@ class MetricLogger:
             self.writer.close()
 
 
-def read_log(path: str) -> list[dict[str, Any]]:
-    """Read every JSON line of a ``log.txt``."""
+def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read every JSON line of a ``log.txt`` in file order (blank lines skipped); used by the tests and
+    by the curves figure (:func:`cribo_utils.figures.curves.read_training_curves`).
+
+    Raises:
+        ValueError: a line is not JSON (the message names the file and the line number).
+    """
+    records = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{str(path)!r} line {line_number} is not JSON ({error}); "
+                    "expected one JSON object per line"
+                ) from error
+    return records
