@@ -113,3 +113,17 @@ def test_preempted_three_times_then_finished_without_losing_an_iteration(tmp_pat
     # across the four processes every iteration ran exactly once: nothing lost, nothing repeated
     iterations = [record["iteration"] for record in step_records(output_dir)]
     assert iterations == list(range(1, TOTAL_ITERATIONS + 1))
+
+
+def test_preempted_names_the_signal_and_the_iteration_to_resume_from():
+    import signal
+
+    import torch
+
+    from cribo_utils.train.preemption import Preempted, stop_requested
+
+    stop = Preempted(7, [signal.SIGUSR1, signal.SIGTERM])
+    assert stop.iteration == 7 and stop.signal_name == "SIGUSR1" and "after iteration 7" in str(stop)
+    assert Preempted(3, []).signal_name == "(on another rank)"  # another rank's signal stopped this one
+    assert stop_requested([signal.SIGTERM], 1, torch.device("cpu"))
+    assert not stop_requested([], 1, torch.device("cpu"))
