@@ -10,20 +10,21 @@ objectives teach the network to ignore. The level (``--synthetic_level``, :data:
 ``easy`` (the default):
 
 * **class = texture family** (:data:`TEXTURE_FAMILIES`: checkered, dotted, grid, striped), a two-colour
-  pattern whose period (12-15 px at 128 px) fits about once in a 16 px patch, so one patch shows its class
-  and a cluster of patches shows it clearly; the four families differ in structure (2-D checks, discs on a
-  lattice, crossing lines, 1-D stripes), not in the colours they use nor in how much of each: every
-  family paints half of each period cell with each colour, so an object's mean colour says nothing of its
-  class. (Bent stripes and random speckle were tried as further classes; even with labels the network
-  confused them with stripes and checks in the default budget, so they are not classes.)
+  pattern whose period (6.4-8.3 px at 128 px) fits about twice across a 16 px patch, so one patch shows its
+  class whatever the pattern's phase (with one period per patch, random features told the classes apart
+  by phase and coarse layout almost as well as trained ones); the four families differ in structure (2-D
+  checks, discs on a lattice, crossing lines, 1-D stripes), not in the colours they use nor in how much of
+  each: every family paints half of each period cell with each colour, so an object's mean colour says
+  nothing of its class. (Bent stripes and random speckle were tried as further classes; even with labels
+  the network confused them with stripes and checks in the default budget, so they are not classes.)
 * **colour is an instance nuisance**: every object gets two random colours, the pattern colour brighter
   than the base by at least 60 luma (so a pattern is the same light-on-dark figure whatever its hues),
   and the per-class mean colour is mid-grey for every class. Random features are dominated by colour; the
   colour jitter and the re-coloured second views of pretraining (:func:`recolour_scene`,
   ``--synthetic_recolour_views``) teach the network to drop it;
 * **the outline is a nuisance**: six shapes, drawn independently of the class, so shape says nothing;
-* **size, rotation, position and occlusion are nuisances**: objects have diameters of 40-64 % of the side
-  (3-5 patches at 96 px input, large enough for clusters to follow them), a random rotation (pattern and
+* **size, rotation, position and occlusion are nuisances**: objects have diameters of 48-72 % of the side
+  (3-4 patches at 96 px input, large enough for clusters to follow them), a random rotation (pattern and
   outline turn together), random positions and partial occlusion (1-3 objects, later ones on top); the
   random resized crops and the cross-view object matching teach invariance to them;
 * **background**: a smooth gradient or low-frequency clouds of random colour and low contrast.
