@@ -207,7 +207,7 @@ def _dense_sources(
     """(memory dataset, query images, query masks, C, class names) for the dense figure."""
     from torch.utils.data import Subset
 
-    from cribo_utils.dense_nn import DEFAULT_SPLITS, dataset_classes
+    from cribo_utils.eval.dense_nn import DEFAULT_SPLITS, dataset_classes
     from data.datasets import build_segmentation_dataset, load_image, load_mask
 
     if args.dataset != "synthetic" and not args.data_path:

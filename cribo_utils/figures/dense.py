@@ -1,6 +1,6 @@
 """Figure 3, ``dense``: dense nearest-neighbour label transfer against the ground truth.
 
-:func:`plot_dense` builds a memory of patch features and labels with :mod:`cribo_utils.dense_nn`
+:func:`plot_dense` builds a memory of patch features and labels with :mod:`cribo_utils.eval.dense_nn`
 (dense-nn-protocol.md Part A), predicts every image and draws image, ground truth, prediction and a
 legend in the dataset's palette.
 """
@@ -53,8 +53,8 @@ def plot_dense(
     """Figure 3: dense nearest-neighbour label transfer (dense-nn-protocol.md Part A).
 
     A memory of patch features and soft patch labels is built from ``memory_dataset`` with
-    :func:`cribo_utils.dense_nn.build_memory` (one augmentation pass, every patch kept), then each image
-    is predicted with :func:`cribo_utils.dense_nn.predict`:
+    :func:`cribo_utils.eval.dense_nn.build_memory` (one augmentation pass, every patch kept), then each image
+    is predicted with :func:`cribo_utils.eval.dense_nn.predict`:
     ``y_hat(q) = sum_j softmax_j(cos(q, x_j) / beta) y_j`` over the k nearest memory patches,
     upsampled bilinearly and arg-maxed per pixel. One row per image: image, ground truth (if given),
     prediction, and a legend of the classes shown.
@@ -80,7 +80,7 @@ def plot_dense(
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    from cribo_utils.dense_nn import DenseNNConfig, build_memory, predict
+    from cribo_utils.eval.dense_nn import DenseNNConfig, build_memory, predict
     from data.transforms import normalize, paired_resize
 
     if len(masks) != len(images):
