@@ -1,23 +1,26 @@
 """A test that fails when learning breaks: a short CrIBo run must beat random initialisation.
 
 The run and its score are :mod:`benchmarks.learning_check`: the preset's network (ViT-Tiny/16, 6 blocks,
-96 px, batches of 4) trained for 6 epochs of 512 easy synthetic scenes (768 iterations, about 130 s on one
-thread), scored by dense-NN retrieval (memory of 16,000 patches from 500 scenes, 200 queries, 128 px) on
-scenes that nothing trains or tunes on.
+96 px, batches of 4) trained for 6 epochs of 1,024 easy synthetic scenes (1,536 iterations, about 200 s),
+scored by dense-NN retrieval (memory of 16,000 patches from 500 scenes, 200 queries, 128 px) on scenes that
+nothing trains or tunes on.
 
-Margin. ``python benchmarks/learning_check.py --train_seeds 0 1 2 --init_seeds 0 1 2`` (one thread,
-``benchmarks/results/learning_check.json``) measured: random init 36.14 / 36.85 / 36.77 (half-range
-0.35), trained 39.10 / 39.70 / 39.53 (half-range 0.30); the worst trained seed beats the best random
-seed by 2.25. The test asks training seed 0 to beat the better of random seeds 0 and 1 by MARGIN = 1.8
-points: 5 times the larger of the two seed spreads (5 x 0.35), which a broken objective (e.g. the
-image-level loss alone, 40.05 against 40.48 for random init in the README's protocol) cannot reach.
+Margin. ``python benchmarks/learning_check.py --train_seeds 0 1 2 --init_seeds 0 1 2`` (two threads,
+``benchmarks/results/learning_check.json``; run with ``--train_flags "--synthetic_num_train 1024"``, the
+schedule now built in) measured: random init 28.42 / 30.60 / 29.39 (half-range 1.09), trained 36.24 /
+37.03 / 34.33 (half-range 1.35); the worst trained seed beats the best random seed by 3.73. The test asks
+training seed 0 to beat the better of random seeds 0 and 1 by MARGIN = 2.5 points, which leaves 1.2 points
+for a worse training seed than measured. That is 1.9 times the larger seed spread, not the 5 times we
+aim for: this small protocol's random inits spread by ±1.1. A broken objective (the image-level loss alone
+gains 4.5 points over random init in the README's protocol, against 13.7 for CrIBo) would not be
+guaranteed to fail; a broken pipeline (no learning at all) fails by the whole margin.
 """
 
 import pytest
 
 from benchmarks import learning_check
 
-MARGIN = 1.8  # 5 x the larger seed half-range measured above (0.35)
+MARGIN = 2.5  # worst measured gap 3.73 minus a 1.2-point allowance (see the docstring)
 
 
 @pytest.mark.slow
