@@ -2,9 +2,8 @@
 measurement of its safety margin.
 
 One check = train the preset's network (ViT-Tiny/16, 6 blocks, 96 px, batches of 4) for half the default
-schedule
-on the easy synthetic scenes, then score its teacher with a small dense-NN protocol (memory of 16,000
-patches from 500 scenes, 200 validation scenes, input 128 px, k = 30) on scenes drawn with
+schedule on the easy synthetic scenes, then score its teacher with a small dense-NN protocol (memory of
+16,000 patches from 500 scenes, 200 validation scenes, input 128 px, k = 30) on scenes drawn with
 :data:`CHECK_SEED`, which neither training (seed 0), the tuning runs (seed 1) nor the README's protocol
 (``learning_signal.PROTOCOL_SEED``) uses. ``tests/test_learning.py`` runs one check; this script runs
 several training seeds and several random initialisations and writes their spread, which sets the

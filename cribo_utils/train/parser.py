@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {"none": {}, "synthetic_cpu": SYNTHETIC_PRE
 DATASET_KEYS = ("dataset_type", "data_path", "imagenet1k_path", "coco_path")
 
 # What is known of each released run beyond its argument file (global batch, world size, sources).
-RELEASES_PATH = Path(__file__).resolve().parent.parent / "checkpoints" / "releases.json"
+RELEASES_PATH = Path(__file__).resolve().parents[2] / "checkpoints" / "releases.json"
 
 # Keys of the released argument files that launchers own or that only ever hold placeholders.
 LAUNCHER_KEYS = frozenset({"dist_url", "local_rank"})
