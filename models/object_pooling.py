@@ -1,8 +1,8 @@
 """Object representations: the assignment-weighted pooling of patch tokens into one vector per cluster.
 
 It lives with the network (``models.student_teacher`` pools in its forward) so that ``models`` needs nothing
-from ``cribo_utils``; ``cribo_utils.method.clustering`` re-exports it next to the clustering that makes
-``assign``.
+from ``cribo_utils``; ``cribo_utils.method.clustering`` re-exports it next to the clustering that
+makes ``assign``.
 """
 
 from __future__ import annotations

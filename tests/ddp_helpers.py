@@ -14,9 +14,8 @@ under a second. A worker's environment is the forkserver's (taken when it starte
 current ``os.environ``. Each worker sets the torchrun variables (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` on a free local port) and calls the real
 ``cribo_utils.runtime.distributed.init_distributed(backend="gloo")``, so every use of this helper also
-exercises
-the torchrun launch path. The return values travel back through ``torch.save`` files. An exception in any
-worker is re-raised in the caller with the worker's traceback; a worker that hangs is killed after
+exercises the torchrun launch path. The return values travel back through ``torch.save`` files. An exception
+in any worker is re-raised in the caller with the worker's traceback; a worker that hangs is killed after
 ``timeout_s`` seconds.
 """
 

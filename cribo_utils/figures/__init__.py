@@ -31,9 +31,8 @@ and the image sources) and :mod:`.cli` (the command line, run by ``__main__``).
 
 Every model figure runs on a randomly initialised ViT (no ``--pretrained_weights``) or on any checkpoint
 :mod:`cribo_utils.weights.checkpoint_formats` reads, on the synthetic scenes (default) or on a folder of
-images
-(``--images DIR``, optionally ``--recursive``). Settings not given on the command line are read from the
-checkpoint's stored training arguments when it has them (``arch``, ``patch_size``, ``depth``,
+images (``--images DIR``, optionally ``--recursive``). Settings not given on the command line are read from
+the checkpoint's stored training arguments when it has them (``arch``, ``patch_size``, ``depth``,
 ``image_size``, ``n_tokens``, ``pos_alpha``), else from the weights themselves, else from the synthetic
 CPU preset of :mod:`cribo_utils.train.parser`. Figure sizes are exact: a grid of ``rows x cols`` panels of
 ``panel`` inches at ``dpi`` is ``cols * panel_w * dpi`` by ``rows * panel_h * dpi`` pixels.

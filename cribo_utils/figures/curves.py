@@ -42,8 +42,7 @@ class TrainingCurves:
 
 def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
     """Parse a training ``log.txt`` (the JSON lines of :class:`cribo_utils.runtime.logger.MetricLogger`,
-    read by
-    :func:`cribo_utils.runtime.logger.read_log`) into series.
+    read by :func:`cribo_utils.runtime.logger.read_log`) into series.
 
     A record with any ``epoch_``-prefixed key is a per-epoch average; every other record with an
     ``iteration`` is a per-iteration record. Non-numeric values are skipped.

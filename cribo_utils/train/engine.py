@@ -183,8 +183,7 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
     Raises:
         SystemExit: :data:`EXIT_PREEMPTED` after a checkpoint on SIGTERM / SIGUSR1; a
             :class:`~cribo_utils.train.parser.ConfigError` (one line) for an impossible configuration or one
-            that
-            does not fit in memory.
+            that does not fit in memory.
         NonFiniteLossError, CheckpointError, DatasetLayoutError, UnreadableSampleError, CollectiveFailure:
             (:data:`TRAINING_ERRORS`) a one-line message; the last good checkpoint is untouched.
     """

@@ -484,8 +484,7 @@ def resolve_architecture(
     """The ``(arch, patch_size)`` to build: each explicit value, else what the checkpoint records (its
     training arguments, :func:`stored_training_args`), else what its weights' shapes fit
     (:func:`cribo_utils.weights.architecture_detection.detect_architecture`); ``vit_small`` / 16 (DINO's
-    defaults)
-    when no weights are given. A contradiction between an explicit value and the weights is reported
+    defaults) when no weights are given. A contradiction between an explicit value and the weights is reported
     later, by :func:`build_pretrained_backbone`, with the flag to change.
 
     Raises:
@@ -555,8 +554,8 @@ def check_weights_fit_arch(detected: DetectedArchitecture, arch: str, patch_size
     """One-line error when the weights' names and shapes are not those of ``--arch`` (before the strict load).
 
     Args:
-        detected: :func:`cribo_utils.weights.architecture_detection.detect_architecture` of the stripped
-        weights.
+        detected: :func:`cribo_utils.weights.architecture_detection.detect_architecture` of the
+            stripped weights.
         arch: the requested ``--arch``.
         patch_size: the requested ``--patch_size`` (compared for ViTs only).
         source: the file and format, quoted in the message.

@@ -22,8 +22,7 @@ backbone is frozen; no parameter is trained.
    (patches of classes rare within the image are favoured).
 2. **Search** (A.4). Inner product on L2-normalised features (= cosine) over a memory **sharded across
    ranks** (:mod:`cribo_utils.eval.sharded_search`: each rank holds ``M / W`` entries, exact top-k merged
-   across
-   ranks). The local search is ``torch`` (exact, chunked matrix products and ``topk`` on the evaluation
+   across ranks). The local search is ``torch`` (exact, chunked matrix products and ``topk`` on the evaluation
    device: the GPU of a GPU node; the default), faiss ``exact`` (``IndexFlatIP``, the former reference)
    or faiss ``ivf`` (``IndexIVFFlat``, approximate, for large memories); faiss is an optional extra
    (``pip install cribo[faiss]``). The search returns the similarities, so only the neighbours' labels
