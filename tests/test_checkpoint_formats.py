@@ -396,3 +396,15 @@ def test_eval_flags_left_unset_are_filled_from_the_checkpoint(networks, tmp_path
     assert (args.arch, args.patch_size) == ("vit_tiny", 16)
     backbone = cf.backbone_from_args(parser.parse_args(["--pretrained_weights", str(path)]))
     assert backbone.embed_dim == 192 and len(backbone.blocks) == DEPTH
+
+
+def test_mapped_read_for_the_architecture_matches_the_full_read_in_both_file_formats(tmp_path):
+    torch.manual_seed(0)
+    state = build_backbone("vit_tiny", patch_size=8, img_size=IMG, depth=DEPTH).state_dict()
+    zipped, legacy = tmp_path / "zip.pth", tmp_path / "legacy.pth"
+    torch.save(state, zipped)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)  # torch cannot map this format
+    for path in (zipped, legacy):
+        mapped, read = cf.load_checkpoint_file(path, mmap=True), cf.load_checkpoint_file(path)
+        assert mapped.keys() == read.keys() and all(torch.equal(mapped[k], read[k]) for k in read)
+        assert cf.resolve_architecture(path) == ("vit_tiny", 8)

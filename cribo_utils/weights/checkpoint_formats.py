@@ -134,6 +134,12 @@ def _file_kind_error(path: Path) -> str | None:
     return f"it is not a torch checkpoint (neither a zip archive nor a pickle; first bytes {head[:8]!r})"
 
 
+def _is_zip_archive(path: Path) -> bool:
+    """True for the zip format ``torch.save`` writes since torch 1.6 (the one ``mmap=True`` reads)."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"PK"
+
+
 _READ_ERRORS = (RuntimeError, EOFError, IndexError, KeyError, ValueError, OSError)
 
 
@@ -154,12 +160,12 @@ def _inert_function(name: str) -> Any:
     return pickled_function_reference
 
 
-def _torch_load_weights_only(path: Path, extra_globals: list[Any]) -> Any:
+def _torch_load_weights_only(path: Path, extra_globals: list[Any], mmap: bool = False) -> Any:
     with torch.serialization.safe_globals([argparse.Namespace, *extra_globals]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def _load_with_inert_functions(path: Path, error: pickle.UnpicklingError) -> Any:
+def _load_with_inert_functions(path: Path, error: pickle.UnpicklingError, mmap: bool = False) -> Any:
     """Retry a refused load when every unsafe global is a known, pickled-by-reference function."""
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -180,12 +186,12 @@ def _load_with_inert_functions(path: Path, error: pickle.UnpicklingError) -> Any
         ", ".join(unsafe),
     )
     try:
-        return _torch_load_weights_only(path, [(_inert_function(name), name) for name in unsafe])
+        return _torch_load_weights_only(path, [(_inert_function(name), name) for name in unsafe], mmap)
     except (*_READ_ERRORS, pickle.UnpicklingError) as read_error:
         raise _corrupt_file_error(path, read_error) from read_error
 
 
-def load_checkpoint_file(path: StrPath) -> dict[str, Any]:
+def load_checkpoint_file(path: StrPath, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``, allow-listing ``argparse.Namespace`` only.
 
     References to the functions of ``INERT_PICKLED_FUNCTIONS`` (VICRegL's full checkpoints) are
@@ -193,6 +199,9 @@ def load_checkpoint_file(path: StrPath) -> dict[str, Any]:
 
     Args:
         path: a ``.pth`` file written by ``torch.save``: a dict (full checkpoint) or a bare state dict.
+        mmap: map the tensors of a zip-format file instead of reading them, for a look at the names,
+            shapes and training arguments that costs no read of the weights (ignored for the legacy
+            pickle format, which torch cannot map).
     Returns:
         The loaded top-level dict, tensors on the CPU.
     Raises:
@@ -212,10 +221,11 @@ def load_checkpoint_file(path: StrPath) -> dict[str, Any]:
             f"cannot read checkpoint {str(path)!r}: {kind_error}; pass the .pth file itself "
             "(--pretrained_weights / weights=)"
         )
+    mmap = mmap and _is_zip_archive(path)
     try:
-        checkpoint = _torch_load_weights_only(path, [])
+        checkpoint = _torch_load_weights_only(path, [], mmap)
     except pickle.UnpicklingError as error:
-        checkpoint = _load_with_inert_functions(path, error)
+        checkpoint = _load_with_inert_functions(path, error, mmap)
     except _READ_ERRORS as error:
         raise _corrupt_file_error(path, error) from error
     if not isinstance(checkpoint, Mapping):
@@ -497,7 +507,7 @@ def resolve_architecture(
         return arch, patch_size or _CONV_PATCH_SIZE_PLACEHOLDER
     if weights is None:
         return arch or DEFAULT_EVAL_ARCH, patch_size or DEFAULT_PATCH_SIZE
-    checkpoint = load_checkpoint_file(weights)
+    checkpoint = load_checkpoint_file(weights, mmap=True)  # names, shapes and args: the weights stay on disk
     recorded = stored_training_args(checkpoint, weights)
     detected = detect_architecture(extract_backbone_state_dict(checkpoint, checkpoint_key))
     if arch is None:
