@@ -20,14 +20,24 @@ margin of five spreads.
 """
 
 import pytest
+import torch
 
 from benchmarks import learning_check
 
 MARGIN = 6.5  # five times the larger seed half-range (1.28), see the docstring
 
 
+@pytest.fixture
+def two_threads():
+    """The calibration's two torch threads (the suite runs single-threaded, which doubles this test)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.slow
-def test_default_run_beats_random_init(tmp_path):
+def test_default_run_beats_random_init(tmp_path, two_threads):
     random_scores = [learning_check.dense_score(learning_check.random_backbone(seed)) for seed in (0, 1)]
     trained = learning_check.dense_score(learning_check.trained_backbone(tmp_path, train_seed=0))
     assert trained >= max(random_scores) + MARGIN, (
