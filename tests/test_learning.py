@@ -29,7 +29,7 @@ MARGIN = 6.5  # five times the larger seed half-range (1.28), see the docstring
 
 @pytest.fixture
 def two_threads():
-    """The calibration's two torch threads (the suite runs single-threaded, which doubles this test)."""
+    """The calibration's two torch threads (on the suite's single thread this test took 2.5 min more)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
