@@ -152,7 +152,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("run")
     group.add_argument(
         "--batch_size_per_gpu",
-        "--batch_size",
         dest="batch_size",
         default=16,
         type=int,

@@ -71,7 +71,7 @@ SECTIONS = (
     ("ema", "EMA"),
 )
 # The official implementation on this machine kind (2 CPU cores, fp32, batch 16, n_tokens 32, queue 1024,
-# out_dim = out_dim_c = 4096), from shared/docs/reference-performance.md: seconds per step by part.
+# out_dim = out_dim_c = 4096), from its profile (that code is not vendored here): seconds per step by part.
 REFERENCE_PARTS = {
     ("vit_tiny", 224): {
         "teacher_forward": 0.56,
@@ -161,7 +161,7 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
     ]
     args = get_args_parser().parse_args(argv)
     args.dataset_type, args.data_path, args.preset = "synthetic", "", "none"
-    for key in ("global_crops_scale", "local_crops_scale", "pos_alpha"):
+    for key in ("global_crops_scale", "pos_alpha"):
         setattr(args, key, tuple(getattr(args, key)))
     validate_args(args, world_size=1)
     return args

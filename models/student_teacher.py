@@ -10,7 +10,6 @@ import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from einops import rearrange
@@ -131,22 +130,6 @@ class NetworkConfig:
     norm_last_layer: bool = True
     grad_checkpointing: bool = False
 
-    @classmethod
-    def from_args(cls, args: Any) -> NetworkConfig:
-        """From parsed training flags (anything with those attributes; the optional ones default)."""
-        return cls(
-            arch=args.arch,
-            patch_size=args.patch_size,
-            out_dim=args.out_dim,
-            out_dim_c=args.out_dim_c,
-            drop_path_rate=args.drop_path_rate,
-            image_size=getattr(args, "image_size", 224),
-            depth=getattr(args, "depth", None),
-            use_bn_in_head=args.use_bn_in_head,
-            norm_last_layer=args.norm_last_layer,
-            grad_checkpointing=getattr(args, "grad_checkpointing", False),
-        )
-
 
 def build_student_teacher(config: NetworkConfig) -> tuple[CrIBoNetwork, CrIBoNetwork]:
     """Build the student and a teacher with identical initial weights.
@@ -155,7 +138,8 @@ def build_student_teacher(config: NetworkConfig) -> tuple[CrIBoNetwork, CrIBoNet
     gradients and eval mode.
 
     Args:
-        config: the networks' settings (:meth:`NetworkConfig.from_args` from the training flags).
+        config: the networks' settings (:func:`cribo_utils.train.flag_configs.network_config` builds it
+            from the training flags).
     Returns:
         ``(student, teacher)``.
     """

@@ -488,7 +488,7 @@ def test_eval_dense_nn_main_writes_json(tmp_path: Any) -> None:
             "6",
             "--synthetic_num_val",
             "3",
-            "--batch_size",
+            "--batch_size_per_gpu",
             "4",
             "--num_workers",
             "0",

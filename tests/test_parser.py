@@ -77,6 +77,28 @@ def test_config_with_unknown_key_is_an_error(tmp_path):
         resolve_args(["--config", str(path)])
 
 
+def test_local_crop_keys_load_from_a_config_only_without_local_crops(tmp_path):
+    """Released files carry local_crops_* with local_crops_number 0: accepted and dropped, not flags."""
+    path = tmp_path / "args.json"
+    released = {"local_crops_number": 0, "local_crops_scale": [0.05, 0.4], "local_crops_size": 96}
+    path.write_text(json.dumps(released))
+    args = resolve_args(["--config", str(path)])
+    assert not any(key.startswith("local_crops") for key in vars(args))
+    path.write_text(json.dumps({"local_crops_number": 2}))
+    with pytest.raises(SystemExit, match="local_crops_number 2 is not supported") as error:
+        resolve_args(["--config", str(path)])
+    assert "\n" not in str(error.value)
+    for flag in ("--local_crops_number", "--local_crops_size", "--synthetic_num_val"):
+        with pytest.raises(SystemExit):  # argparse: unrecognized argument
+            resolve_args([flag, "2"])
+
+
+def test_an_earlier_args_json_with_synthetic_num_val_still_loads(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({**args_as_plain_dict(resolve_args([])), "synthetic_num_val": 500}))
+    assert "synthetic_num_val" not in vars(resolve_args(["--config", str(path)]))
+
+
 def _valid(**overrides):
     args = resolve_args([])
     for key, value in overrides.items():
@@ -92,7 +114,6 @@ def _valid(**overrides):
         ({"n_tokens": 1000}, 1, "--n_tokens 1000"),
         ({"queue_size": 16, "batch_size_per_gpu": 32}, 1, "--queue_size 16"),
         ({"queue_size": 40, "batch_size_per_gpu": 16}, 4, "one global batch"),
-        ({"local_crops_number": 2}, 1, "local_crops_number"),
         ({"dataset_type": "imagenet1k", "data_path": ""}, 1, "needs --data_path"),
         ({"dataset_type": "coco", "data_path": "/coco", "synthetic_recolour_views": True}, 1, "re-coloured"),
     ],

@@ -480,7 +480,7 @@ def test_eval_dense_nn_on_released_layouts(arch, file_name, width, release_files
             "4",
             "--synthetic_num_val",
             "2",
-            "--batch_size",
+            "--batch_size_per_gpu",
             "2",
             "--num_workers",
             "0",

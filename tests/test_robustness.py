@@ -19,10 +19,10 @@ from cribo_utils import train
 from cribo_utils.runtime.distributed import DistEnv
 from cribo_utils.train import resources
 from cribo_utils.train.checkpoint import find_resume_checkpoint, save_training_checkpoint
+from cribo_utils.train.flag_configs import network_config, run_shape
 from cribo_utils.train.parser import ConfigError, resolve_args, validate_args
 from data.datasets import ImageFolderDataset
 from data.loading import PerSampleSeededDataset
-from models.student_teacher import NetworkConfig
 from tests.fixtures_datasets import make_imagefolder, random_image, write_bad_file, write_image
 from tests.launch_helpers import REPO, output_of, start, step_records, training_command, wait_for_exit
 from tests.test_train import TINY
@@ -415,8 +415,8 @@ def test_network_size_on_the_meta_device_matches_the_real_networks():
 
     for flags in (TINY, [*TINY, "--norm_last_layer", "false", "--out_dim", "100", "--depth", "2"]):
         args = resolve_args(flags)
-        size = resources.network_size(NetworkConfig.from_args(args))
-        student, teacher = build_student_teacher(NetworkConfig.from_args(args))
+        size = resources.network_size(network_config(args))
+        student, teacher = build_student_teacher(network_config(args))
         assert size.parameters == sum(p.numel() for p in student.parameters())
         assert size.parameters == sum(p.numel() for p in teacher.parameters())
         assert size.trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -430,8 +430,8 @@ def test_network_size_on_the_meta_device_matches_the_real_networks():
 
 def test_memory_estimate_by_hand():
     args = resolve_args([*TINY, "--queue_size", "1000", "--n_tokens", "3"])
-    size = resources.network_size(NetworkConfig.from_args(args))
-    estimate = resources.estimate_training_memory(resources.RunShape.from_args(args), activation_bytes=4)
+    size = resources.network_size(network_config(args))
+    estimate = resources.estimate_training_memory(run_shape(args), activation_bytes=4)
     assert estimate.bank_bytes == 2 * 3 * 1000 * 192 * 4 + 8 * 1000
     # student + teacher weights, gradients and two Adam moments of the trainable parameters
     assert estimate.networks_bytes == 4 * (2 * size.parameters + 3 * size.trainable)
@@ -440,7 +440,7 @@ def test_memory_estimate_by_hand():
     backbone = 8 * 1 * 16 * 5 * 192
     heads = 8 * (4 * 2048 + 512 + 5 * 32) + 12 * (4 * 2048 + 512 + 7 * 32)
     assert estimate.activations_bytes == 4 * (backbone + heads)
-    half = resources.estimate_training_memory(resources.RunShape.from_args(args), activation_bytes=2)
+    half = resources.estimate_training_memory(run_shape(args), activation_bytes=2)
     assert half.activations_bytes == 2 * backbone + 4 * heads
     assert estimate.total_bytes == estimate.bank_bytes + estimate.networks_bytes + estimate.activations_bytes
 
@@ -457,20 +457,20 @@ def test_memory_check_names_the_largest_part(monkeypatch, flags, advice):
     monkeypatch.setattr(resources, "available_memory", lambda device: (2 * resources.GIB, "test"))
     args = resolve_args([*TINY, *flags])
     with pytest.raises(resources.InsufficientMemoryError, match=advice) as info:
-        resources.check_memory(resources.RunShape.from_args(args), torch.device("cpu"), processes_per_node=1)
+        resources.check_memory(run_shape(args), torch.device("cpu"), processes_per_node=1)
     assert "only 2.0 GiB is available on cpu (test)" in str(info.value)
     resources.check_memory(
-        resources.RunShape.from_args(resolve_args(TINY)), torch.device("cpu"), processes_per_node=1
+        run_shape(resolve_args(TINY)), torch.device("cpu"), processes_per_node=1
     )  # the tiny run fits
 
 
 def test_memory_check_counts_the_processes_sharing_a_node(monkeypatch):
     args = resolve_args(TINY)
-    need = resources.estimate_training_memory(resources.RunShape.from_args(args)).total_bytes
+    need = resources.estimate_training_memory(run_shape(args)).total_bytes
     monkeypatch.setattr(resources, "available_memory", lambda device: (int(need * 1.5), "test"))
-    resources.check_memory(resources.RunShape.from_args(args), torch.device("cpu"), processes_per_node=1)
+    resources.check_memory(run_shape(args), torch.device("cpu"), processes_per_node=1)
     with pytest.raises(resources.InsufficientMemoryError, match="x 2 processes on this node"):
-        resources.check_memory(resources.RunShape.from_args(args), torch.device("cpu"), processes_per_node=2)
+        resources.check_memory(run_shape(args), torch.device("cpu"), processes_per_node=2)
 
 
 @pytest.mark.parametrize(

@@ -741,3 +741,17 @@ def test_cli_curves_and_output_path(tmp_path: Path) -> None:
     assert viz.output_path("x/y.PNG", "dense") == Path("x/y.PNG")
     with pytest.raises(SystemExit):
         viz.main(["unknown"])
+
+
+def test_missing_matplotlib_is_one_line_naming_the_extra(tmp_path: Path, monkeypatch) -> None:
+    """Without matplotlib the CLI exits with the install hint before loading anything; the library raises."""
+    import sys
+
+    write_log(tmp_path / "log.txt")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    with pytest.raises(SystemExit, match=r'pip install -e "\.\[viz\]"') as error:
+        viz.main(["curves", "--log", str(tmp_path), "--out", str(tmp_path / "figs")])
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "figs").exists()
+    with pytest.raises(ModuleNotFoundError, match="optional extra"):
+        viz.plot_curves(tmp_path, tmp_path / "curves.png")

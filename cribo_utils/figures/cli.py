@@ -19,7 +19,12 @@ from cribo_utils.figures.attention import plot_attention
 from cribo_utils.figures.clusters import plot_clusters
 from cribo_utils.figures.curves import plot_curves
 from cribo_utils.figures.dense import plot_dense
-from cribo_utils.figures.drawing import DEFAULT_DPI, SEGMENTATION_SOURCES, dataset_palette
+from cribo_utils.figures.drawing import (
+    DEFAULT_DPI,
+    SEGMENTATION_SOURCES,
+    dataset_palette,
+    require_matplotlib,
+)
 from cribo_utils.figures.model import (
     _check_image_size,
     list_image_files,
@@ -344,5 +349,10 @@ def make_figure(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Parse ``argv`` and write the figure; returns its path."""
-    return make_figure(get_args_parser().parse_args(argv))
+    """Parse ``argv`` and write the figure; returns its path. Without matplotlib: a one-line exit."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        require_matplotlib()
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"python -m cribo_utils.figures: {error}") from None
+    return make_figure(args)

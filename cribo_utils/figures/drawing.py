@@ -206,7 +206,19 @@ def grid_pixel_size(rows: int, cols: int, panel: tuple[float, float], dpi: int) 
     return round(cols * panel[0] * dpi), round(rows * panel[1] * dpi)
 
 
+MATPLOTLIB_HINT = 'the figures need matplotlib, an optional extra: pip install -e ".[viz]"'
+
+
+def require_matplotlib() -> None:
+    """ModuleNotFoundError naming the extra to install when matplotlib is missing; nothing otherwise."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(MATPLOTLIB_HINT) from error
+
+
 def _new_grid(rows: int, cols: int, panel: tuple[float, float], dpi: int) -> tuple[Figure, np.ndarray]:
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

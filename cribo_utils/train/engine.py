@@ -20,6 +20,7 @@ from cribo_utils.runtime import distributed
 from cribo_utils.runtime.logger import MetricLogger, setup_logging
 from cribo_utils.runtime.progress import Progress, format_seconds
 from cribo_utils.train.checkpoint import CheckpointError, find_resume_checkpoint
+from cribo_utils.train.flag_configs import network_config, run_shape
 from cribo_utils.train.health import NonFiniteLossError
 from cribo_utils.train.loader import build_pretrain_loader
 from cribo_utils.train.nn_loss_schedule import (
@@ -38,7 +39,7 @@ from cribo_utils.train.preemption import (
     restore_signal_handlers,
     stop_requested,
 )
-from cribo_utils.train.resources import RunShape, check_memory
+from cribo_utils.train.resources import check_memory
 from cribo_utils.train.state import (
     args_as_plain_dict,
     restore_state,
@@ -49,7 +50,7 @@ from cribo_utils.train.state import (
 from cribo_utils.train.step import training_step
 from data.datasets import DatasetLayoutError
 from data.loading import UnreadableSampleError, mix_seed
-from models.student_teacher import NetworkConfig, build_student_teacher
+from models.student_teacher import build_student_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def build_training_parts(
     check_nn_loss_can_start(args, iters_per_epoch, env.world_size)
 
     torch.manual_seed(mix_seed(args.seed))  # identical initial weights on every rank
-    student, teacher = build_student_teacher(NetworkConfig.from_args(args))
+    student, teacher = build_student_teacher(network_config(args))
     student.to(device)
     teacher.to(device)
     student_ddp: nn.Module = student
@@ -199,9 +200,7 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
         if args.check_memory:
             device = resolve_device(args, env)
             autocast_dtype = resolve_precision(args, device)
-            check_memory(
-                RunShape.from_args(args), device, activation_bytes=4 if autocast_dtype is None else 2
-            )
+            check_memory(run_shape(args), device, activation_bytes=4 if autocast_dtype is None else 2)
         return _train(args, env, stop_signal)
     except TRAINING_ERRORS as error:
         logger.error("%s", error)

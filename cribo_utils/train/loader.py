@@ -27,9 +27,6 @@ def build_pretrain_loader(
         image_size=args.image_size,
         patch_size=args.patch_size,
         global_crops_scale=tuple(args.global_crops_scale),
-        local_crops_number=args.local_crops_number,
-        local_crops_scale=tuple(args.local_crops_scale),
-        local_crops_size=args.local_crops_size,
         hue=args.hue_jitter,
         grayscale_p=args.grayscale_p,
         blur_radius_max=args.blur_radius_max,
@@ -42,7 +39,6 @@ def build_pretrain_loader(
         synthetic_kwargs={
             "image_size": args.synthetic_image_size,
             "num_train": args.synthetic_num_train,
-            "num_val": args.synthetic_num_val,
             "seed": args.seed,
             "object_colours": args.synthetic_object_colours,
             "level": args.synthetic_level,

@@ -70,7 +70,6 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "num_workers": 2,
     "saveckp_freq": 3,
     "synthetic_num_train": 2048,
-    "synthetic_num_val": 500,
     "synthetic_recolour_views": True,
 }
 
@@ -96,8 +95,15 @@ REFERENCE_ONLY_KEYS = frozenset(
         "untar_path",
         "image_queries",
         "labels_path",
+        "local_crops_scale",  # meaningless without local crops (see REFERENCE_FIXED_KEYS)
+        "local_crops_size",
+        "synthetic_num_val",  # written by earlier versions of this code; training never reads the val split
     }
 )
+# Keys of the reference's argument files that our training supports with one value only: accepted in a
+# --config file when they hold it, a one-line error otherwise, no flags. CrIBo trains on the two global views
+# (every released run sets local_crops_number 0; local crops would only enter the [CLS] loss).
+REFERENCE_FIXED_KEYS: dict[str, Any] = {"local_crops_number": 0}
 # Keys that earlier versions wrote to args.json although they are no flags (derived, dropped on load).
 LEGACY_DERIVED_KEYS = frozenset({"used_synthetic_preset"})
 PATH_KEYS = frozenset({"output_dir", "data_path", "imagenet1k_path", "coco_path"})
@@ -261,20 +267,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Area range of the two global crops.",
     )
     group.add_argument(
-        "--local_crops_number",
-        default=0,
-        type=int,
-        help="Number of local crops (the released runs use 0; they only enter the [CLS] loss).",
-    )
-    group.add_argument(
-        "--local_crops_scale",
-        default=(0.05, 0.25),
-        type=float,
-        nargs="+",
-        help="Area range of the local crops.",
-    )
-    group.add_argument("--local_crops_size", default=96, type=int, help="Side of the local crops.")
-    group.add_argument(
         "--hue_jitter",
         default=0.1,
         type=float,
@@ -364,7 +356,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--imagenet1k_path", default="", type=str, help="Alias of --data_path for ImageNet.")
     group.add_argument("--coco_path", default="", type=str, help="Alias of --data_path for COCO images.")
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
-    group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
     add_scene_args(group)
     group.add_argument(
@@ -473,15 +464,22 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         raise SystemExit(f"--config {path}: not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a JSON object of flag names to values")
-    unknown = sorted(set(values) - valid_keys - LEGACY_DERIVED_KEYS - REFERENCE_ONLY_KEYS - LAUNCHER_KEYS)
+    ignored = LEGACY_DERIVED_KEYS | REFERENCE_ONLY_KEYS | LAUNCHER_KEYS | set(REFERENCE_FIXED_KEYS)
+    unknown = sorted(set(values) - valid_keys - ignored)
     if unknown:
         raise SystemExit(
             f"--config {path}: unknown key(s) {', '.join(unknown)}; "
             "remove them or check the flag names with --help"
         )
+    for key, supported in REFERENCE_FIXED_KEYS.items():
+        if key in values and values[key] != supported:
+            raise SystemExit(
+                f"--config {path}: {key} {values[key]!r} is not supported (CrIBo trains on the two global "
+                f"views; every released run uses {supported}); set {key} to {supported} or remove it"
+            )
     kept = {}
     for key, value in values.items():
-        if key == "config" or key in LAUNCHER_KEYS | LEGACY_DERIVED_KEYS | REFERENCE_ONLY_KEYS:
+        if key == "config" or key in ignored:
             continue
         if key in PATH_KEYS and value in PLACEHOLDER_VALUES:
             continue
@@ -546,7 +544,6 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     values["dataset_type"] = dataset_type
     values["data_path"] = values["data_path"] or values["imagenet1k_path"] or values["coco_path"]
     values["global_crops_scale"] = tuple(values["global_crops_scale"])
-    values["local_crops_scale"] = tuple(values["local_crops_scale"])
     values["pos_alpha"] = tuple(values["pos_alpha"])
     return argparse.Namespace(**values)
 
@@ -704,11 +701,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(
             f"--queue_size {args.queue_size} is smaller than one global batch ({global_batch} = "
             f"{args.batch_size_per_gpu} x {world_size} processes); raise --queue_size"
-        )
-    if args.local_crops_number != 0:
-        raise ConfigError(
-            "--local_crops_number: CrIBo training uses the two global views only (all released "
-            "runs use 0); set --local_crops_number 0"
         )
     if len(args.pos_alpha) != 2:
         raise ConfigError(f"--pos_alpha {args.pos_alpha}: expected two values (end, start)")

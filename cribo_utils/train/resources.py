@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -101,17 +100,6 @@ class RunShape:
     n_tokens: int
     queue_size: int
     optimizer: str
-
-    @classmethod
-    def from_args(cls, args: Any) -> RunShape:
-        """From resolved training flags."""
-        return cls(
-            NetworkConfig.from_args(args),
-            args.batch_size_per_gpu,
-            args.n_tokens,
-            args.queue_size,
-            args.optimizer,
-        )
 
 
 @dataclass(frozen=True)
@@ -181,7 +169,7 @@ def estimate_training_memory(run: RunShape, activation_bytes: int = FP32_BYTES) 
     """Estimate the memory one training process needs (module docstring).
 
     Args:
-        run: what the run is made of (:meth:`RunShape.from_args` of the training flags).
+        run: what the run is made of (:func:`cribo_utils.train.flag_configs.run_shape` of the training flags).
         activation_bytes: bytes per backbone activation value: 2 under fp16/bf16 autocast, else 4.
 
     Returns:
@@ -297,7 +285,7 @@ def check_memory(
     """Refuse to start when the estimated memory exceeds what is available.
 
     Args:
-        run: what the run is made of (:meth:`RunShape.from_args` of the training flags).
+        run: what the run is made of (:func:`cribo_utils.train.flag_configs.run_shape` of the training flags).
         device: where the networks, the bank and the activations will live.
         activation_bytes: bytes per backbone activation value (2 under fp16/bf16 autocast, else 4).
         processes_per_node: processes sharing this machine's RAM on CPU (default: ``LOCAL_WORLD_SIZE``,
