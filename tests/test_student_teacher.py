@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.student_teacher import CrIBoNetwork, NetworkConfig, build_student_teacher, update_teacher
+from cribo_utils.train.flag_configs import network_config
+from models.student_teacher import CrIBoNetwork, build_student_teacher, update_teacher
 
 
 def _args(**overrides) -> SimpleNamespace:
@@ -78,7 +79,7 @@ def _perturb(network: nn.Module) -> None:
 
 
 def test_student_and_teacher_start_identical() -> None:
-    student, teacher = build_student_teacher(NetworkConfig.from_args(_args()))
+    student, teacher = build_student_teacher(network_config(_args()))
     student_state, teacher_state = student.state_dict(), teacher.state_dict()
     assert student_state.keys() == teacher_state.keys()
     for name in student_state:
@@ -92,7 +93,7 @@ def test_student_and_teacher_start_identical() -> None:
 
 def test_drop_path_only_in_student_and_flags_are_read() -> None:
     student, teacher = build_student_teacher(
-        NetworkConfig.from_args(_args(depth=3, drop_path_rate=0.2, norm_last_layer=False))
+        network_config(_args(depth=3, drop_path_rate=0.2, norm_last_layer=False))
     )
     assert [b.drop_path.drop_prob for b in student.backbone.blocks] == pytest.approx([0.0, 0.1, 0.2])
     assert [b.drop_path.drop_prob for b in teacher.backbone.blocks] == [0.0, 0.0, 0.0]
@@ -102,29 +103,27 @@ def test_drop_path_only_in_student_and_flags_are_read() -> None:
     assert student.head.last_layer.weight_g.requires_grad
     without_optional = _args()
     del without_optional.image_size, without_optional.depth
-    student, _ = build_student_teacher(NetworkConfig.from_args(without_optional))
+    student, _ = build_student_teacher(network_config(without_optional))
     assert student.backbone.pos_embed.shape == (1, 197, 192) and student.backbone.depth == 12
     assert not student.backbone.grad_checkpointing
 
 
 def test_grad_checkpointing_only_in_the_student() -> None:
-    student, teacher = build_student_teacher(NetworkConfig.from_args(_args(depth=2, grad_checkpointing=True)))
+    student, teacher = build_student_teacher(network_config(_args(depth=2, grad_checkpointing=True)))
     assert student.backbone.grad_checkpointing and not teacher.backbone.grad_checkpointing
 
 
 def test_key_names_equal_released_layout_and_load_strictly() -> None:
     with torch.device("meta"):
         student, teacher = build_student_teacher(
-            NetworkConfig.from_args(_args(arch="vit_small", image_size=224, depth=None))
+            network_config(_args(arch="vit_small", image_size=224, depth=None))
         )
     expected = _released_key_shapes()
     assert len(expected) == 160
     assert list(student.state_dict()) == list(expected)
     assert {k: tuple(v.shape) for k, v in teacher.state_dict().items()} == expected
 
-    small_student, _ = build_student_teacher(
-        NetworkConfig.from_args(_args(arch="vit_small", image_size=224, depth=2))
-    )
+    small_student, _ = build_student_teacher(network_config(_args(arch="vit_small", image_size=224, depth=2)))
     released = {name: torch.randn(shape) for name, shape in _released_key_shapes(depth=2).items()}
     small_student.load_state_dict(released, strict=True)
     assert torch.equal(small_student.head.last_layer_c.weight_v, released["head.last_layer_c.weight_v"])
@@ -152,7 +151,7 @@ def _slow_objects(tokens: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
 
 
 def test_student_forward_pools_with_the_teacher_assignment() -> None:
-    student, _ = build_student_teacher(NetworkConfig.from_args(_args(norm_last_layer=False)))
+    student, _ = build_student_teacher(network_config(_args(norm_last_layer=False)))
     student.eval()
     _perturb(student.head)  # separate last layers and magnitudes, so a mix-up shows
     images = torch.randn(6, 3, 32, 64)  # B = 3 images, two views, N = 2 * 4 patches
@@ -175,9 +174,7 @@ def test_student_forward_pools_with_the_teacher_assignment() -> None:
 
 
 def test_student_forward_backpropagates_into_every_parameter() -> None:
-    student, _ = build_student_teacher(
-        NetworkConfig.from_args(_args(norm_last_layer=False, drop_path_rate=0.0))
-    )
+    student, _ = build_student_teacher(network_config(_args(norm_last_layer=False, drop_path_rate=0.0)))
     assign, _ = _random_assignment(2, 4, 3)
     valid = torch.ones(2, 3, dtype=torch.bool)
     cls_logits, object_logits = student(torch.randn(4, 3, 32, 32), assign, assign, valid)
@@ -187,7 +184,7 @@ def test_student_forward_backpropagates_into_every_parameter() -> None:
 
 
 def test_teacher_head_outputs() -> None:
-    _, teacher = build_student_teacher(NetworkConfig.from_args(_args(norm_last_layer=False)))
+    _, teacher = build_student_teacher(network_config(_args(norm_last_layer=False)))
     _perturb(teacher.head)
     cls = torch.randn(4, 192)
     objects = (torch.randn(5, 192), torch.randn(5, 192))
@@ -214,7 +211,7 @@ def test_teacher_head_outputs() -> None:
 
 @pytest.mark.parametrize("momentum", [0.7, 0.996])
 def test_ema_formula_on_every_tensor(momentum: float) -> None:
-    student, teacher = build_student_teacher(NetworkConfig.from_args(_args()))
+    student, teacher = build_student_teacher(network_config(_args()))
     _perturb(student)  # includes the frozen weight_g, which the EMA must follow too
     before = {name: p.clone() for name, p in teacher.named_parameters()}
     update_teacher(student, teacher, momentum)
@@ -235,7 +232,7 @@ def test_ema_by_hand_and_limits() -> None:
     update_teacher(student, teacher, 0.75)
     torch.testing.assert_close(teacher.weight, torch.tensor([[1.0, 1.5]]))  # 0.75 t + 0.25 s
 
-    student_net, teacher_net = build_student_teacher(NetworkConfig.from_args(_args()))
+    student_net, teacher_net = build_student_teacher(network_config(_args()))
     _perturb(student_net)
     before = {name: p.clone() for name, p in teacher_net.named_parameters()}
     update_teacher(student_net, teacher_net, 1.0)
@@ -248,7 +245,7 @@ def test_ema_by_hand_and_limits() -> None:
 
 
 def test_ema_pairs_by_name_through_ddp_prefix() -> None:
-    student, teacher = build_student_teacher(NetworkConfig.from_args(_args()))
+    student, teacher = build_student_teacher(network_config(_args()))
     _perturb(student)
     before = {name: p.clone() for name, p in teacher.named_parameters()}
     update_teacher(_DDPLike(student), teacher, 0.5)
@@ -303,7 +300,7 @@ def test_ema_mismatch_raises() -> None:
 
 
 def test_ema_of_batch_norm_buffers() -> None:
-    student, teacher = build_student_teacher(NetworkConfig.from_args(_args(use_bn_in_head=True)))
+    student, teacher = build_student_teacher(network_config(_args(use_bn_in_head=True)))
     student.train()
     with torch.no_grad():
         student.head(torch.randn(8, 192))  # updates the student's running statistics
@@ -319,6 +316,6 @@ def test_ema_of_batch_norm_buffers() -> None:
 
 
 def test_network_keys_are_backbone_and_head() -> None:
-    student, _ = build_student_teacher(NetworkConfig.from_args(_args()))
+    student, _ = build_student_teacher(network_config(_args()))
     assert isinstance(student, CrIBoNetwork)
     assert {name.split(".")[0] for name in student.state_dict()} == {"backbone", "head"}
