@@ -57,6 +57,7 @@ from benchmarks.harness import (  # noqa: E402
 )
 
 NAME = "bench_train_step"
+IMAGENET_LIKE_SIZE = (500, 375)  # width, height of the --source imagenet_like JPEGs (ImageNet's typical size)
 SECTIONS = (
     ("data", "data to device"),
     ("augment", "photometric (--augment_on device)"),
@@ -183,14 +184,24 @@ def random_batches(args: argparse.Namespace, n_batches: int) -> list[Any]:
     return batches
 
 
-def make_batches(args: argparse.Namespace, n_batches: int) -> tuple[list[Any], list[float]]:
-    """``n_batches`` collated batches from the real two-view pipeline, and the seconds each one took."""
+def make_batches(
+    args: argparse.Namespace, n_batches: int, source: str = "synthetic"
+) -> tuple[list[Any], list[float], list[float]]:
+    """``n_batches`` collated batches from the real two-view pipeline, the seconds and CPU seconds of each.
+
+    ``source``: ``synthetic`` renders scenes in memory (no decode); ``imagenet_like`` reads JPEGs of
+    500 x 375 px at quality 90 (``bench_data.natural_image``, written to a scratch folder first), so the
+    per-batch data cost includes an ImageNet-sized decode as in a real run.
+    """
     import random
+    import tempfile
 
     import torch
     from torch.utils.data import default_collate
 
+    from benchmarks.bench_data import write_imagenet_like
     from data.augmentations import TwoViewTransform
+    from data.datasets import UnlabelledImageFolder
     from data.synthetic import SyntheticScenes
 
     torch.manual_seed(0)
@@ -201,20 +212,23 @@ def make_batches(args: argparse.Namespace, n_batches: int) -> tuple[list[Any], l
         global_crops_scale=args.global_crops_scale,
         augment_on=args.augment_on,
     )
-    dataset = SyntheticScenes(
-        "train",
-        image_size=args.synthetic_image_size,
-        num_train=n_batches * args.batch_size_per_gpu,
-        seed=0,
-        transform=transform,
-    )
-    batches, seconds = [], []
-    for b in range(n_batches):
-        start = time.perf_counter()
-        samples = [dataset[b * args.batch_size_per_gpu + i] for i in range(args.batch_size_per_gpu)]
-        batches.append(default_collate(samples))
-        seconds.append(time.perf_counter() - start)
-    return batches, seconds
+    count = n_batches * args.batch_size_per_gpu
+    with tempfile.TemporaryDirectory() as scratch:
+        if source == "imagenet_like":
+            write_imagenet_like(Path(scratch), count, *IMAGENET_LIKE_SIZE, quality=90)
+            dataset: Any = UnlabelledImageFolder(scratch, transform=transform)
+        else:
+            dataset = SyntheticScenes(
+                "train", image_size=args.synthetic_image_size, num_train=count, seed=0, transform=transform
+            )
+        batches, seconds, cpu_seconds = [], [], []
+        for b in range(n_batches):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            samples = [dataset[b * args.batch_size_per_gpu + i] for i in range(args.batch_size_per_gpu)]
+            batches.append(default_collate(samples))
+            seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
+    return batches, seconds, cpu_seconds
 
 
 def pinned(batch: Any) -> Any:
@@ -311,10 +325,13 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     backbone: Any = parts.student.backbone
     peak_rss_stages = {"import": rss_after_import, "build": peak_rss_bytes()}
     data_seconds: list[float] = []
+    data_cpu_seconds: list[float] = []
     if cfg.get("random_views"):
         batches = random_batches(args, cfg["n_batches"])
     else:
-        batches, data_seconds = make_batches(args, cfg["n_batches"])
+        batches, data_seconds, data_cpu_seconds = make_batches(
+            args, cfg["n_batches"], cfg.get("source", "synthetic")
+        )
     peak_rss_stages["batches"] = peak_rss_bytes()
     if device.type == "cuda":
         batches = [pinned(batch) for batch in batches]  # as the training loader does (pin_memory=True)
@@ -369,6 +386,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "data_pipeline_images_per_s": args.batch_size_per_gpu / median(data_seconds)
         if data_seconds
         else None,
+        "data_pipeline_cpu_s_per_batch": median(data_cpu_seconds) if data_cpu_seconds else None,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_process_modes": list(modes),
         "rss_after_import_bytes": rss_after_import,
@@ -445,6 +463,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps before the timed ones.")
     parser.add_argument("--n_batches", type=int, default=3, help="Distinct pre-generated batches (cycled).")
     parser.add_argument("--scene_size", type=int, default=128, help="Side of the synthetic scene images.")
+    parser.add_argument(
+        "--source",
+        default="synthetic",
+        choices=["synthetic", "imagenet_like"],
+        help="Images of the pre-generated batches: synthetic scenes rendered in memory, or ImageNet-like "
+        "JPEGs of 500 x 375 px read from a scratch folder (the realistic data cost per batch).",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
     parser.add_argument(
@@ -579,7 +604,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     title = (
         f"{config['arch']}/{config['patch_size']} {config['image_size']} px, batch {config['batch_size']}, "
         f"n_tokens {config['n_tokens']}, queue {config['queue_size']}, out_dim {config['out_dim']}, "
-        f"{config['precision']}, {config['device']}, augment_on {config.get('augment_on', 'workers')}"
+        f"{config['precision']}, {config['device']}, augment_on {config.get('augment_on', 'workers')}, "
+        f"{config.get('source', 'synthetic')} images"
         f"{', student activation checkpointing' if config.get('grad_checkpointing') else ''}"
         f"{', env ' + ' '.join(config['worker_env']) if config.get('worker_env') else ''} "
         f"(median of {config['steps']} steps, seconds)"
@@ -666,13 +692,19 @@ def print_summary(summary: dict[str, Any]) -> None:
     if run["data_pipeline_s_per_batch"] is None:
         notes = ["data pipeline: not measured (--random_views: random pixels, random-crop positions)"]
     else:
+        reading = "decode" if config.get("source") == "imagenet_like" else "render"
         notes = [
-            f"data pipeline (render + TwoViewTransform + collate, 1 process): "
+            f"data pipeline ({reading} + TwoViewTransform + collate, 1 process): "
             f"{run['data_pipeline_s_per_batch']:.3f} s/batch = "
             f"{run['data_pipeline_images_per_s']:.1f} images/s; full step + data pipeline = "
             f"{(full or bare)['median_step_s'] + run['data_pipeline_s_per_batch']:.3f} s/batch "
             "(the CPU work per batch when the workers share the cores with the step)"
         ]
+        if full and run.get("data_pipeline_cpu_s_per_batch") is not None:
+            notes.append(
+                "CPU seconds per iteration (full step, all threads, + data pipeline): "
+                f"{full['median_step_cpu_s'] + run['data_pipeline_cpu_s_per_batch']:.3f}"
+            )
     if "overhead_ratio" in summary:
         notes.append(
             f"overhead ratio full / bare = {summary['overhead_ratio']:.3f} "
@@ -729,6 +761,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup",
             "n_batches",
             "scene_size",
+            "source",
             "device",
             "threads",
             "omp_wait_policy",

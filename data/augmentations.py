@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
@@ -120,8 +121,20 @@ def patch_centre_coordinates(
     Returns:
         (2, N) float32: row 0 = x, row 1 = y, tokens row-major (the ViT patch order).
     """
-    boxes = torch.tensor([[top, left, height, width]], dtype=torch.float64)
-    return patch_centre_coordinates_batched(boxes, torch.tensor([bool(flipped)]), out_size, patch_size)[0]
+    # The batched formula, operation for operation, in numpy: bit-identical to
+    # ``patch_centre_coordinates_batched`` and a fifth of its cost per view (no per-op torch dispatch), which
+    # matters as it runs for every view in the data-loading workers.
+    rows, cols = patch_grid_shape(out_size, patch_size)
+    out_h, out_w = rows * patch_size, cols * patch_size
+    offsets_x = np.arange(cols, dtype=np.float64) * patch_size + patch_size / 2
+    offsets_y = np.arange(rows, dtype=np.float64) * patch_size + patch_size / 2
+    x = float(left) + offsets_x * (float(width) / out_w) - 0.5
+    y = float(top) + offsets_y * (float(height) / out_h) - 0.5
+    if flipped:
+        x = x[::-1]
+    grid = np.empty((2, rows, cols), dtype=np.float32)
+    grid[0], grid[1] = x[None, :], y[:, None]
+    return torch.from_numpy(grid.reshape(2, rows * cols))
 
 
 class RandomGaussianBlur:

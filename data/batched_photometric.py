@@ -87,10 +87,10 @@ class PhotometricSampler:
     def sample(self) -> torch.Tensor:
         """Return (P,) float32: see the column constants of this module; unused entries are neutral."""
         c = self.config
-        params = torch.tensor(NEUTRAL, dtype=torch.float32)
+        params = list(NEUTRAL)  # filled as a list, one tensor at the end: per-element tensor writes cost more
         if not c.jitter_p < torch.rand(1):  # torchvision's RandomApply: skip if p < rand
             params[JITTER] = 1.0
-            params[ORDER] = torch.randperm(4).to(torch.float32)
+            params[ORDER] = torch.randperm(4).tolist()
             # ColorJitter draws no factor for a strength of 0 (its range is then None).
             for column, strength, centre in (
                 (BRIGHTNESS, c.brightness, 1.0),
@@ -100,14 +100,14 @@ class PhotometricSampler:
             ):
                 if strength > 0:
                     low = max(0.0, centre - strength) if centre else -strength
-                    params[column] = float(torch.empty(1).uniform_(low, centre + strength))
-        params[GRAYSCALE] = float(torch.rand(1) < c.grayscale_p)
+                    params[column] = torch.empty(1).uniform_(low, centre + strength).item()
+        params[GRAYSCALE] = float(torch.rand(1).item() < c.grayscale_p)
         if torch.rand(1).item() < c.blur_p:
             params[BLUR] = 1.0
             params[SIGMA] = torch.empty(1).uniform_(c.blur_radius_min, c.blur_radius_max).item()
         if c.solarization_p > 0 and torch.rand(1).item() < c.solarization_p:
             params[SOLARIZE] = 1.0
-        return params
+        return torch.tensor(params, dtype=torch.float32)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

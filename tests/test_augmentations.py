@@ -97,6 +97,21 @@ def test_patch_centres_equal_literal_per_pixel_formula():
             assert torch.allclose(fast.double(), slow, rtol=0, atol=1e-4)
 
 
+def test_single_view_patch_centres_are_bit_identical_to_the_batched_formula():
+    """The per-view numpy path of the workers equals patch_centre_coordinates_batched exactly."""
+    generator = np.random.default_rng(1)
+    for out_size, patch in ((224, 16), ((48, 32), 16), ((16, 40), 8)):
+        for _ in range(20):
+            height, width = generator.uniform(5.0, 400.0, size=2)
+            top, left = generator.uniform(0.0, 300.0, size=2)
+            flipped = bool(generator.integers(2))
+            one = patch_centre_coordinates(top, left, height, width, out_size, patch, flipped)
+            boxes = torch.tensor([[top, left, height, width]], dtype=torch.float64)
+            batched = patch_centre_coordinates_batched(boxes, torch.tensor([flipped]), out_size, patch)[0]
+            assert one.dtype == torch.float32 and one.is_contiguous()
+            assert torch.equal(one, batched)
+
+
 @pytest.mark.parametrize(
     "image_hw, out_size, patch",
     [((48, 64), 32, 8), ((40, 30), 64, 16), ((150, 200), 32, 8), ((37, 53), 64, 16)],

@@ -131,6 +131,19 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
     assert full["peak_rss_bytes"] > 0 and full["data_pipeline_s_per_batch"] > 0
 
 
+def test_bench_train_step_imagenet_like_source_times_both_pipelines(tmp_path: Path) -> None:
+    """--source imagenet_like decodes 500 x 375 JPEGs; both pipelines give data wall and CPU seconds."""
+    out = tmp_path / "train_step.json"
+    argv = [*TINY_TRAIN_STEP, "--warmup", "0", "--in_process", "--source", "imagenet_like"]
+    bench_train_step.main([*argv, "--augment_on", "workers", "device", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [r["config"]["augment_on"] for r in results] == ["workers", "device"]
+    for result in results:
+        assert result["config"]["source"] == "imagenet_like"
+        full = result["full"]
+        assert full["data_pipeline_s_per_batch"] > 0 and full["data_pipeline_cpu_s_per_batch"] > 0
+
+
 def test_bench_train_step_bare_alone_in_a_subprocess(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
     bench_train_step.main([*TINY_TRAIN_STEP, "--warmup", "0", "--modes", "bare", "--out", str(out)])
