@@ -27,7 +27,10 @@ objectives teach the network to ignore. The level (``--synthetic_level``, :data:
   (3-4 patches at 96 px input, large enough for clusters to follow them), a random rotation (pattern and
   outline turn together), random positions and partial occlusion (1-3 objects, later ones on top); the
   random resized crops and the cross-view object matching teach invariance to them;
-* **background**: a smooth gradient or low-frequency clouds of random colour and low contrast.
+* **background**: a smooth gradient or low-frequency clouds of random colour and low contrast. Its colour is
+  shared by the two views of a scene (it explains about 80 % of the variance of the [CLS] token of random
+  and trained networks alike); ``--synthetic_recolour_background`` redraws it in the second view as well
+  (not in the CPU preset: it made training unstable across seeds, see benchmarks/README.md).
 
 ``hard`` keeps the classes and strengthens the nuisances: smaller and more objects (up to four, 25-60 % of
 the side), a wider band of texture periods, a lower contrast between an object's colours, and a dotted
@@ -180,7 +183,8 @@ class SyntheticScenes(_SyntheticSplit):
     """Classification view of the synthetic scenes: ``(image, label)``.
 
     With ``colourings = m > 1`` the image is a list of m renderings of the same scene: the first is the
-    scene as stored, the others come from :func:`recolour_scene` (new object colours, same masks).
+    scene as stored, the others come from :func:`recolour_scene` (new object colours, and new background
+    colours with ``recolour_background``; same masks).
     :class:`data.augmentations.TwoViewTransform` cuts view v from rendering v mod m, so the two views of an
     object cannot be matched by their colours. The extra colours are drawn from a seed taken
     from torch's global RNG, which :class:`data.loading.PerSampleSeededDataset` seeds per sample and epoch.
@@ -196,6 +200,8 @@ class SyntheticScenes(_SyntheticSplit):
         transform: applied to the PIL RGB image (e.g. the two-view pretraining transform), or to the list
             of renderings when ``colourings > 1``.
         colourings: number of differently coloured renderings per item (1: a single PIL image).
+        recolour_background: the extra renderings also redraw the background's colours
+            (:func:`recolour_scene` with ``background=True``).
     """
 
     def __init__(
@@ -209,11 +215,13 @@ class SyntheticScenes(_SyntheticSplit):
         object_colours: str = "random",
         colourings: int = 1,
         level: str = DEFAULT_LEVEL,
+        recolour_background: bool = False,
     ) -> None:
         super().__init__(split, image_size, num_train, num_val, seed, object_colours, level)
         if isinstance(colourings, bool) or not isinstance(colourings, int) or colourings < 1:
             raise ValueError(f"colourings={colourings!r}: expected an integer >= 1")
         self.colourings = colourings
+        self.recolour_background = recolour_background
         self.transform = transform
         self.classes: list[str] = list(self.level.classes)
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
@@ -234,7 +242,8 @@ class SyntheticScenes(_SyntheticSplit):
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
         renderings = []
         for _ in range(count):
-            image, _, _ = render_scene(recolour_scene(scene, rng, self.object_colours))
+            recoloured = recolour_scene(scene, rng, self.object_colours, background=self.recolour_background)
+            image, _, _ = render_scene(recoloured)
             assert image is not None
             renderings.append(Image.fromarray(image))
         return renderings

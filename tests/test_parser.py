@@ -116,6 +116,11 @@ def _valid(**overrides):
         ({"queue_size": 40, "batch_size_per_gpu": 16}, 4, "one global batch"),
         ({"dataset_type": "imagenet1k", "data_path": ""}, 1, "needs --data_path"),
         ({"dataset_type": "coco", "data_path": "/coco", "synthetic_recolour_views": True}, 1, "re-coloured"),
+        (
+            {"synthetic_recolour_views": False, "synthetic_recolour_background": True},
+            1,
+            "needs --synthetic_recolour_views true",
+        ),
     ],
 )
 def test_bad_configurations_fail_with_one_line(overrides, world, message):

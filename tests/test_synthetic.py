@@ -573,6 +573,52 @@ def test_recolour_scene_keeps_everything_but_the_colours() -> None:
     assert all(item.colours == FIXED_OBJECT_COLOURS for item in fixed.objects)
 
 
+def test_recolour_scene_with_background_redraws_only_the_background_colours() -> None:
+    """background=True: new background colours (as sample_scene draws them), everything else as before."""
+    from data.synthetic import recolour_scene
+
+    split = SyntheticSegmentation("val", image_size=64, num_val=8)
+    for index in range(8):
+        scene = split.scene(index)
+        other = recolour_scene(scene, np.random.default_rng(index), background=True)
+        # The background is drawn first from the stream: base colour 30..225, second within the offset.
+        rng = np.random.default_rng(index)
+        base = rng.integers(30, 226, size=3)
+        second = np.clip(base + rng.integers(-45, 46, size=3), 0, 255)
+        assert other.background_colours == (tuple(int(v) for v in base), tuple(int(v) for v in second))
+        assert other.background_colours != scene.background_colours
+        same_stream = recolour_scene(scene, np.random.default_rng(index), background=True)
+        assert same_stream == other  # deterministic in the generator
+        # Only the two colour fields differ.
+        assert replace(other, objects=scene.objects, background_colours=scene.background_colours) == scene
+        image, mask, instances = render_scene(scene)
+        other_image, other_mask, other_instances = render_scene(other)
+        np.testing.assert_array_equal(mask, other_mask)
+        np.testing.assert_array_equal(instances, other_instances)
+        background = mask == 0
+        if background.any():
+            assert not np.array_equal(image[background], other_image[background])
+    fixed = SyntheticSegmentation("val", image_size=64, num_val=1, object_colours="fixed").scene(0)
+    recoloured = recolour_scene(fixed, np.random.default_rng(0), "fixed", background=True)
+    assert recoloured.objects == fixed.objects and recoloured.background_colours != fixed.background_colours
+
+
+def test_recolour_background_flag_reaches_the_second_rendering() -> None:
+    import torch
+
+    plain = SyntheticScenes("train", image_size=48, num_train=2, colourings=2)
+    redrawn = SyntheticScenes("train", image_size=48, num_train=2, colourings=2, recolour_background=True)
+    mask = render_scene(plain.scene(0))[1]
+    torch.manual_seed(0)
+    (first, second), _ = plain[0]
+    torch.manual_seed(0)
+    (first_b, second_b), _ = redrawn[0]
+    assert np.array_equal(np.asarray(first), np.asarray(first_b))  # the stored rendering is unchanged
+    background = mask == 0
+    np.testing.assert_array_equal(np.asarray(first)[background], np.asarray(second)[background])
+    assert not np.array_equal(np.asarray(first_b)[background], np.asarray(second_b)[background])
+
+
 def test_recoloured_pixels_follow_the_new_colour_table() -> None:
     """Where no channel clips, recolouring moves each object pixel by (new - old) colour of its bit."""
     from data.synthetic import recolour_scene

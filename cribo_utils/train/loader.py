@@ -43,6 +43,7 @@ def build_pretrain_loader(
             "object_colours": args.synthetic_object_colours,
             "level": args.synthetic_level,
             "colourings": 2 if args.synthetic_recolour_views else 1,
+            "recolour_background": args.synthetic_recolour_background,
         },
         skip_bad_files=False,
     )
