@@ -351,7 +351,8 @@ def recolour_scene(
     gradient direction and clouds field, and the pixel noise, so the masks are identical. ``"fixed"``
     objects keep :data:`FIXED_OBJECT_COLOURS` (without ``background``, recolouring a fixed-colour scene
     changes nothing). Redrawing the background made the self-supervised features worse on the ``legacy``
-    scenes and better on ``easy`` (see benchmarks/README.md).
+    scenes; on ``easy`` it helped two training seeds of three and left the third far behind
+    (benchmarks/README.md), so the CPU preset does not use it.
     """
     check_object_colours(object_colours)
     setting = scene_level(scene.level)
