@@ -55,6 +55,9 @@ from benchmarks.harness import (  # noqa: E402
 
 NAME = "bench_data"
 STAGES = ("read", "crop + flip", "photometric", "to tensor", "collate")
+# The ImageNet-like JPEGs: width, height (ImageNet's typical 500 x 375) and JPEG quality.
+IMAGENET_LIKE_SIZE = (500, 375)
+IMAGENET_LIKE_QUALITY = 90
 
 
 def natural_image(rng: Any, height: int, width: int) -> Any:
@@ -266,8 +269,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--augment_on", nargs="+", default=["workers", "device"], choices=["workers", "device"]
     )
-    parser.add_argument("--jpeg_size", nargs=2, type=int, default=[500, 375], help="Width and height.")
-    parser.add_argument("--jpeg_quality", type=int, default=90)
+    parser.add_argument(
+        "--jpeg_size", nargs=2, type=int, default=list(IMAGENET_LIKE_SIZE), help="Width and height."
+    )
+    parser.add_argument("--jpeg_quality", type=int, default=IMAGENET_LIKE_QUALITY)
     parser.add_argument(
         "--scene_size",
         type=int,

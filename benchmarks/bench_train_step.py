@@ -57,7 +57,6 @@ from benchmarks.harness import (  # noqa: E402
 )
 
 NAME = "bench_train_step"
-IMAGENET_LIKE_SIZE = (500, 375)  # width, height of the --source imagenet_like JPEGs (ImageNet's typical size)
 SECTIONS = (
     ("data", "data to device"),
     ("augment", "photometric (--augment_on device)"),
@@ -199,7 +198,7 @@ def make_batches(
     import torch
     from torch.utils.data import default_collate
 
-    from benchmarks.bench_data import write_imagenet_like
+    from benchmarks.bench_data import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, write_imagenet_like
     from data.augmentations import TwoViewTransform
     from data.datasets import UnlabelledImageFolder
     from data.synthetic import SyntheticScenes
@@ -215,7 +214,7 @@ def make_batches(
     count = n_batches * args.batch_size_per_gpu
     with tempfile.TemporaryDirectory() as scratch:
         if source == "imagenet_like":
-            write_imagenet_like(Path(scratch), count, *IMAGENET_LIKE_SIZE, quality=90)
+            write_imagenet_like(Path(scratch), count, *IMAGENET_LIKE_SIZE, IMAGENET_LIKE_QUALITY)
             dataset: Any = UnlabelledImageFolder(scratch, transform=transform)
         else:
             dataset = SyntheticScenes(
