@@ -172,7 +172,9 @@ def render_scene(scene: Scene, with_image: bool = True) -> tuple[np.ndarray | No
 
     Each object is evaluated only inside its bounding box: pixel centres (x, y) are mapped to the object
     frame a = dx cos(phi) + dy sin(phi), b = -dx sin(phi) + dy cos(phi) (dx, dy relative to the centre),
-    tested with the shape's implicit function at (a / r, b / r), and coloured by the texture at (a, b).
+    tested with the shape's implicit function at (a / r, b / r), and coloured by the texture at (a, b), or,
+    for a texture turned by theta = ``texture_angle`` against the outline, at
+    (a cos(theta) + b sin(theta), b cos(theta) - a sin(theta)).
 
     Colours go through one table look-up: every pixel holds a row index into :func:`_colour_table`
     (background level round(255 t), or 256 + 2k + texture bit for object k), so the image is exactly the
@@ -212,6 +214,9 @@ def render_scene(scene: Scene, with_image: bool = True) -> tuple[np.ndarray | No
         np.copyto(instances[y0:y1, x0:x1], k + 1, where=inside)
         if with_image:
             reach = math.sqrt(2.0) * extent + 1.0  # |a|, |b| <= half-diagonal of the bounding box
+            if item.texture_angle:  # the texture turned against the outline: rotate its frame once more
+                cos_t, sin_t = math.cos(item.texture_angle), math.sin(item.texture_angle)
+                a, b = a * cos_t + b * sin_t, b * cos_t - a * sin_t
             bits = _texture_bits(item.texture, a, b, item.texture_period, item.texture_phase, reach)
             rows = bits.astype(np.uint16) + np.uint16(BACKGROUND_LEVELS + 2 * k)
             np.copyto(colour_index[y0:y1, x0:x1], rows, where=inside)

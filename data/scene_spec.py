@@ -62,6 +62,8 @@ class SceneObject:
         shape_name, texture_name: the shape and texture when the class does not fix them (the texture
             levels, where the class is the texture and the shape is a nuisance); empty for ``legacy``
             objects, whose shape and texture follow from ``class_id``.
+        texture_angle: rotation of the texture against the outline, in radians: 0 in every sampled scene
+            (the pattern turns with the shape); :func:`recolour_scene` with ``retexture`` redraws it.
     """
 
     class_id: int
@@ -73,6 +75,7 @@ class SceneObject:
     texture_phase: tuple[float, float]
     shape_name: str = ""
     texture_name: str = ""
+    texture_angle: float = 0.0
 
     @property
     def shape(self) -> str:
@@ -341,18 +344,26 @@ def _sample_background_colours(
 
 
 def recolour_scene(
-    scene: Scene, rng: np.random.Generator, object_colours: str = "random", background: bool = False
+    scene: Scene,
+    rng: np.random.Generator,
+    object_colours: str = "random",
+    background: bool = False,
+    retexture: bool = False,
 ) -> Scene:
     """The same scene with a freshly drawn colour pair for every object (as :func:`sample_scene` draws them).
 
     With ``background``, the background's two colours are redrawn too (first, as :func:`sample_scene`
-    draws them), so the colour of the background cannot tell two views of one scene apart either.
-    Everything else is unchanged: layout, classes, sizes, poses, textures, the background family, its
+    draws them), so the colour of the background cannot tell two views of one scene apart either. With
+    ``retexture``, every object also gets a new texture period (from the level's range), phase and
+    orientation against its outline (:attr:`SceneObject.texture_angle`, uniform in [0, 2 pi)): the texture
+    *family*, which is the class, stays, but nothing else about the pattern, so two views of an object can
+    only be matched by its family, outline and place. Per object the draws are: period, colours (random
+    colours only), the two phases, the orientation.
+
+    Everything else is unchanged: layout, classes, sizes, poses, outlines, the background family, its
     gradient direction and clouds field, and the pixel noise, so the masks are identical. ``"fixed"``
-    objects keep :data:`FIXED_OBJECT_COLOURS` (without ``background``, recolouring a fixed-colour scene
-    changes nothing). Redrawing the background made the self-supervised features worse on the ``legacy``
-    scenes; on ``easy`` it helped two training seeds of three and left the third far behind
-    (benchmarks/README.md), so the CPU preset does not use it.
+    objects keep :data:`FIXED_OBJECT_COLOURS` (recolouring a fixed-colour scene without ``background`` or
+    ``retexture`` changes nothing). Without ``retexture`` the draws are those of earlier releases.
     """
     check_object_colours(object_colours)
     setting = scene_level(scene.level)
@@ -360,12 +371,19 @@ def recolour_scene(
         scene = replace(
             scene, background_colours=_sample_background_colours(rng, setting.max_background_offset)
         )
-    if object_colours == "fixed":
+    if object_colours == "fixed" and not retexture:
         return scene
     contrast, step = setting.min_object_contrast, setting.min_luma_step
-    return replace(
-        scene,
-        objects=tuple(
-            replace(item, colours=_sample_object_colours(rng, contrast, step)) for item in scene.objects
-        ),
-    )
+
+    def redrawn(item: SceneObject) -> SceneObject:
+        if not retexture:
+            return replace(item, colours=_sample_object_colours(rng, contrast, step))
+        period = float(rng.uniform(*setting.texture_period_range) * scene.image_size)
+        colours = item.colours
+        if object_colours == "random":
+            colours = _sample_object_colours(rng, contrast, step)
+        phase = (float(rng.uniform(0, period)), float(rng.uniform(0, period)))
+        angle = float(rng.uniform(0.0, 2.0 * math.pi))
+        return replace(item, colours=colours, texture_period=period, texture_phase=phase, texture_angle=angle)
+
+    return replace(scene, objects=tuple(redrawn(item) for item in scene.objects))

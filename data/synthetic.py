@@ -22,15 +22,19 @@ objectives teach the network to ignore. The level (``--synthetic_level``, :data:
   and the per-class mean colour is mid-grey for every class. Random features are dominated by colour; the
   colour jitter and the re-coloured second views of pretraining (:func:`recolour_scene`,
   ``--synthetic_recolour_views``) teach the network to drop it;
+* **the details of a pattern are instance nuisances**: its period (within the band above), phase and
+  orientation. A sampled pattern turns with its outline; the second view of pretraining
+  (``--synthetic_retexture_views``) redraws all three, so only the family is left for the two views of an
+  object to share;
 * **the outline is a nuisance**: six shapes, drawn independently of the class, so shape says nothing;
 * **size, rotation, position and occlusion are nuisances**: objects have diameters of 48-72 % of the side
   (3-4 patches at 96 px input, large enough for clusters to follow them), a random rotation (pattern and
   outline turn together), random positions and partial occlusion (1-3 objects, later ones on top); the
   random resized crops and the cross-view object matching teach invariance to them;
-* **background**: a smooth gradient or low-frequency clouds of random colour and low contrast. Its colour is
-  shared by the two views of a scene (it explains about 80 % of the variance of the [CLS] token of random
-  and trained networks alike); ``--synthetic_recolour_background`` redraws it in the second view as well
-  (not in the CPU preset: it made training unstable across seeds, see benchmarks/README.md).
+* **background**: a smooth gradient or low-frequency clouds of random colour and low contrast. Its colour
+  explains about 80 % of the variance of the [CLS] token of a random network; when the two views shared
+  it, the trained [CLS] and object tokens matched views by it and stayed colour-bound, so the CPU preset
+  redraws it in the second view as well (``--synthetic_recolour_background``; benchmarks/README.md).
 
 ``hard`` keeps the classes and strengthens the nuisances: smaller and more objects (up to four, 25-60 % of
 the side), a wider band of texture periods, a lower contrast between an object's colours, and a dotted
@@ -184,7 +188,8 @@ class SyntheticScenes(_SyntheticSplit):
 
     With ``colourings = m > 1`` the image is a list of m renderings of the same scene: the first is the
     scene as stored, the others come from :func:`recolour_scene` (new object colours, and new background
-    colours with ``recolour_background``; same masks).
+    colours with ``recolour_background``; new texture periods, phases and orientations with ``retexture``;
+    same masks).
     :class:`data.augmentations.TwoViewTransform` cuts view v from rendering v mod m, so the two views of an
     object cannot be matched by their colours. The extra colours are drawn from a seed taken
     from torch's global RNG, which :class:`data.loading.PerSampleSeededDataset` seeds per sample and epoch.
@@ -202,6 +207,8 @@ class SyntheticScenes(_SyntheticSplit):
         colourings: number of differently coloured renderings per item (1: a single PIL image).
         recolour_background: the extra renderings also redraw the background's colours
             (:func:`recolour_scene` with ``background=True``).
+        retexture: the extra renderings also redraw each object's texture period, phase and orientation,
+            keeping its family (:func:`recolour_scene` with ``retexture=True``).
     """
 
     def __init__(
@@ -216,12 +223,14 @@ class SyntheticScenes(_SyntheticSplit):
         colourings: int = 1,
         level: str = DEFAULT_LEVEL,
         recolour_background: bool = False,
+        retexture: bool = False,
     ) -> None:
         super().__init__(split, image_size, num_train, num_val, seed, object_colours, level)
         if isinstance(colourings, bool) or not isinstance(colourings, int) or colourings < 1:
             raise ValueError(f"colourings={colourings!r}: expected an integer >= 1")
         self.colourings = colourings
         self.recolour_background = recolour_background
+        self.retexture = retexture
         self.transform = transform
         self.classes: list[str] = list(self.level.classes)
         self.class_to_idx: dict[str, int] = {name: i for i, name in enumerate(self.classes)}
@@ -242,7 +251,9 @@ class SyntheticScenes(_SyntheticSplit):
         rng = np.random.default_rng(int(torch.randint(2**62, ())))
         renderings = []
         for _ in range(count):
-            recoloured = recolour_scene(scene, rng, self.object_colours, background=self.recolour_background)
+            recoloured = recolour_scene(
+                scene, rng, self.object_colours, background=self.recolour_background, retexture=self.retexture
+            )
             image, _, _ = render_scene(recoloured)
             assert image is not None
             renderings.append(Image.fromarray(image))

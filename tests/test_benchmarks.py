@@ -19,6 +19,7 @@ from benchmarks import (
     bench_photometric,
     bench_retrieval,
     bench_train_step,
+    cls_content,
     feature_geometry,
     learning_signal,
     supervised_ceiling,
@@ -33,6 +34,7 @@ SCRIPTS = (
     "bench_data",
     "bench_photometric",
     "bench_retrieval",
+    "cls_content",
     "feature_geometry",
     "learning_signal",
     "supervised_ceiling",
@@ -326,6 +328,37 @@ def test_grad_checkpointing_gives_identical_outputs_and_gradients() -> None:
     # Drop path was active (so the replayed draws were checked): the eval-mode output differs.
     with torch.no_grad():
         assert not torch.allclose(plain.eval().forward_features(images)[0], outputs[0][0])
+
+
+def test_cls_content_explained_variance_by_hand() -> None:
+    generator = torch.Generator().manual_seed(0)
+    regressor = torch.randn(500, 2, generator=generator)
+    exact = regressor @ torch.randn(2, 8, generator=generator) + 3.0
+    assert cls_content.explained_variance(exact, regressor) == pytest.approx(1.0, abs=1e-9)
+    # Half the variance in the regressor's direction, half in an orthogonal noise direction.
+    signal, noise = torch.randn(500, 1, generator=generator), torch.randn(500, 1, generator=generator)
+    tokens = torch.cat([signal, noise], dim=1)
+    assert cls_content.explained_variance(tokens, signal) == pytest.approx(
+        float(signal.var() / (signal.var() + noise.var())), abs=0.02
+    )
+    one_hot = torch.nn.functional.one_hot(torch.arange(500) % 5).float()
+    chance = cls_content.explained_variance(torch.randn(500, 64, generator=generator), one_hot)
+    assert chance == pytest.approx(4 / 500, abs=0.006)  # (levels - 1) / n for noise
+
+
+def test_cls_content_reads_the_scene_properties(tmp_path: Path) -> None:
+    images, properties = cls_content.validation_scenes(12, seed=0, level="easy", image_size=32)
+    assert images.shape == (12, 3, 32, 32)
+    widths = {"label": 4, "count": 3, "area": 1, "background_colour": 6, "outline": 6, "centroid": 2}
+    for name, width in widths.items():
+        assert properties[name].shape == (12, width), name
+    assert torch.all(properties["label"].sum(1) == 1) and torch.all(properties["count"].sum(1) == 1)
+    assert torch.all((properties["area"] > 0) & (properties["area"] < 1))
+    summary = cls_content.main(
+        ["--num_images", "12", "--input_size", "32", "--out", str(tmp_path / "c.json")]
+    )
+    assert set(summary["r2"]) == {"chance (random tokens)", "random init 0"}
+    assert all(0.0 <= value <= 1.0 + 1e-9 for row in summary["r2"].values() for value in row.values())
 
 
 def test_feature_geometry_measures_by_hand() -> None:

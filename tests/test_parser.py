@@ -121,6 +121,15 @@ def _valid(**overrides):
             1,
             "needs --synthetic_recolour_views true",
         ),
+        (
+            {
+                "synthetic_recolour_views": False,
+                "synthetic_recolour_background": False,
+                "synthetic_retexture_views": True,
+            },
+            1,
+            "--synthetic_retexture_views true needs --synthetic_recolour_views true",
+        ),
     ],
 )
 def test_bad_configurations_fail_with_one_line(overrides, world, message):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from data.datasets import ImageFolderDataset, VOCSegmentation, voc_palette
 from data.scene_render import _texture_bits
+from data.scene_spec import _sample_object_colours
 from data.synthetic import (
     IGNORE_INDEX,
     NUM_OBJECT_CLASSES,
@@ -619,6 +620,63 @@ def test_recolour_background_flag_reaches_the_second_rendering() -> None:
     assert not np.array_equal(np.asarray(first_b)[background], np.asarray(second_b)[background])
 
 
+def test_recolour_scene_with_retexture_keeps_family_outline_and_place() -> None:
+    """retexture=True: new period (in the level's range), phases in [0, period), texture orientation in
+    [0, 2 pi) and colours; the class, outline, pose, background and masks stay, and the draws per object are
+    period, colours, phases, orientation."""
+    from data.synthetic import MIN_OBJECT_CONTRAST, recolour_scene
+
+    split = SyntheticSegmentation("val", image_size=64, num_val=8)
+    low, high = SCENE_LEVELS["easy"].texture_period_range
+    for index in range(8):
+        scene = split.scene(index)
+        other = recolour_scene(scene, np.random.default_rng(index), retexture=True)
+        assert other.background_colours == scene.background_colours
+        np.testing.assert_array_equal(render_scene(scene)[1], render_scene(other)[1])
+        np.testing.assert_array_equal(render_scene(scene)[2], render_scene(other)[2])
+        rng = np.random.default_rng(index)
+        for before, after in zip(scene.objects, other.objects, strict=True):
+            assert before.texture_angle == 0.0
+            period = rng.uniform(low, high) * 64
+            colours = _sample_object_colours(rng, MIN_OBJECT_CONTRAST, SCENE_LEVELS["easy"].min_luma_step)
+            phase = (rng.uniform(0, period), rng.uniform(0, period))
+            angle = rng.uniform(0.0, 2.0 * math.pi)
+            assert (after.texture_period, after.colours, after.texture_phase, after.texture_angle) == (
+                period,
+                colours,
+                phase,
+                angle,
+            )
+            assert low * 64 <= after.texture_period <= high * 64 and 0 <= angle < 2 * math.pi
+            assert all(0 <= value < after.texture_period for value in after.texture_phase)
+            assert np.linalg.norm(np.subtract(*after.colours)) >= MIN_OBJECT_CONTRAST
+            kept = ("class_id", "centre", "radius", "angle", "shape", "texture")
+            assert [getattr(after, name) for name in kept] == [getattr(before, name) for name in kept]
+    fixed = SyntheticSegmentation("val", image_size=64, num_val=1, object_colours="fixed").scene(0)
+    retextured = recolour_scene(fixed, np.random.default_rng(0), "fixed", retexture=True)
+    assert all(a.colours == b.colours for a, b in zip(retextured.objects, fixed.objects, strict=True))
+    assert all(item.texture_angle != 0.0 for item in retextured.objects)
+
+
+def test_retexture_flag_reaches_the_second_rendering() -> None:
+    """The stored rendering is unchanged; the second one shows other patterns on the same masks."""
+    import torch
+
+    plain = SyntheticScenes("train", image_size=48, num_train=2, colourings=2, object_colours="fixed")
+    redrawn = SyntheticScenes(
+        "train", image_size=48, num_train=2, colourings=2, object_colours="fixed", retexture=True
+    )
+    objects = render_scene(plain.scene(0))[1] > 0
+    torch.manual_seed(0)
+    (first, second), _ = plain[0]
+    torch.manual_seed(0)
+    (first_b, second_b), _ = redrawn[0]
+    assert np.array_equal(np.asarray(first), np.asarray(first_b))
+    assert np.array_equal(np.asarray(first)[objects], np.asarray(second)[objects])  # fixed colours: no change
+    assert not np.array_equal(np.asarray(first_b)[objects], np.asarray(second_b)[objects])
+    assert np.array_equal(np.asarray(first_b)[~objects], np.asarray(second_b)[~objects])
+
+
 def test_recoloured_pixels_follow_the_new_colour_table() -> None:
     """Where no channel clips, recolouring moves each object pixel by (new - old) colour of its bit."""
     from data.synthetic import recolour_scene
@@ -748,8 +806,11 @@ def _reference_texture_bit(texture: str, a: float, b: float, period: float, phas
     raise AssertionError(texture)
 
 
+@pytest.mark.parametrize("texture_angle", [0.0, 1.1])
 @pytest.mark.parametrize("texture", ["wavy", "dotted", "grid", "speckled"])
-def test_new_textures_match_per_pixel_reference(texture: str) -> None:
+def test_new_textures_match_per_pixel_reference(texture: str, texture_angle: float) -> None:
+    """Every pixel has the colour its texture bit names, the texture frame turned by ``texture_angle``
+    against the outline's frame."""
     size = 48
     item = SceneObject(
         class_id=0,  # the renderer reads the texture name; wavy and speckled are no class of any level
@@ -761,9 +822,13 @@ def test_new_textures_match_per_pixel_reference(texture: str) -> None:
         texture_phase=(1.7, 0.4),
         shape_name="square",
         texture_name=texture,
+        texture_angle=texture_angle,
     )
     scene = Scene(size, "gradient", ((90, 90, 90), (100, 110, 95)), 0.3, 2.0, (0.0, 0.0), (item,), 5, "easy")
     image, mask, _ = render_scene(scene)
+    unturned = render_scene(replace(scene, objects=(replace(item, texture_angle=0.0),)))
+    np.testing.assert_array_equal(mask, unturned[1])  # the outline does not turn with the texture
+    assert (texture_angle == 0.0) == np.array_equal(image, unturned[0])
     assert image is not None
     checked, seen = 0, set()
     for i in range(size):
@@ -773,6 +838,10 @@ def test_new_textures_match_per_pixel_reference(texture: str) -> None:
             dx, dy = j + 0.5 - item.centre[0], i + 0.5 - item.centre[1]
             a = dx * math.cos(item.angle) + dy * math.sin(item.angle)
             b = -dx * math.sin(item.angle) + dy * math.cos(item.angle)
+            a, b = (
+                a * math.cos(texture_angle) + b * math.sin(texture_angle),
+                -a * math.sin(texture_angle) + b * math.cos(texture_angle),
+            )
             bit, near = _reference_texture_bit(texture, a, b, item.texture_period, item.texture_phase)
             if near:
                 continue

@@ -44,6 +44,7 @@ def build_pretrain_loader(
             "level": args.synthetic_level,
             "colourings": 2 if args.synthetic_recolour_views else 1,
             "recolour_background": args.synthetic_recolour_background,
+            "retexture": args.synthetic_retexture_views,
         },
         skip_bad_files=False,
     )

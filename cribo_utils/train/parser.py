@@ -31,16 +31,18 @@ DATASET_TYPES = ("synthetic", "imagenet1k", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # A small, CPU-friendly recipe for the built-in synthetic scenes (about 7 minutes on 2 CPU cores). What it
-# learns, and the runs behind each choice, are in the README's Results. Compared with the reference recipe:
-# a small head (out_dim 64) with a constant sharp teacher temperature (0.02), gradient clipping at 0.3, a
-# two-epoch warm-up and a learning rate of 2e-3 per 256 images (higher rates collapse the patch features
-# onto a few directions); batches of 4, i.e. many small steps (3,072 for the 12,288 images of 6 epochs:
-# over the same images, batches of 32 end below random init, 16 level with it, 8 and 4 above); mild
-# photometric augmentation (hue 0.1, no grayscale, almost no blur: the textures are a few pixels wide); a
-# strong positional term in the clustering (pos_alpha 4) and re-coloured second views, so that objects are
-# matched across views by where they are, not by colour. (Re-colouring the background as well,
-# --synthetic_recolour_background, raised two training seeds by 5 dense-NN mIoU points but left a third
-# 9 points below the current recipe, so it is not part of the preset: benchmarks/README.md.)
+# learns, and the runs behind each choice, are in the README's Results and benchmarks/README.md. Compared
+# with the reference recipe: a small head (out_dim 64) with a constant, very sharp teacher temperature
+# (0.01: at 0.02 and 0.04 both heads fell to the uniform output once the views shared no colour), gradient
+# clipping at 0.3, a two-epoch warm-up and a learning rate of 2e-3 per 256 images (5e-3 lowered dense
+# retrieval); batches of 4, i.e. many small steps (3,072 for the 12,288 images of 6 epochs: over the same
+# images, batches of 32 end below random init, 16 level with it, 8 and 4 above); mild photometric
+# augmentation (hue 0.1, no grayscale, almost no blur: the textures are a few pixels wide); a strong
+# positional term in the clustering (pos_alpha 4), so that objects are matched across views by where they
+# are; and a second view drawn with new colours for every object and for the background, and with new
+# texture periods, phases and orientations, so that the two views share nothing but each object's texture
+# family, outline and place (with the background colour shared, the [CLS] and object tokens matched views
+# by it and stayed colour-bound).
 SYNTHETIC_PRESET: dict[str, Any] = {
     "arch": "vit_tiny",
     "patch_size": 16,
@@ -56,10 +58,10 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "min_lr": 1e-5,
     "clip_grad": 0.3,
     "momentum_teacher": 0.99,
-    "warmup_teacher_temp": 0.02,
-    "teacher_temp": 0.02,
-    "warmup_teacher_temp_c": 0.02,
-    "teacher_temp_c": 0.02,
+    "warmup_teacher_temp": 0.01,
+    "teacher_temp": 0.01,
+    "warmup_teacher_temp_c": 0.01,
+    "teacher_temp_c": 0.01,
     "warmup_teacher_temp_epochs": 0,
     "hue_jitter": 0.1,
     "grayscale_p": 0.0,
@@ -73,6 +75,8 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "saveckp_freq": 3,
     "synthetic_num_train": 2048,
     "synthetic_recolour_views": True,
+    "synthetic_recolour_background": True,
+    "synthetic_retexture_views": True,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"none": {}, "synthetic_cpu": SYNTHETIC_PRESET}
@@ -374,6 +378,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=bool_flag,
         help="With --synthetic_recolour_views: redraw the background's colours in that rendering too, so "
         "the two views of a scene cannot be matched by the colour of their background either.",
+    )
+    group.add_argument(
+        "--synthetic_retexture_views",
+        default=False,
+        type=bool_flag,
+        help="With --synthetic_recolour_views: redraw each object's texture period, phase and orientation "
+        "in that rendering too (the texture family, which is the class, stays), so the two views of an "
+        "object cannot be matched by the details of its pattern either.",
     )
     group.add_argument(
         "--skip_bad_files",
@@ -722,11 +734,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ConfigError(f"--dist_timeout {args.dist_timeout}: must be a positive number of seconds")
     if args.dataset_type != "synthetic" and not args.data_path:
         raise ConfigError(f"--dataset_type {args.dataset_type} needs --data_path (the dataset root)")
-    if args.synthetic_recolour_background and not args.synthetic_recolour_views:
-        raise ConfigError(
-            "--synthetic_recolour_background true needs --synthetic_recolour_views true (the background is "
-            "redrawn in the re-coloured rendering of the second view)"
-        )
+    for flag, what in (
+        ("synthetic_recolour_background", "the background is"),
+        ("synthetic_retexture_views", "the textures are"),
+    ):
+        if getattr(args, flag) and not args.synthetic_recolour_views:
+            raise ConfigError(
+                f"--{flag} true needs --synthetic_recolour_views true ({what} redrawn in the re-coloured "
+                "rendering of the second view)"
+            )
     if args.synthetic_recolour_views and args.dataset_type != "synthetic":
         raise ConfigError(
             f"--synthetic_recolour_views true: only the built-in synthetic scenes can be re-coloured, not "
