@@ -36,9 +36,10 @@ from models import build_backbone  # noqa: E402
 # Seed of the scenes the check scores on (memory and queries); nothing trains or tunes on it.
 CHECK_SEED = 3
 # The check trains the default run itself (`python main_cribo.py --seed S`: 6 epochs of 2,048 easy scenes
-# in batches of 4, 3,072 iterations, about 400 s on two cores); only the logging is quieter. Half that
-# schedule (6 epochs of 1,024 scenes) gained 6.6 points over random init with a training-seed half-range
-# of 1.15, so its margin could not reach five times the spread (see tests/test_learning.py).
+# in batches of 4, 3,072 iterations, about 9 minutes on two cores); only the logging is quieter. With the
+# previous preset, half that schedule (6 epochs of 1,024 scenes) gained 6.6 points over random init with a
+# training-seed half-range of 1.15, so its margin could not reach five times the spread
+# (benchmarks/README.md).
 RUN_FLAGS = ["--log_freq", "100"]
 ARCH, PATCH_SIZE, DEPTH, INPUT_SIZE = "vit_tiny", 16, 6, 96
 # Memory draws (crops, jitter and patch sample of the memory) the score averages over: one draw moves the

@@ -1,22 +1,22 @@
 """A test that fails when learning breaks: the default CrIBo run must beat random initialisation.
 
 The run and its score are :mod:`benchmarks.learning_check`: the default training (``python main_cribo.py``:
-ViT-Tiny/16, 6 blocks, 96 px, 6 epochs of 2,048 easy synthetic scenes, about 400 s on two cores), scored
+ViT-Tiny/16, 6 blocks, 96 px, 6 epochs of 2,048 easy synthetic scenes, about 9 minutes on two cores), scored
 by dense-NN retrieval (memory of 32,000 patches from 1,000 scenes, 300 queries, 128 px, mean over three
 memory draws) on scenes that nothing trains or tunes on.
 
 Margin. ``python benchmarks/learning_check.py --train_seeds --init_seeds 0 1 2 --checkpoints
-output/checkpoint.pth DIR1/checkpoint.pth DIR2/checkpoint.pth`` (two threads, results in
-``benchmarks/results/learning_check.json``; ``output`` is the default run, seed 0, and ``DIRS`` is
-``python main_cribo.py --seed S --output_dir DIRS``) measured: random init 33.80 / 35.23 /
-34.59 (half-range 0.71), trained 47.36 / 48.36 / 45.79 (half-range 1.28); the worst trained seed beats the
-best random seed by 10.56. The test asks training seed 0 to beat the better of random seeds 0 and 1 by
-MARGIN = 6.5 points, five times the larger of the two spreads, which leaves 4.1 points (three training-seed
-half-ranges) for a worse training seed than measured. A broken pipeline (no learning) fails by the whole
-margin, and the image-level loss alone gained 4.5 points over random init in the README's protocol, less
-than the margin. Half this schedule (6 epochs of 1,024 scenes) gained only 6.6 points with a
-training-seed half-range of 1.15 (``benchmarks/results/learning_check_6_epochs.json``), too little for a
-margin of five spreads.
+output/checkpoint.pth output/seed1/checkpoint.pth output/seed2/checkpoint.pth`` (two threads, results in
+``benchmarks/results/learning_check.json``; ``output`` is the default run, seed 0, and ``output/seedS`` is
+``python main_cribo.py --seed S --output_dir output/seedS``) measured: random init 33.80 / 35.23 / 34.59
+(half-range 0.71), trained 57.89 / 58.15 / 53.19 (half-range 2.48); the worst trained seed beats the best
+random seed by 17.96. The test asks training seed 0 to beat the better of random seeds 0 and 1 by
+MARGIN = 12.5 points, five times the larger of the two spreads, which leaves 5.5 points for a training seed
+as bad as the worst measured one (seed 0 itself clears it by 10.2). A broken pipeline (no learning) fails by
+the whole margin. The test guards learning as a whole, not each loss term: on these views the image-level
+loss alone (DINO) gains 20.6 points in the README's protocol, and the README's ablation rows measure what
+the object-level terms add. With the background colour shared between the views (the previous preset) the
+same check measured 47.36 / 48.36 / 45.79 (``benchmarks/results/learning_check_previous_preset.json``).
 """
 
 import pytest
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import learning_check
 
-MARGIN = 6.5  # five times the larger seed half-range (1.28), see the docstring
+MARGIN = 12.5  # five times the larger seed half-range (2.48), see the docstring
 
 
 @pytest.fixture

@@ -285,7 +285,7 @@ def test_log_says_when_the_nn_loss_starts_and_whether_it_ran_each_epoch(tmp_path
     assert re.search(r"epoch 3/3 done: .* \| nn loss on in 4/4 iterations\n", log)
     # no dataset named: the preset applies, and the start-up log lists what it changed
     preset_line = next(line for line in log.splitlines() if "preset synthetic_cpu" in line)
-    assert "--preset none turns it off" in preset_line and "teacher_temp 0.07 -> 0.02" in preset_line
+    assert "--preset none turns it off" in preset_line and "teacher_temp 0.07 -> 0.01" in preset_line
     assert " epochs " not in preset_line  # set on the command line, not by the preset
 
 

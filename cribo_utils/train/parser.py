@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 DATASET_TYPES = ("synthetic", "imagenet1k", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# A small, CPU-friendly recipe for the built-in synthetic scenes (about 7 minutes on 2 CPU cores). What it
+# A small, CPU-friendly recipe for the built-in synthetic scenes (about 9 minutes on 2 CPU cores). What it
 # learns, and the runs behind each choice, are in the README's Results and benchmarks/README.md. Compared
 # with the reference recipe: a small head (out_dim 64) with a constant, very sharp teacher temperature
-# (0.01: at 0.02 and 0.04 both heads fell to the uniform output once the views shared no colour), gradient
+# (0.01: at 0.02 the image head fell to the uniform output once the views shared no colour), gradient
 # clipping at 0.3, a two-epoch warm-up and a learning rate of 2e-3 per 256 images (5e-3 lowered dense
 # retrieval); batches of 4, i.e. many small steps (3,072 for the 12,288 images of 6 epochs: over the same
 # images, batches of 32 end below random init, 16 level with it, 8 and 4 above); mild photometric
