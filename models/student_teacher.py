@@ -44,21 +44,28 @@ class CrIBoNetwork(nn.Module):
         self.head = head
 
     def forward(
-        self, images: Tensor, assign1: Tensor, assign2: Tensor, valid: Tensor
+        self,
+        images: Tensor,
+        assign1: Tensor,
+        assign2: Tensor,
+        valid: Tensor,
+        local_images: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Student outputs for both views, pooled with the teacher's cluster assignment.
 
         ``s^v_{b,k} = sum_n A^v[b, n, k] * t^v[b, n]`` (mean of the student patch tokens of cluster k in
         view v, valid clusters only, image by image), then ``head.forward_c(s^v)``; the [CLS] tokens go
-        through ``head.forward``. The objects of both views share one trunk call.
+        through ``head.forward``. The objects of both views share one trunk call. Local crops (DINO's
+        multi-crop) only give [CLS] logits, appended after those of the global views.
 
         Args:
             images: (2B, C, H, W), view-1 batch then view-2 batch.
             assign1: (B, N, K) column-normalised assignment of view 1 (from the teacher).
             assign2: (B, N, K) same for view 2.
             valid: (B, K) bool, clusters present in both views.
+            local_images: (LB, C, h, w) local crops, crop-major (crop 1 batch, crop 2 batch, ...), or None.
         Returns:
-            ``(cls_logits, object_logits)`` of shapes (2B, O) and (2, M, Oc), M = ``valid.sum()``.
+            ``(cls_logits, object_logits)`` of shapes ((2 + L)B, O) and (2, M, Oc), M = ``valid.sum()``.
         """
         batch_size = assign1.shape[0]
         if images.shape[0] != 2 * batch_size:
@@ -71,6 +78,9 @@ class CrIBoNetwork(nn.Module):
         objects1 = object_representations(tokens1, assign1, valid)
         objects2 = object_representations(tokens2, assign2, valid)
         object_logits = self.head.forward_c(torch.cat((objects1, objects2)))
+        if local_images is not None and local_images.shape[0] > 0:
+            local_cls, _ = self.backbone.forward_features(local_images)
+            cls_tokens = torch.cat((cls_tokens, local_cls))
         return self.head(cls_tokens), rearrange(object_logits, "(v m) o -> v m o", v=2)
 
     def head_outputs(

@@ -454,3 +454,6 @@ def test_learning_signal_averages_dense_nn_over_memory_seeds(monkeypatch: pytest
     dense_calls = [extra for script, extra in calls if script == "eval_dense_nn.py"]
     dense_seeds = [extra[extra.index("--seed") + 1] for extra in dense_calls]
     assert dense_seeds == ["0", "1", "2"]
+    # dense NN queries the first --num_val scenes; the [CLS] probes validate on --num_val_cls of them
+    num_val = {script: extra[extra.index("--synthetic_num_val") + 1] for script, extra in calls}
+    assert num_val == {"eval_dense_nn.py": "300", "eval_knn.py": "2000", "eval_linear.py": "2000"}

@@ -385,6 +385,39 @@ def test_no_object_on_this_rank_gives_zero_not_nan_and_keeps_the_graph() -> None
     assert torch.equal(loss.center_c, torch.full((1, OUT_C), 0.5))  # no object anywhere: centre unchanged
 
 
+@pytest.mark.parametrize("num_local", [1, 3])
+def test_image_loss_with_local_crops_matches_dino_loop_form(num_local: int) -> None:
+    """Multi-crop: each of the 2 + L student crops against each teacher global view but its own, averaged
+    over the 2 (L + 1) pairs (DINO's ``total_loss / n_loss_terms``)."""
+    batch = 3
+    generator = torch.Generator().manual_seed(num_local)
+    student = torch.randn((2 + num_local) * batch, OUT, generator=generator)
+    teacher = torch.randn(2 * batch, OUT, generator=generator)
+    center = torch.randn(1, OUT, generator=generator)
+    total, pairs = 0.0, 0
+    for teacher_view in range(2):
+        for student_crop in range(2 + num_local):
+            if student_crop == teacher_view:
+                continue
+            rows = [
+                row_cross_entropy(
+                    teacher[teacher_view * batch + b] - center[0],
+                    0.04,
+                    student[student_crop * batch + b],
+                    0.1,
+                )
+                for b in range(batch)
+            ]
+            total, pairs = total + sum(rows) / batch, pairs + 1
+    assert pairs == 2 * (num_local + 1)
+    got = image_level_loss(student, teacher, center, 0.1, 0.04).double()
+    assert torch.allclose(got, total / pairs, atol=1e-5)
+    # the global-view rows alone give the two-crop loss of every released run
+    two_crop = image_level_loss(student[: 2 * batch], teacher, center, 0.1, 0.04).double()
+    assert torch.allclose(two_crop, reference_image_loss(student[: 2 * batch], teacher, center, 0.1, 0.04))
+    assert not torch.allclose(got, two_crop)
+
+
 def test_shape_errors() -> None:
     x = make_inputs()
     with pytest.raises(ValueError, match="--out_dim"):
@@ -397,6 +430,8 @@ def test_shape_errors() -> None:
         )
     with pytest.raises(ValueError, match=r"\(2B, O\)"):
         image_level_loss(x["student_cls"][:5], x["teacher_cls"][:5], torch.zeros(1, OUT), 0.1, 0.07)
+    with pytest.raises(ValueError, match=r"\(\(2 \+ L\)B, O\)"):  # 7 rows are no whole number of crops of 3
+        image_level_loss(torch.zeros(7, OUT), x["teacher_cls"], torch.zeros(1, OUT), 0.1, 0.07)
 
 
 # --------------------------------------------------------------------------------------------------

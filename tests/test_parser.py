@@ -1,6 +1,7 @@
 """Flag resolution: reference defaults < preset < --config file < explicit flags; released-run notes."""
 
 import json
+import re
 
 import pytest
 
@@ -77,20 +78,41 @@ def test_config_with_unknown_key_is_an_error(tmp_path):
         resolve_args(["--config", str(path)])
 
 
-def test_local_crop_keys_load_from_a_config_only_without_local_crops(tmp_path):
-    """Released files carry local_crops_* with local_crops_number 0: accepted and dropped, not flags."""
+def test_local_crop_keys_of_released_files_load_and_local_crops_are_flags(tmp_path):
+    """Released files carry local_crops_* with local_crops_number 0: they load as the flags they name."""
     path = tmp_path / "args.json"
     released = {"local_crops_number": 0, "local_crops_scale": [0.05, 0.4], "local_crops_size": 96}
     path.write_text(json.dumps(released))
     args = resolve_args(["--config", str(path)])
-    assert not any(key.startswith("local_crops") for key in vars(args))
-    path.write_text(json.dumps({"local_crops_number": 2}))
-    with pytest.raises(SystemExit, match="local_crops_number 2 is not supported") as error:
-        resolve_args(["--config", str(path)])
+    assert (args.local_crops_number, args.local_crops_scale, args.local_crops_size) == (0, (0.05, 0.4), 96)
+    args = resolve_args(
+        ["--local_crops_number", "2", "--local_crops_size", "48", "--local_crops_scale", "0.1", "0.3"]
+    )
+    validate_args(args, world_size=1)
+    assert (args.local_crops_number, args.local_crops_scale, args.local_crops_size) == (2, (0.1, 0.3), 48)
+    with pytest.raises(SystemExit):  # argparse: unrecognized argument
+        resolve_args(["--synthetic_num_val", "2"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--local_crops_number", "-1"], "--local_crops_number -1: must be 0 or more"),
+        (
+            ["--local_crops_number", "2", "--local_crops_size", "40"],
+            "not a positive multiple of --patch_size",
+        ),
+        (["--local_crops_number", "2", "--local_crops_scale", "0.5", "0.2"], "--local_crops_scale 0.5 0.2"),
+        (
+            ["--local_crops_number", "2", "--local_crops_scale", "0.5"],
+            "--local_crops_scale 0.5: expected two",
+        ),
+    ],
+)
+def test_bad_local_crop_flags_are_one_line_errors(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        validate_args(resolve_args(flags), world_size=1)
     assert "\n" not in str(error.value)
-    for flag in ("--local_crops_number", "--local_crops_size", "--synthetic_num_val"):
-        with pytest.raises(SystemExit):  # argparse: unrecognized argument
-            resolve_args([flag, "2"])
 
 
 def test_an_earlier_args_json_with_synthetic_num_val_still_loads(tmp_path):

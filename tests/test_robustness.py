@@ -443,6 +443,12 @@ def test_memory_estimate_by_hand():
     half = resources.estimate_training_memory(run_shape(args), activation_bytes=2)
     assert half.activations_bytes == 2 * backbone + 4 * heads
     assert estimate.total_bytes == estimate.bank_bytes + estimate.networks_bytes + estimate.activations_bytes
+    # three local crops of 16 px per image add LB = 12 images of t = 2 tokens and 12 [CLS] head rows
+    local = resolve_args([*TINY, "--queue_size", "1000", "--n_tokens", "3", "--local_crops_number", "3"])
+    local.local_crops_size = 16
+    with_local = resources.estimate_training_memory(run_shape(local), activation_bytes=4)
+    extra = 12 * 1 * 16 * 2 * 192 + 12 * (4 * 2048 + 512 + 5 * 32)
+    assert with_local.activations_bytes == estimate.activations_bytes + 4 * extra
 
 
 @pytest.mark.parametrize(

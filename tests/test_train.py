@@ -138,7 +138,8 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_keep_ranks_identical(tmp_path):
+@pytest.mark.parametrize("local_crops", ["0", "1"])
+def test_torchrun_two_processes_keep_ranks_identical(tmp_path, local_crops):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [
         sys.executable,
@@ -152,6 +153,10 @@ def test_torchrun_two_processes_keep_ranks_identical(tmp_path):
         *TINY,
         "--batch_size_per_gpu",
         "2",
+        "--local_crops_number",
+        local_crops,
+        "--local_crops_size",
+        "16",
     ]
     result = subprocess.run(
         command,
@@ -205,6 +210,21 @@ def test_device_and_worker_pipelines_train_on_equivalent_views(tmp_path):
     first_device, first_workers = records["device"][0], records["workers"][0]
     assert first_device["loss"] == pytest.approx(first_workers["loss"], rel=0.02)
     assert first_device["loss"] != first_workers["loss"]
+
+
+@pytest.mark.parametrize("augment_on", ["device", "workers"])
+def test_local_crops_enter_only_the_image_level_loss(tmp_path, augment_on):
+    """--local_crops_number: the global views, clusters and object loss of the first step are those of the
+    two-crop run (local crops are drawn after the global views), the image-level loss is not."""
+    records = {}
+    for crops in ("0", "2"):
+        out = tmp_path / crops
+        flags = ["--local_crops_number", crops, "--local_crops_size", "16", "--augment_on", augment_on]
+        run(out, "--max_iters", "1", *flags)
+        records[crops] = next(json.loads(line) for line in open(out / "log.txt") if '"loss"' in line)
+    assert records["2"]["loss_obj"] == records["0"]["loss_obj"]
+    assert records["2"]["clusters_per_image"] == records["0"]["clusters_per_image"]
+    assert records["2"]["loss_img"] != records["0"]["loss_img"]
 
 
 def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path):

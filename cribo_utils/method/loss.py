@@ -4,9 +4,10 @@ Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O out
 ``C``, ``C_c`` the image and object centres; ``tau(e)``, ``tau_c(e)`` the teacher temperatures of epoch
 ``e``; ``tau_s``, ``tau_s,c`` the student temperatures (0.1 in every released run).
 
-- Image level (DINO, two crops):
-  ``L_img = 1/2 [ mean_b H(T_1b, Q_2b) + mean_b H(T_2b, Q_1b) ]`` with ``T_v = sm((g_t(v) - C) / tau)``,
-  ``log Q_v = log_sm(g_s(v) / tau_s)``.
+- Image level (DINO, two global crops plus L >= 0 local crops that only the student sees):
+  ``L_img = 1 / (2 (L + 1)) sum_{v=1,2} sum_{u=1..L+2, u != v} mean_b H(T_vb, Q_ub)`` with
+  ``T_v = sm((g_t(v) - C) / tau)``, ``log Q_u = log_sm(g_s(u) / tau_s)``; with L = 0 (every released run)
+  ``L_img = 1/2 [ mean_b H(T_1b, Q_2b) + mean_b H(T_2b, Q_1b) ]``.
 - Cross-view object level (M current objects of this rank):
   ``L_obj = 1/2 [ mean_i H(U^1_i, R^2_i) + mean_i H(U^2_i, R^1_i) ]`` with
   ``U^v = sm((h_t(c^v) - C_c) / tau_c)``, ``log R^v = log_sm(h_s(s^v) / tau_s,c)``.
@@ -54,14 +55,17 @@ def image_level_loss(
     student_temp: float,
     teacher_temp: float,
 ) -> torch.Tensor:
-    """DINO loss on the two global crops, cross-view pairs only (method doc Sec. 6, item 1).
+    """DINO loss on the [CLS] outputs, cross-view pairs only (method doc Sec. 6, item 1).
 
-    ``L_img = 1/2 [ mean_b H(T_1b, Q_2b) + mean_b H(T_2b, Q_1b) ]``, ``T_v = sm((t_v - C) / tau)``,
-    ``log Q_v = log_sm(s_v / tau_s)``.
+    ``L_img = 1 / (2 (L + 1)) sum_{v=1,2} sum_{u != v} mean_b H(T_vb, Q_ub)``, ``T_v = sm((t_v - C) / tau)``
+    for the two global views the teacher sees, ``log Q_u = log_sm(s_u / tau_s)`` for the 2 + L crops the
+    student sees (global views first, then L local crops). With L = 0:
+    ``L_img = 1/2 [ mean_b H(T_1b, Q_2b) + mean_b H(T_2b, Q_1b) ]``.
 
     Args:
-        student_cls: (2B, O) student head logits, rows [view 1 batch; view 2 batch].
-        teacher_cls: (2B, O) teacher head logits, same layout.
+        student_cls: ((2 + L)B, O) student head logits, crop-major rows [view 1 batch; view 2 batch;
+            local crop 1 batch; ...].
+        teacher_cls: (2B, O) teacher head logits of the two global views, same layout.
         center: (1, O) image centre ``C``.
         student_temp: tau_s.
         teacher_temp: tau(e).
@@ -69,16 +73,28 @@ def image_level_loss(
     Returns:
         Scalar float32 loss.
     """
-    if student_cls.shape != teacher_cls.shape or student_cls.ndim != 2 or student_cls.shape[0] % 2:
+    if (
+        student_cls.ndim != 2
+        or teacher_cls.ndim != 2
+        or teacher_cls.shape[0] % 2
+        or teacher_cls.shape[0] == 0
+        or student_cls.shape[1] != teacher_cls.shape[1]
+        or student_cls.shape[0] < teacher_cls.shape[0]
+        or student_cls.shape[0] % (teacher_cls.shape[0] // 2)
+    ):
         raise ValueError(
             f"image_level_loss: student {tuple(student_cls.shape)} and teacher {tuple(teacher_cls.shape)} "
-            "must both be (2B, O)."
+            "must be ((2 + L)B, O) and (2B, O)."
         )
-    student_log_probs = F.log_softmax(student_cls.float() / student_temp, dim=-1).chunk(2)
+    num_crops = student_cls.shape[0] // (teacher_cls.shape[0] // 2)
+    student_log_probs = F.log_softmax(student_cls.float() / student_temp, dim=-1).chunk(num_crops)
     teacher_probs = F.softmax((teacher_cls.float() - center.float()) / teacher_temp, dim=-1).chunk(2)
-    loss_12 = _cross_entropy_rows(teacher_probs[0], student_log_probs[1]).mean()
-    loss_21 = _cross_entropy_rows(teacher_probs[1], student_log_probs[0]).mean()
-    return 0.5 * (loss_12 + loss_21)
+    total = student_cls.new_zeros((), dtype=torch.float32)
+    for v, targets in enumerate(teacher_probs):
+        for u, log_probs in enumerate(student_log_probs):
+            if u != v:
+                total = total + _cross_entropy_rows(targets, log_probs).mean()
+    return total / (2 * (num_crops - 1))
 
 
 def cross_view_object_loss(
@@ -292,8 +308,8 @@ class CrIBoLoss(nn.Module):
         """Compute the loss with the current centres, then update the centres (collective).
 
         Args:
-            student_cls: (2B, O) student [CLS] logits, rows [view 1 batch; view 2 batch].
-            teacher_cls: (2B, O) teacher [CLS] logits.
+            student_cls: ((2 + L)B, O) student [CLS] logits, rows [view 1 batch; view 2 batch; local crops].
+            teacher_cls: (2B, O) teacher [CLS] logits of the two global views.
             student_obj: (2, M, Oc) student object logits (view 1, view 2).
             teacher_obj: (2, M, Oc) teacher object logits.
             teacher_nn: (2, M, Oc) teacher logits of the retrieved neighbours, or None (NN loss off).

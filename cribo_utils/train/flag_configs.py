@@ -32,5 +32,11 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
 def run_shape(args: argparse.Namespace) -> RunShape:
     """What the memory estimate depends on: the networks, the batch, centroids, bank and optimiser flags."""
     return RunShape(
-        network_config(args), args.batch_size_per_gpu, args.n_tokens, args.queue_size, args.optimizer
+        network_config(args),
+        args.batch_size_per_gpu,
+        args.n_tokens,
+        args.queue_size,
+        args.optimizer,
+        args.local_crops_number,
+        args.local_crops_size,
     )

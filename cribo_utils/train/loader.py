@@ -31,6 +31,9 @@ def build_pretrain_loader(
         grayscale_p=args.grayscale_p,
         blur_radius_max=args.blur_radius_max,
         augment_on=args.augment_on,
+        local_crops_number=args.local_crops_number,
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_size=args.local_crops_size,
     )
     base = build_pretrain_dataset(  # the wrapper below skips unreadable files and counts them per sample
         args.dataset_type,
@@ -70,16 +73,20 @@ def build_pretrain_loader(
     return loader, sampler, dataset
 
 
-def augment_on_device(args: argparse.Namespace, images: torch.Tensor, views: Any) -> torch.Tensor:
-    """``--augment_on device``: the photometric stages of both global views, batched on ``images``'s device.
+def augment_on_device(
+    args: argparse.Namespace, images: torch.Tensor, views: Any, first: int = 0, count: int = 2
+) -> torch.Tensor:
+    """``--augment_on device``: the photometric stages of crops ``first .. first + count - 1``, batched.
 
-    ``views`` is the collated ``(crops, positions, params)`` of :class:`data.augmentations.TwoViewTransform`;
-    with ``--augment_on workers`` it has no ``params`` and ``images`` (already normalised) are returned as is.
+    ``images`` holds those crops, crop-major (crop ``first``'s batch, then the next ...), on the training
+    device; by default the two global views. ``views`` is the collated ``(crops, positions, params)`` of
+    :class:`data.augmentations.TwoViewTransform`; with ``--augment_on workers`` it has no ``params`` and
+    ``images`` (already normalised) are returned as is.
     """
     if len(views) < 3:
         return images
     from data.augmentations import blur_kernel_radius
     from data.batched_photometric import apply_photometric
 
-    params = torch.cat([views[2][0], views[2][1]])  # host-side (2B, P): view 1, then view 2, as ``images``
+    params = torch.cat(views[2][first : first + count])  # host-side, crop-major like ``images``
     return apply_photometric(images, params, blur_kernel_radius(args.image_size, args.blur_radius_max))

@@ -101,15 +101,9 @@ REFERENCE_ONLY_KEYS = frozenset(
         "untar_path",
         "image_queries",
         "labels_path",
-        "local_crops_scale",  # meaningless without local crops (see REFERENCE_FIXED_KEYS)
-        "local_crops_size",
         "synthetic_num_val",  # written by earlier versions of this code; training never reads the val split
     }
 )
-# Keys of the reference's argument files that our training supports with one value only: accepted in a
-# --config file when they hold it, a one-line error otherwise, no flags. CrIBo trains on the two global views
-# (every released run sets local_crops_number 0; local crops would only enter the [CLS] loss).
-REFERENCE_FIXED_KEYS: dict[str, Any] = {"local_crops_number": 0}
 # Keys that earlier versions wrote to args.json although they are no flags (derived, dropped on load).
 LEGACY_DERIVED_KEYS = frozenset({"used_synthetic_preset"})
 PATH_KEYS = frozenset({"output_dir", "data_path", "imagenet1k_path", "coco_path"})
@@ -271,6 +265,26 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         help="Area range of the two global crops.",
+    )
+    group.add_argument(
+        "--local_crops_number",
+        default=0,
+        type=int,
+        help="Small crops per image that only the student sees and that enter only the image-level [CLS] "
+        "loss, each against both global teacher views (DINO's multi-crop; 0 in every released CrIBo run).",
+    )
+    group.add_argument(
+        "--local_crops_scale",
+        default=(0.05, 0.4),
+        type=float,
+        nargs="+",
+        help="Area range of the local crops (as in the released argument files).",
+    )
+    group.add_argument(
+        "--local_crops_size",
+        default=96,
+        type=int,
+        help="Side of the local crops in pixels (a multiple of --patch_size).",
     )
     group.add_argument(
         "--hue_jitter",
@@ -485,19 +499,13 @@ def load_config(path: str, valid_keys: set[str]) -> dict[str, Any]:
         raise SystemExit(f"--config {path}: not valid JSON ({error})") from error
     if not isinstance(values, dict):
         raise SystemExit(f"--config {path}: expected a JSON object of flag names to values")
-    ignored = LEGACY_DERIVED_KEYS | REFERENCE_ONLY_KEYS | LAUNCHER_KEYS | set(REFERENCE_FIXED_KEYS)
+    ignored = LEGACY_DERIVED_KEYS | REFERENCE_ONLY_KEYS | LAUNCHER_KEYS
     unknown = sorted(set(values) - valid_keys - ignored)
     if unknown:
         raise SystemExit(
             f"--config {path}: unknown key(s) {', '.join(unknown)}; "
             "remove them or check the flag names with --help"
         )
-    for key, supported in REFERENCE_FIXED_KEYS.items():
-        if key in values and values[key] != supported:
-            raise SystemExit(
-                f"--config {path}: {key} {values[key]!r} is not supported (CrIBo trains on the two global "
-                f"views; every released run uses {supported}); set {key} to {supported} or remove it"
-            )
     kept = {}
     for key, value in values.items():
         if key == "config" or key in ignored:
@@ -565,6 +573,7 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     values["dataset_type"] = dataset_type
     values["data_path"] = values["data_path"] or values["imagenet1k_path"] or values["coco_path"]
     values["global_crops_scale"] = tuple(values["global_crops_scale"])
+    values["local_crops_scale"] = tuple(values["local_crops_scale"])
     values["pos_alpha"] = tuple(values["pos_alpha"])
     return argparse.Namespace(**values)
 
@@ -728,6 +737,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     low, high = args.global_crops_scale
     if not 0 < low <= high <= 1:
         raise ConfigError(f"--global_crops_scale {low} {high}: expected 0 < low <= high <= 1")
+    if args.local_crops_number < 0:
+        raise ConfigError(f"--local_crops_number {args.local_crops_number}: must be 0 or more")
+    if args.local_crops_number:
+        if (
+            len(args.local_crops_scale) != 2
+            or not 0 < args.local_crops_scale[0] <= args.local_crops_scale[1] <= 1
+        ):
+            raise ConfigError(
+                f"--local_crops_scale {' '.join(map(str, args.local_crops_scale))}: expected two values "
+                "0 < low <= high <= 1"
+            )
+        if args.local_crops_size <= 0 or args.local_crops_size % args.patch_size:
+            raise ConfigError(
+                f"--local_crops_size {args.local_crops_size} is not a positive multiple of --patch_size "
+                f"{args.patch_size}"
+            )
     if args.epochs < 1:
         raise ConfigError(f"--epochs {args.epochs}: must be at least 1")
     if args.dist_timeout <= 0:

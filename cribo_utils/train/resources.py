@@ -10,11 +10,13 @@ process, in bytes:
   and teacher are the same shape), ``P_t`` the trainable ones (gradients) and ``s`` optimiser states per
   trainable parameter (2 for AdamW's moments, 1 for SGD momentum); the shapes come from building the
   networks on PyTorch's ``meta`` device, which allocates nothing;
-* activations kept for the backward pass (rough): ``2B`` images of ``T = 1 + (S/p)^2`` tokens through
-  ``L`` blocks keep about ``16 T D`` values per block (LayerNorm inputs, q/k/v, attention and MLP
+* activations kept for the backward pass (rough): ``2B`` images of ``T = 1 + (S/p)^2`` tokens, and ``LB``
+  local crops of ``t = 1 + (s/p)^2`` tokens (``L = --local_crops_number``, side ``s``), through ``L_b``
+  blocks keep about ``16 T D`` values per image and block (LayerNorm inputs, q/k/v, attention and MLP
   activations; the fused attention kernel keeps no ``T x T`` matrix), in the autocast precision; plus the
-  head trunk and output logits of the ``2B`` [CLS] tokens and of ``2 M`` objects with ``M = B K / 2`` in
-  fp32: ``2B (4 H + 2 b + 5 O) + 2M (4 H + 2 b + 7 O_c)`` values (hidden width ``H``, bottleneck ``b``).
+  head trunk and output logits of the ``(2 + L)B`` [CLS] tokens and of ``2 M`` objects with ``M = B K / 2``
+  in fp32: ``(2 + L)B (4 H + 2 b + 5 O) + 2M (4 H + 2 b + 7 O_c)`` values (hidden width ``H``, bottleneck
+  ``b``).
   Fewer clusters are usually valid (4-5 of 32 at initialisation); the margin stands for the temporaries
   the formula leaves out.
 
@@ -93,6 +95,8 @@ class RunShape:
         n_tokens: centroids per image K.
         queue_size: images in the memory bank Q.
         optimizer: ``adamw`` (two states per parameter) or ``sgd`` / ``lars`` (one).
+        local_crops_number: local crops per image L (student [CLS] only).
+        local_crops_size: their side s in pixels.
     """
 
     network: NetworkConfig
@@ -100,6 +104,8 @@ class RunShape:
     n_tokens: int
     queue_size: int
     optimizer: str
+    local_crops_number: int = 0
+    local_crops_size: int = 96
 
 
 @dataclass(frozen=True)
@@ -152,16 +158,22 @@ def network_size(network: NetworkConfig) -> NetworkSize:
 def activation_values(run: RunShape, size: NetworkSize) -> tuple[int, int]:
     """Rough number of activation values kept for the backward pass: ``(backbone, heads)``.
 
-    Backbone: ``2B * L * 16 T D``; heads: ``2B (4H + 2b + 5O) + 2M (4H + 2b + 7Oc)`` with ``M = B K / 2``
-    (module docstring). ``B = --batch_size_per_gpu``, ``T = 1 + (image_size / patch_size)^2``.
+    Backbone: ``(2B T + LB t) * L_b * 16 D``; heads: ``(2 + L)B (4H + 2b + 5O) + 2M (4H + 2b + 7Oc)`` with
+    ``M = B K / 2`` (module docstring). ``B = --batch_size_per_gpu``, ``T = 1 + (image_size / patch_size)^2``,
+    ``t = 1 + (local_crops_size / patch_size)^2``, ``L = --local_crops_number``.
     """
     network = run.network
     images = 2 * run.batch_size_per_gpu
+    local_images = run.local_crops_number * run.batch_size_per_gpu
     tokens = 1 + (network.image_size // network.patch_size) ** 2
-    backbone = images * size.depth * BACKBONE_VALUES_PER_TOKEN_AND_DIM * tokens * size.embed_dim
+    local_tokens = 1 + (run.local_crops_size // network.patch_size) ** 2
+    all_tokens = images * tokens + local_images * local_tokens
+    backbone = all_tokens * size.depth * BACKBONE_VALUES_PER_TOKEN_AND_DIM * size.embed_dim
     objects = 2 * int(run.batch_size_per_gpu * run.n_tokens * VALID_CLUSTER_FRACTION)
     trunk = 4 * size.hidden_dim + 2 * size.bottleneck_dim
-    heads = images * (trunk + 5 * network.out_dim) + objects * (trunk + 7 * network.out_dim_c)
+    heads = (images + local_images) * (trunk + 5 * network.out_dim) + objects * (
+        trunk + 7 * network.out_dim_c
+    )
     return backbone, heads
 
 

@@ -69,9 +69,15 @@ def training_step(
         images = torch.cat([crops[0].to(device, non_blocking=True), crops[1].to(device, non_blocking=True)])
         positions1 = positions[0].to(device, non_blocking=True)
         positions2 = positions[1].to(device, non_blocking=True)
+        local_crops = crops[2:]  # DINO's multi-crop (--local_crops_number): student [CLS] loss only
+        local_images = (
+            torch.cat([crop.to(device, non_blocking=True) for crop in local_crops]) if local_crops else None
+        )
 
     with timer("augment"):
         images = augment_on_device(args, images, views)
+        if local_images is not None:
+            local_images = augment_on_device(args, local_images, views, first=2, count=len(local_crops))
 
     with timer("teacher_forward"), torch.no_grad(), autocast(parts):
         teacher_cls, teacher_tokens = parts.teacher.backbone.forward_features(images)
@@ -114,7 +120,7 @@ def training_step(
 
     with timer("student_forward"), autocast(parts):
         student_cls_out, student_obj = parts.student_ddp(
-            images, clusters.assign1, clusters.assign2, clusters.valid
+            images, clusters.assign1, clusters.assign2, clusters.valid, local_images
         )
 
     with timer("loss"):
