@@ -107,9 +107,11 @@ def test_local_crop_keys_of_released_files_load_and_local_crops_are_flags(tmp_pa
             ["--local_crops_number", "2", "--local_crops_scale", "0.5"],
             "--local_crops_scale 0.5: expected two",
         ),
+        (["--global_crops_scale", "0.5", "0.2"], "--global_crops_scale 0.5 0.2: expected two values"),
+        (["--global_crops_scale", "0.5"], "--global_crops_scale 0.5: expected two values"),
     ],
 )
-def test_bad_local_crop_flags_are_one_line_errors(flags, message):
+def test_bad_crop_flags_are_one_line_errors(flags, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         validate_args(resolve_args(flags), world_size=1)
     assert "\n" not in str(error.value)

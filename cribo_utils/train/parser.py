@@ -703,6 +703,12 @@ def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
     args.batch_size_per_gpu = args.batch_size // world_size
 
 
+def check_area_range(flag: str, values: Sequence[float]) -> None:
+    """One-line ConfigError unless ``values`` is two area fractions ``0 < low <= high <= 1``."""
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise ConfigError(f"{flag} {' '.join(map(str, values))}: expected two values 0 < low <= high <= 1")
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Reject impossible configurations before anything is built (each message names the flag and the fix).
 
@@ -734,20 +740,11 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if len(args.pos_alpha) != 2:
         raise ConfigError(f"--pos_alpha {args.pos_alpha}: expected two values (end, start)")
-    low, high = args.global_crops_scale
-    if not 0 < low <= high <= 1:
-        raise ConfigError(f"--global_crops_scale {low} {high}: expected 0 < low <= high <= 1")
+    check_area_range("--global_crops_scale", args.global_crops_scale)
     if args.local_crops_number < 0:
         raise ConfigError(f"--local_crops_number {args.local_crops_number}: must be 0 or more")
     if args.local_crops_number:
-        if (
-            len(args.local_crops_scale) != 2
-            or not 0 < args.local_crops_scale[0] <= args.local_crops_scale[1] <= 1
-        ):
-            raise ConfigError(
-                f"--local_crops_scale {' '.join(map(str, args.local_crops_scale))}: expected two values "
-                "0 < low <= high <= 1"
-            )
+        check_area_range("--local_crops_scale", args.local_crops_scale)
         if args.local_crops_size <= 0 or args.local_crops_size % args.patch_size:
             raise ConfigError(
                 f"--local_crops_size {args.local_crops_size} is not a positive multiple of --patch_size "
