@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +49,7 @@ class CropBox:
     width: int
 
 
-def _check_range(name: str, value: tuple[float, float], upper: float | None = None) -> tuple[float, float]:
+def _check_range(name: str, value: Sequence[float], upper: float | None = None) -> tuple[float, float]:
     """Validate a (low, high) range of positive numbers; ``name`` is the flag or argument named in errors."""
     if len(value) != 2:
         raise ValueError(f"`{name}`: expected two numbers (low, high); got {value!r}.")

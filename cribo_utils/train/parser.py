@@ -24,6 +24,7 @@ from typing import Any
 
 from cribo_utils.method.loss import OBJECTIVES
 from data.synthetic import add_scene_args
+from data.transforms import _check_range
 
 logger = logging.getLogger(__name__)
 
@@ -704,9 +705,17 @@ def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
 
 
 def check_area_range(flag: str, values: Sequence[float]) -> None:
-    """One-line ConfigError unless ``values`` is two area fractions ``0 < low <= high <= 1``."""
-    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
-        raise ConfigError(f"{flag} {' '.join(map(str, values))}: expected two values 0 < low <= high <= 1")
+    """One-line ConfigError unless ``values`` is two area fractions ``0 < low <= high <= 1``.
+
+    The rule is the crop transforms' own (:func:`data.transforms._check_range` with ``upper=1``), checked here
+    so that a bad flag stops the run before anything is built, with the flag's own spelling in the message.
+    """
+    try:
+        _check_range(flag, values, upper=1.0)
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {' '.join(map(str, values))}: expected two values 0 < low <= high <= 1"
+        ) from None
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
