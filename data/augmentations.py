@@ -296,6 +296,19 @@ class RandomResizedCropWithPositions:
         )
         return F.hflip(out) if flipped else out
 
+    def apply_nearest(self, labels: Image.Image, box: CropBox, flipped: bool) -> Image.Image:
+        """:meth:`apply` for a label map: the same box and flip, nearest-neighbour resampling."""
+        out = F.resized_crop(
+            labels,
+            box.top,
+            box.left,
+            box.height,
+            box.width,
+            [self.size, self.size],
+            InterpolationMode.NEAREST,
+        )
+        return F.hflip(out) if flipped else out
+
     def positions(self, box: CropBox, flipped: bool) -> torch.Tensor:
         """(2, N) patch-centre coordinates of the view cut by ``box`` (see ``patch_centre_coordinates``)."""
         return patch_centre_coordinates(
@@ -401,7 +414,9 @@ class TwoViewTransform:
         rows, cols = patch_grid_shape(self.global_crop.size, self.global_crop.patch_size)
         return rows * cols
 
-    def __call__(self, img: Image.Image | Sequence[Image.Image]) -> tuple[list[torch.Tensor], ...]:
+    def __call__(
+        self, img: Image.Image | Sequence[Image.Image], label_map: np.ndarray | None = None
+    ) -> tuple[list[torch.Tensor], ...]:
         """Augment one image.
 
         Args:
@@ -409,30 +424,42 @@ class TwoViewTransform:
                 same image (same size; e.g. differently coloured, see
                 :class:`data.synthetic.SyntheticScenes`): crop v (global views first, then local crops) is
                 cut from rendering v mod m, with coordinates in the common pixel frame.
+            label_map: optional (H, W) uint8 per-pixel labels of the image (e.g. instance ids), cut with
+                every crop's box and flip and resized with nearest-neighbour sampling. It draws no random
+                number, so the views are those of a call without it.
         Returns:
             ``augment_on="workers"``: (crops, positions): ``crops[0]``, ``crops[1]`` global views (3, S, S)
             float32 normalised, then the local crops (3, s, s); ``positions[i]`` (2, N_i) float32 patch
             centres of crop i in original-image pixels (row 0 = x, row 1 = y, tokens row-major).
             ``augment_on="device"``: (crops, positions, params) with uint8 crops (3, S, S) before any
             photometric change and ``params[i]`` the (P,) photometric parameters of crop i.
+            With ``label_map``, one more item: ``labels[i]`` (S_i, S_i) long labels of crop i.
         """
         renderings = _renderings(img)
+        labels_image = None if label_map is None else Image.fromarray(np.asarray(label_map, dtype=np.uint8))
         on_device = self.augment_on == "device"
         crops: list[torch.Tensor] = []
         positions: list[torch.Tensor] = []
         params: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
         views = [(self.global_crop, self.global_photometric[v], self.global_samplers[v]) for v in range(2)]
         if self.local_crop is not None:
             views += [(self.local_crop, self.local_photometric, self.local_sampler)] * self.local_crops_number
         for v, (crop, photometric, sampler) in enumerate(views):
-            view, view_positions = crop(renderings[v % len(renderings)])
+            rendering = renderings[v % len(renderings)]
+            box, flipped = crop.sample(rendering)
+            view = crop.apply(rendering, box, flipped)
             if on_device:
                 crops.append(F.pil_to_tensor(view))
                 params.append(sampler.sample())
             else:
                 crops.append(self.to_tensor(photometric(view)))
-            positions.append(view_positions)
-        return (crops, positions, params) if on_device else (crops, positions)
+            positions.append(crop.positions(box, flipped))
+            if labels_image is not None:
+                cut = crop.apply_nearest(labels_image, box, flipped)
+                labels.append(torch.from_numpy(np.asarray(cut, dtype=np.int64)))
+        outputs = (crops, positions, params) if on_device else (crops, positions)
+        return (*outputs, labels) if labels_image is not None else outputs
 
     def __repr__(self) -> str:
         return (

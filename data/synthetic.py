@@ -113,6 +113,44 @@ from data.scene_spec import (  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
+#: Named settings of how the two pretraining views of a scene are rendered (``--synthetic_views``), as values
+#: of the three rendering flags (``--synthetic_recolour_views``, ``--synthetic_recolour_background``,
+#: ``--synthetic_retexture_views``):
+#:
+#: * ``realistic``: both views are cut from one rendering, as crops of one photograph are; they differ only by
+#:   the crop and the photometric jitter. An object looks alike in its two views, while the appearance of a
+#:   class still varies across instances and images (colours, texture period, phase and orientation);
+#: * ``redrawn``: the second view is rendered anew with new colours for every object and for the background
+#:   and new texture periods, phases and orientations; only each object's texture family, outline and place
+#:   are shared. No photograph offers such pairs.
+SYNTHETIC_VIEWS: dict[str, dict[str, bool]] = {
+    "realistic": {"recolour_views": False, "recolour_background": False, "retexture": False},
+    "redrawn": {"recolour_views": True, "recolour_background": True, "retexture": True},
+}
+VIEW_FLAGS: dict[str, str] = {
+    "recolour_views": "synthetic_recolour_views",
+    "recolour_background": "synthetic_recolour_background",
+    "retexture": "synthetic_retexture_views",
+}
+
+
+def synthetic_view_flags(settings: argparse.Namespace) -> dict[str, bool]:
+    """The three rendering flags of a run's arguments, keyed as in :data:`SYNTHETIC_VIEWS`."""
+    return {key: bool(getattr(settings, flag)) for key, flag in VIEW_FLAGS.items()}
+
+
+def synthetic_views_name(flags: dict[str, bool]) -> str:
+    """The :data:`SYNTHETIC_VIEWS` name of a combination of the rendering flags, else ``"custom"``."""
+    return next((name for name, values in SYNTHETIC_VIEWS.items() if values == flags), "custom")
+
+
+def apply_synthetic_views(settings: argparse.Namespace, name: str) -> None:
+    """Set the three rendering flags of ``settings`` to the :data:`SYNTHETIC_VIEWS` entry ``name``."""
+    if name not in SYNTHETIC_VIEWS:
+        raise ValueError(f"--synthetic_views {name}: expected one of {', '.join(SYNTHETIC_VIEWS)}")
+    for key, value in SYNTHETIC_VIEWS[name].items():
+        setattr(settings, VIEW_FLAGS[key], value)
+
 
 class _SyntheticSplit(Dataset):
     """Shared indexing, seeding and rendering of the two synthetic dataset views."""

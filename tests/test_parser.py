@@ -283,3 +283,26 @@ def test_released_config_notes_other_world_sizes_and_ignores_other_files(tmp_pat
     own.write_text(json.dumps({"arch": "vit_tiny"}))
     assert release_batch_note(resolve_args(["--config", str(own)]), world_size=1) is None
     assert release_batch_note(resolve_args([]), world_size=1) is None
+
+
+@pytest.mark.parametrize("name", ["realistic", "redrawn"])
+def test_named_synthetic_views_set_the_three_rendering_flags(name, tmp_path):
+    from data.synthetic import SYNTHETIC_VIEWS, synthetic_view_flags, synthetic_views_name
+
+    args = resolve_args(["--synthetic_views", name])
+    assert synthetic_view_flags(args) == SYNTHETIC_VIEWS[name]
+    assert synthetic_views_name(synthetic_view_flags(args)) == name
+    validate_args(args, world_size=1)
+    # agreeing explicit flags are fine; a config file written by the run loads back unchanged
+    resolve_args(["--synthetic_views", name, "--synthetic_recolour_views", str(name == "redrawn").lower()])
+    config = tmp_path / "args.json"
+    config.write_text(json.dumps(args_as_plain_dict(args)))
+    assert synthetic_view_flags(resolve_args(["--config", str(config)])) == SYNTHETIC_VIEWS[name]
+
+
+def test_named_synthetic_views_contradicted_by_a_flag_is_a_one_line_error():
+    with pytest.raises(
+        ConfigError, match="--synthetic_views realistic sets --synthetic_recolour_background false"
+    ):
+        resolve_args(["--synthetic_views", "realistic", "--synthetic_recolour_background", "true"])
+    assert resolve_args([]).synthetic_views is None  # the preset keeps its three flags (redrawn)

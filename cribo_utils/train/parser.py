@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cribo_utils.method.loss import OBJECTIVES
-from data.synthetic import add_scene_args
+from data.synthetic import SYNTHETIC_VIEWS, VIEW_FLAGS, add_scene_args
 from data.transforms import _check_range
 
 logger = logging.getLogger(__name__)
@@ -380,6 +380,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--synthetic_image_size", default=128, type=int, help="Side of synthetic images.")
     add_scene_args(group)
     group.add_argument(
+        "--synthetic_views",
+        default=None,
+        choices=tuple(SYNTHETIC_VIEWS),
+        help="Synthetic scenes: how the two views of a scene are rendered, as one name for the three flags "
+        "below. realistic: both views cut from one rendering, differing only by the crop and the colour "
+        "jitter, as crops of one photograph do (all three false); redrawn: the second view with new object "
+        "and background colours and new texture periods, phases and orientations (all three true, the "
+        "preset). Default: the three flags decide.",
+    )
+    group.add_argument(
         "--synthetic_recolour_views",
         default=False,
         type=bool_flag,
@@ -570,6 +580,7 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     values.update(PRESETS[preset])
     values.update(config)
     values.update(explicit)
+    _apply_named_views(values, {**config, **explicit})
     values["preset"] = preset
     values["dataset_type"] = dataset_type
     values["data_path"] = values["data_path"] or values["imagenet1k_path"] or values["coco_path"]
@@ -577,6 +588,26 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     values["local_crops_scale"] = tuple(values["local_crops_scale"])
     values["pos_alpha"] = tuple(values["pos_alpha"])
     return argparse.Namespace(**values)
+
+
+def _apply_named_views(values: dict[str, Any], named: dict[str, Any]) -> None:
+    """``--synthetic_views NAME`` sets the three rendering flags; one that the user set otherwise is an error.
+
+    Raises:
+        ConfigError: a rendering flag given (command line or ``--config``) with a value that contradicts the
+            named setting.
+    """
+    name = values.get("synthetic_views")
+    if name is None:
+        return
+    for key, value in SYNTHETIC_VIEWS[name].items():
+        flag = VIEW_FLAGS[key]
+        if flag in named and bool(named[flag]) != value:
+            raise ConfigError(
+                f"--synthetic_views {name} sets --{flag} {str(value).lower()}, but --{flag} "
+                f"{str(named[flag]).lower()} was given too; drop one of them"
+            )
+        values[flag] = value
 
 
 def _comparable(value: Any) -> Any:

@@ -1,0 +1,512 @@
+"""Does CrIBo's own mechanism work? Teacher clusters against objects, cross-image neighbours against classes.
+
+For random initialisations (several seeds) and trained checkpoints, on synthetic scenes whose instance masks
+are known, this runs the teacher side of the training step exactly as training does (two views cut, flipped,
+re-coloured and jittered by the training transform, with the run's clustering settings), carries every
+view's instance mask through the same crop, and measures at patch resolution (a patch's instance is the
+majority instance of its pixels):
+
+Clusters (joint two-view clustering, ``--n_tokens`` K and the run's last ``pos_alpha``):
+
+- ``ari_instances``: adjusted Rand index of the clusters against the instances over the 2N tokens of both
+  views (1 = the clusters are the instances; about 0 = unrelated). Splitting an object lowers it;
+- ``ari_tiles``: the same against *position-only tiles*: the clustering of constant tokens with the same
+  seeds, which sees nothing but where the tokens are. Clusters that tile the image score high here;
+- ``ari_tiles_instances``: the tiles against the instances (what position alone achieves);
+- ``purity``: share of tokens in their cluster's majority instance (1 = no cluster straddles two
+  instances; object parts are fine);
+- ``objects_per_image``: valid clusters (present in both views) per image; ``instances_per_image``:
+  instances (background included) visible in both views;
+- ``same_instance``: objects whose two views have the same majority instance (the cross-view object loss
+  asks the student to match those two views, so this is the share of its targets that are right).
+
+Cross-image neighbours (cycle check of training, bank of ``--num_bank`` scenes, queries in batches of each
+``--batch_sizes``: the back-search runs over the objects of one batch, as in training):
+
+- ``acceptance`` / ``acceptance_foreground``: share of query objects (both directions; all, or those whose
+  majority instance is an object) whose nearest bank object passes the cycle check;
+- ``precision`` / ``precision_foreground``: accepted neighbours whose class (the majority class of the bank
+  object's patches) is the query's class; ``precision_foreground_before_check``: the same over all
+  foreground queries, before the check; ``chance_foreground``: what a random bank object would score;
+- ``background_share_of_accepted``: accepted pairs whose query is background.
+
+    python benchmarks/mechanism.py --checkpoints output/checkpoint.pth --random_seeds 3
+
+Settings (views, clustering, batch size) come from each checkpoint's stored training arguments; random
+initialisations use those of ``python main_cribo.py`` (the preset). ``--views``, ``--n_tokens`` and
+``--pos_alpha`` override them for every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import format_table, machine_info, write_json  # noqa: E402
+from benchmarks.learning_signal import PROTOCOL_SEED  # noqa: E402
+from cribo_utils.eval.mechanism import (  # noqa: E402
+    NeighbourTally,
+    adjusted_rand_index,
+    cluster_purity,
+    object_labels,
+    patch_majority_labels,
+)
+from cribo_utils.method.clustering import draw_seed_indices, joint_cluster, positional_alpha  # noqa: E402
+from cribo_utils.method.memory_bank import CentroidMemoryBank  # noqa: E402
+from cribo_utils.method.neighbours import find_cycle_consistent_neighbours  # noqa: E402
+from cribo_utils.train.parser import resolve_args  # noqa: E402
+from cribo_utils.weights.checkpoint_formats import (  # noqa: E402
+    build_pretrained_backbone,
+    load_checkpoint_file,
+    stored_training_args,
+)
+from data.scene_render import render_scene  # noqa: E402
+from data.synthetic import (  # noqa: E402
+    SYNTHETIC_VIEWS,
+    SyntheticScenes,
+    apply_synthetic_views,
+    synthetic_view_flags,
+    synthetic_views_name,
+)
+from models.object_pooling import object_representations  # noqa: E402
+
+CLUSTER_KEYS = (
+    "ari_instances",
+    "ari_tiles",
+    "ari_tiles_instances",
+    "purity",
+    "tile_purity",
+    "objects_per_image",
+    "instances_per_image",
+    "same_instance",
+)
+NEIGHBOUR_KEYS = (
+    "acceptance",
+    "acceptance_foreground",
+    "precision",
+    "precision_foreground",
+    "precision_foreground_before_check",
+    "chance_foreground",
+    "background_share_of_accepted",
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "CrIBo mechanism: clusters vs objects, neighbours vs classes",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoints", nargs="*", default=[], help="Trained checkpoints (teacher is used).")
+    parser.add_argument("--random_seeds", default=3, type=int, help="Random initialisations (preset shape).")
+    parser.add_argument("--num_bank", default=1024, type=int, help="Scenes in the memory bank (train split).")
+    parser.add_argument("--num_queries", default=256, type=int, help="Query scenes (val split).")
+    parser.add_argument(
+        "--batch_sizes",
+        nargs="*",
+        default=None,
+        type=int,
+        help="Query batch sizes of the cycle check (default: the run's --batch_size_per_gpu and 16).",
+    )
+    parser.add_argument(
+        "--synthetic_seed",
+        default=PROTOCOL_SEED,
+        type=int,
+        help="Seed of the scenes (the protocol's by default; tune with another one).",
+    )
+    parser.add_argument(
+        "--views", default=None, choices=tuple(SYNTHETIC_VIEWS), help="Override the runs' view rendering."
+    )
+    parser.add_argument("--n_tokens", default=None, type=int, help="Override the runs' --n_tokens.")
+    parser.add_argument("--pos_alpha", default=None, type=float, help="Override the runs' last pos_alpha.")
+    parser.add_argument("--seed", default=0, type=int, help="Seed of the crops, colours and cluster seeds.")
+    parser.add_argument("--out", default="benchmarks/results/mechanism.json")
+    return parser
+
+
+@dataclass
+class Views:
+    """Two training views of a set of scenes with their ground truth per patch.
+
+    Attributes:
+        images: (2, B, 3, S, S) float32 normalised views (view 1, view 2).
+        positions: (2, B, 2, N) patch-centre coordinates.
+        instances: (2, B, N) long majority instance per patch (0 = background).
+        classes: (2, B, N) long class of that instance (0 = background, c + 1 = object class c).
+    """
+
+    images: Tensor
+    positions: Tensor
+    instances: Tensor
+    classes: Tensor
+
+
+def make_views(settings: argparse.Namespace, split: str, count: int, scene_seed: int, seed: int) -> Views:
+    """The training transform's two views of scenes ``0 .. count - 1`` of ``split``, with instance masks.
+
+    The renderings are made as :class:`data.synthetic.SyntheticScenes` makes them for training (second
+    rendering re-coloured / re-textured by the run's ``--synthetic_views``); the photometric stages are the
+    reference's PIL ones (``--augment_on workers``, the same distribution as the device ones).
+    """
+    from data.augmentations import TwoViewTransform
+
+    transform = TwoViewTransform(
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+        global_crops_scale=tuple(settings.global_crops_scale),
+        hue=settings.hue_jitter,
+        grayscale_p=settings.grayscale_p,
+        blur_radius_max=settings.blur_radius_max,
+        augment_on="workers",
+    )
+    flags = synthetic_view_flags(settings)
+    dataset = SyntheticScenes(
+        split=split,
+        image_size=settings.synthetic_image_size,
+        num_train=max(count, 1),
+        num_val=max(count, 1),
+        seed=scene_seed,
+        object_colours=settings.synthetic_object_colours,
+        level=settings.synthetic_level,
+        colourings=2 if flags["recolour_views"] else 1,
+        recolour_background=flags["recolour_background"],
+        retexture=flags["retexture"],
+    )
+    images, positions, instance_maps, class_tables = [], [], [], []
+    with torch.random.fork_rng(devices=[]):
+        for index in range(count):
+            torch.manual_seed(seed * 1_000_003 + index)
+            scene = dataset.scene(index)
+            picture, _, instances = render_scene(scene)
+            renderings = [_pil(picture)]
+            if dataset.colourings > 1:
+                renderings += dataset.recoloured_renderings(scene, dataset.colourings - 1)
+            crops, crop_positions, labels = transform(renderings, label_map=instances)
+            images.append(torch.stack(crops[:2]))
+            positions.append(torch.stack(crop_positions[:2]))
+            instance_maps.append(torch.stack(labels[:2]))
+            table = torch.zeros(256, dtype=torch.long)
+            table[1 : len(scene.objects) + 1] = torch.tensor([item.class_id + 1 for item in scene.objects])
+            class_tables.append(table)
+    instance_patches = patch_majority_labels(
+        torch.stack(instance_maps).flatten(0, 1), settings.patch_size
+    ).view(count, 2, -1)
+    classes = torch.stack(
+        [table[patches] for table, patches in zip(class_tables, instance_patches, strict=True)]
+    )
+    return Views(
+        images=torch.stack(images).transpose(0, 1).contiguous(),
+        positions=torch.stack(positions).transpose(0, 1).contiguous(),
+        instances=instance_patches.transpose(0, 1).contiguous(),
+        classes=classes.transpose(0, 1).contiguous(),
+    )
+
+
+def _pil(array: np.ndarray) -> Any:
+    from PIL import Image
+
+    return Image.fromarray(array)
+
+
+@dataclass
+class ClusteredObjects:
+    """Teacher clustering of :class:`Views` and its objects.
+
+    Attributes:
+        labels: (B, 2N) cluster id per token (view 1 then view 2); ``tiles`` the same for constant tokens.
+        valid: (B, K) bool; ``counts`` (B,) objects per image.
+        objects1, objects2: (M, D) teacher object representations per view, image by image.
+        image_of_object: (M,) long image index of each object.
+        instance, cls: (M,) long majority instance / class of each object over both views;
+        instance1, instance2: (M,) long majority instance per view.
+    """
+
+    labels: Tensor
+    tiles: Tensor
+    valid: Tensor
+    counts: Tensor
+    objects1: Tensor
+    objects2: Tensor
+    image_of_object: Tensor
+    instance: Tensor
+    cls: Tensor
+    instance1: Tensor
+    instance2: Tensor
+
+
+@torch.no_grad()
+def cluster_views(
+    backbone: torch.nn.Module,
+    views: Views,
+    settings: argparse.Namespace,
+    alpha: float,
+    seed: int,
+    chunk: int = 64,
+) -> ClusteredObjects:
+    """Teacher tokens, joint clustering (the run's settings) and position-only tiles with the same seeds."""
+    count = views.images.shape[1]
+    n_tokens = views.positions.shape[-1]
+    generator = torch.Generator().manual_seed(seed)
+    seeds = draw_seed_indices(count, 2 * n_tokens, settings.n_tokens, generator=generator)
+    cluster_kwargs = {
+        "n_clusters": settings.n_tokens,
+        "n_iter": settings.n_iter,
+        "sinkhorn_lambda": settings.sinkhorn_lambda,
+        "sinkhorn_iterations": settings.sinkhorn_iterations,
+        "update_c": settings.update_c,
+        "cost_normalization": settings.cost_normalization,
+    }
+    parts: dict[str, list[Tensor]] = {name: [] for name in ("labels", "tiles", "valid", "o1", "o2")}
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        images = torch.cat([views.images[0, start:stop], views.images[1, start:stop]])
+        _, tokens = backbone.forward_features(images)
+        tokens1, tokens2 = tokens.float().split(stop - start)
+        positions1, positions2 = views.positions[0, start:stop], views.positions[1, start:stop]
+        clusters = joint_cluster(
+            tokens1,
+            tokens2,
+            positions1,
+            positions2,
+            alpha=alpha,
+            seed_indices=seeds[start:stop],
+            **cluster_kwargs,
+        )
+        constant = torch.ones(stop - start, n_tokens, 8)
+        tiles = joint_cluster(
+            constant,
+            constant,
+            positions1,
+            positions2,
+            alpha=1.0,
+            seed_indices=seeds[start:stop],
+            **cluster_kwargs,
+        )
+        parts["labels"].append(clusters.labels)
+        parts["tiles"].append(tiles.labels)
+        parts["valid"].append(clusters.valid)
+        parts["o1"].append(object_representations(tokens1, clusters.assign1, clusters.valid))
+        parts["o2"].append(object_representations(tokens2, clusters.assign2, clusters.valid))
+    labels, valid = torch.cat(parts["labels"]), torch.cat(parts["valid"])
+    instances = object_labels(
+        labels[:, :n_tokens],
+        labels[:, n_tokens:],
+        views.instances[0],
+        views.instances[1],
+        valid,
+        settings.n_tokens,
+    )
+    classes = object_labels(
+        labels[:, :n_tokens],
+        labels[:, n_tokens:],
+        views.classes[0],
+        views.classes[1],
+        valid,
+        settings.n_tokens,
+    )
+    return ClusteredObjects(
+        labels=labels,
+        tiles=torch.cat(parts["tiles"]),
+        valid=valid,
+        counts=valid.sum(dim=1),
+        objects1=torch.cat(parts["o1"]),
+        objects2=torch.cat(parts["o2"]),
+        image_of_object=valid.nonzero()[:, 0],
+        instance=instances.both,
+        cls=classes.both,
+        instance1=instances.view1,
+        instance2=instances.view2,
+    )
+
+
+def cluster_metrics(clustered: ClusteredObjects, views: Views) -> dict[str, float]:
+    """The cluster half of the table (means over images; ``same_instance`` over objects)."""
+    instances = torch.cat([views.instances[0], views.instances[1]], dim=1)
+    n_tokens = views.instances.shape[-1]
+    shared = [
+        len(set(a.tolist()) & set(b.tolist()))
+        for a, b in zip(views.instances[0], views.instances[1], strict=True)
+    ]
+    del n_tokens
+    return {
+        "ari_instances": float(adjusted_rand_index(clustered.labels, instances).mean()),
+        "ari_tiles": float(adjusted_rand_index(clustered.labels, clustered.tiles).mean()),
+        "ari_tiles_instances": float(adjusted_rand_index(clustered.tiles, instances).mean()),
+        "purity": float(cluster_purity(clustered.labels, instances).mean()),
+        "tile_purity": float(cluster_purity(clustered.tiles, instances).mean()),
+        "objects_per_image": float(clustered.counts.double().mean()),
+        "instances_per_image": statistics.mean(shared),
+        "same_instance": float((clustered.instance1 == clustered.instance2).double().mean()),
+    }
+
+
+def neighbour_metrics(
+    bank_objects: ClusteredObjects, queries: ClusteredObjects, batch_size: int
+) -> dict[str, float]:
+    """Retrieval with the cycle check of training, queries in batches of ``batch_size`` scenes."""
+    n_bank_images = int(bank_objects.counts.numel())
+    bank = CentroidMemoryBank(n_bank_images, int(bank_objects.valid.shape[1]), bank_objects.objects1.shape[1])
+    bank.push(bank_objects.objects1, bank_objects.objects2, bank_objects.counts)
+    slots = bank.valid_slots()
+    # One push fills slots 0 .. M-1 in object order; check it rather than assume it.
+    if not torch.equal(slots.sort().values, torch.arange(bank_objects.objects1.shape[0])):
+        raise RuntimeError("memory bank slots do not follow the push order")
+    tally = NeighbourTally()
+    n_queries = int(queries.counts.numel())
+    for start in range(0, n_queries - batch_size + 1, batch_size):
+        in_batch = (queries.image_of_object >= start) & (queries.image_of_object < start + batch_size)
+        c1, c2 = queries.objects1[in_batch], queries.objects2[in_batch]
+        result = find_cycle_consistent_neighbours(c1, c2, bank)
+        foreground = queries.instance[in_batch] > 0
+        query_class = queries.cls[in_batch]
+        for mask, index in ((result.mask1, result.index1), (result.mask2, result.index2)):
+            tally.add(mask, bank_objects.cls[index] == query_class, foreground, query_class)
+    return tally.summary(bank_objects.cls)
+
+
+def run_settings(args: argparse.Namespace, stored: dict[str, Any]) -> argparse.Namespace:
+    """The preset's settings, then a checkpoint's stored ones, then this command's overrides."""
+    settings = copy.copy(resolve_args([]))
+    for key, value in stored.items():
+        if hasattr(settings, key):
+            setattr(settings, key, value)
+    if args.views is not None:
+        apply_synthetic_views(settings, args.views)
+    if args.n_tokens is not None:
+        settings.n_tokens = args.n_tokens
+    return settings
+
+
+VIEW_KEYS = (
+    "image_size",
+    "patch_size",
+    "global_crops_scale",
+    "hue_jitter",
+    "grayscale_p",
+    "blur_radius_max",
+    "synthetic_image_size",
+    "synthetic_object_colours",
+    "synthetic_level",
+)
+
+
+def cached_views(
+    settings: argparse.Namespace, args: argparse.Namespace, cache: dict[Any, tuple[Views, Views]]
+) -> tuple[Views, Views]:
+    """Bank and query views for ``settings``, made once per distinct view setting."""
+    key = (
+        tuple(str(getattr(settings, name)) for name in VIEW_KEYS),
+        tuple(synthetic_view_flags(settings).values()),
+    )
+    if key not in cache:
+        cache[key] = (
+            make_views(settings, "train", args.num_bank, args.synthetic_seed, args.seed),
+            make_views(settings, "val", args.num_queries, args.synthetic_seed, args.seed + 1),
+        )
+    return cache[key]
+
+
+def measure(
+    backbone: torch.nn.Module,
+    settings: argparse.Namespace,
+    args: argparse.Namespace,
+    cache: dict[Any, tuple[Views, Views]],
+) -> dict[str, Any]:
+    alpha = positional_alpha(settings.epochs - 1, settings.epochs, settings.pos_alpha)
+    if args.pos_alpha is not None:
+        alpha = args.pos_alpha
+    bank_views, query_views = cached_views(settings, args, cache)
+    bank = cluster_views(backbone, bank_views, settings, alpha, args.seed)
+    queries = cluster_views(backbone, query_views, settings, alpha, args.seed + 1)
+    batch_sizes = args.batch_sizes or sorted({settings.batch_size_per_gpu, 16})
+    result: dict[str, Any] = {
+        "settings": {
+            "views": synthetic_views_name(synthetic_view_flags(settings)),
+            "n_tokens": settings.n_tokens,
+            "pos_alpha": alpha,
+            "batch_size_per_gpu": settings.batch_size_per_gpu,
+        },
+        **cluster_metrics(queries, query_views),
+    }
+    for batch_size in batch_sizes:
+        result[f"batch_{batch_size}"] = neighbour_metrics(bank, queries, batch_size)
+    return result
+
+
+def _row(name: str, result: dict[str, Any], batch_sizes: list[int]) -> list[str]:
+    cells = [name] + [
+        f"{result[key]:.2f}" for key in ("ari_instances", "ari_tiles", "purity", "objects_per_image")
+    ]
+    cells.append(f"{result['same_instance']:.2f}")
+    for batch_size in batch_sizes:
+        stats = result.get(f"batch_{batch_size}", {})
+        cells += [
+            f"{100 * stats.get(key, float('nan')):.1f}"
+            for key in (
+                "acceptance",
+                "acceptance_foreground",
+                "precision_foreground",
+                "precision_foreground_before_check",
+            )
+        ]
+    return cells
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.perf_counter()
+    rows: dict[str, Any] = {}
+    cache: dict[Any, tuple[Views, Views]] = {}
+    for seed in range(args.random_seeds):
+        settings = run_settings(args, {})
+        backbone = build_pretrained_backbone(
+            settings.arch, settings.patch_size, None, depth=settings.depth, init_seed=seed
+        )
+        rows[f"random init {seed}"] = measure(backbone, settings, args, cache)
+    for path in args.checkpoints:
+        settings = run_settings(args, stored_training_args(load_checkpoint_file(path), path))
+        backbone = build_pretrained_backbone(settings.arch, settings.patch_size, path)
+        rows[path] = measure(backbone, settings, args, cache)
+    batch_sizes = sorted(
+        {int(key.split("_")[1]) for row in rows.values() for key in row if key.startswith("batch_")}
+    )
+    header = ["network", "ARI inst", "ARI tiles", "purity", "objects", "same inst"]
+    for batch_size in batch_sizes:
+        header += [
+            f"acc@{batch_size}",
+            f"acc fg@{batch_size}",
+            f"prec fg@{batch_size}",
+            f"before@{batch_size}",
+        ]
+    print(format_table(header, [_row(name, row, batch_sizes) for name, row in rows.items()]))
+    first = next(iter(rows.values()))
+    print(
+        f"position-only tiles: ARI against instances {first['ari_tiles_instances']:.2f}, purity "
+        f"{first['tile_purity']:.2f}; chance precision (foreground) "
+        f"{100 * first[f'batch_{batch_sizes[0]}']['chance_foreground']:.1f} %"
+    )
+    summary = {
+        "protocol": vars(args),
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+        "machine": machine_info(),
+    }
+    write_json(args.out, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

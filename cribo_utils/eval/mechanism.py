@@ -1,0 +1,226 @@
+"""Does CrIBo's own mechanism do its job? Clusters against objects, neighbours against classes.
+
+CrIBo differs from DINO by two parts: the joint two-view clustering that turns patch tokens into objects, and
+the cycle-consistent cross-image neighbours that give every object a second target from another image. A
+score that rises proves neither works. On scenes with ground-truth instance masks (the synthetic scenes)
+these functions measure both directly, at patch resolution:
+
+* :func:`adjusted_rand_index`: agreement of two partitions of the same tokens, corrected for chance
+  (1 = identical up to relabelling, about 0 = independent). Used for clusters against instances and
+  clusters against position-only tiles;
+* :func:`cluster_purity`: share of tokens whose cluster's majority instance is their own instance
+  (1 = no cluster straddles two instances; over-segmenting an object is not penalised);
+* :func:`object_labels`: per object (a cluster present in both views), the majority label of its member
+  patches in each view and over both;
+* :class:`NeighbourTally`: per query object and direction, whether the cycle check accepted its
+  nearest bank object and whether that object has the query's class.
+
+All functions are batched over images (no loop over images or tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def _one_hot(labels: Tensor, n_labels: int) -> Tensor:
+    """(B, P) long in ``[0, n_labels)`` -> (B, P, n_labels) float64 one-hot."""
+    return (labels.unsqueeze(-1) == torch.arange(n_labels, device=labels.device)).to(torch.float64)
+
+
+def contingency_tables(labels_a: Tensor, labels_b: Tensor) -> Tensor:
+    """Per image, ``table[b, i, j] = |{n : labels_a[b, n] = i and labels_b[b, n] = j}|``.
+
+    Args:
+        labels_a: (B, P) long, values in ``[0, I)``.
+        labels_b: (B, P) long, values in ``[0, J)``.
+    Returns:
+        (B, I, J) float64 counts, ``I = max(labels_a) + 1``, ``J = max(labels_b) + 1``.
+    """
+    if labels_a.shape != labels_b.shape or labels_a.ndim != 2:
+        raise ValueError(
+            f"contingency_tables: labels must both be (B, P); got {labels_a.shape}, {labels_b.shape}"
+        )
+    if labels_a.numel() and (labels_a.min() < 0 or labels_b.min() < 0):
+        raise ValueError("contingency_tables: labels must be >= 0")
+    n_a = int(labels_a.max()) + 1 if labels_a.numel() else 1
+    n_b = int(labels_b.max()) + 1 if labels_b.numel() else 1
+    return torch.bmm(_one_hot(labels_a, n_a).transpose(1, 2), _one_hot(labels_b, n_b))
+
+
+def _pairs(counts: Tensor) -> Tensor:
+    return counts * (counts - 1) / 2
+
+
+def adjusted_rand_index(labels_a: Tensor, labels_b: Tensor) -> Tensor:
+    """Adjusted Rand index of two partitions of the same P tokens, per image (Hubert and Arabie, 1985).
+
+    With the contingency table ``n_ij``, row sums ``a_i``, column sums ``b_j`` and ``C(x) = x (x - 1) / 2``
+    (pairs of tokens):
+
+        index    = sum_ij C(n_ij)                    (pairs together in both partitions)
+        expected = sum_i C(a_i) * sum_j C(b_j) / C(P)
+        maximum  = (sum_i C(a_i) + sum_j C(b_j)) / 2
+        ARI      = (index - expected) / (maximum - expected)
+
+    ``maximum = expected`` happens only when both partitions put every token alone or all tokens
+    together, i.e. they are identical: ARI = 1 there.
+
+    Args:
+        labels_a: (B, P) long labels >= 0 (e.g. cluster ids).
+        labels_b: (B, P) long labels >= 0 (e.g. instance ids).
+    Returns:
+        (B,) float64 ARI in [-1, 1].
+    """
+    table = contingency_tables(labels_a, labels_b)
+    index = _pairs(table).sum(dim=(1, 2))
+    sum_a = _pairs(table.sum(dim=2)).sum(dim=1)
+    sum_b = _pairs(table.sum(dim=1)).sum(dim=1)
+    total = _pairs(torch.tensor(float(labels_a.shape[1]), dtype=torch.float64))
+    expected = sum_a * sum_b / total.clamp_min(1.0)
+    maximum = (sum_a + sum_b) / 2
+    span = maximum - expected
+    return torch.where(span > 0, (index - expected) / torch.where(span > 0, span, 1.0), torch.ones_like(span))
+
+
+def cluster_purity(clusters: Tensor, instances: Tensor) -> Tensor:
+    """Share of tokens that belong to their cluster's majority instance, per image.
+
+        purity = (1 / P) * sum_k max_i n_ki      (n_ki tokens of cluster k in instance i)
+
+    1 when no cluster holds tokens of two instances; splitting an instance into parts keeps it at 1.
+
+    Args:
+        clusters: (B, P) long cluster ids.
+        instances: (B, P) long instance ids (0 = background).
+    Returns:
+        (B,) float64 purity in (0, 1].
+    """
+    table = contingency_tables(clusters, instances)
+    return table.amax(dim=2).sum(dim=1) / clusters.shape[1]
+
+
+def patch_majority_labels(label_maps: Tensor, patch_size: int) -> Tensor:
+    """Majority label of every ``patch_size x patch_size`` patch of label maps (ties: the smaller label).
+
+    Args:
+        label_maps: (B, H, W) long labels >= 0, H and W multiples of ``patch_size``.
+        patch_size: p.
+    Returns:
+        (B, (H / p) * (W / p)) long, patches row-major (the ViT token order).
+    """
+    batch, height, width = label_maps.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"patch_majority_labels: {height}x{width} maps are not multiples of {patch_size}")
+    n_labels = int(label_maps.max()) + 1
+    blocks = label_maps.reshape(batch, height // patch_size, patch_size, width // patch_size, patch_size)
+    blocks = blocks.permute(0, 1, 3, 2, 4).reshape(batch, -1, patch_size * patch_size)
+    counts = (blocks.unsqueeze(-1) == torch.arange(n_labels, device=label_maps.device)).sum(dim=2)
+    return counts.argmax(dim=-1)
+
+
+@dataclass
+class ObjectLabels:
+    """Ground truth of the objects (valid clusters) of a batch, in the training order (image by image,
+    cluster ascending).
+
+    Attributes:
+        view1, view2: (M,) long majority label of the object's member patches in each view.
+        both: (M,) long majority label over the members of both views.
+    """
+
+    view1: Tensor
+    view2: Tensor
+    both: Tensor
+
+
+def object_labels(
+    clusters1: Tensor, clusters2: Tensor, labels1: Tensor, labels2: Tensor, valid: Tensor, n_clusters: int
+) -> ObjectLabels:
+    """Majority ground-truth label of every valid cluster, per view and over both views.
+
+    Args:
+        clusters1, clusters2: (B, N1), (B, N2) long cluster id of every patch of each view.
+        labels1, labels2: (B, N1), (B, N2) long ground-truth label of every patch (instance or class).
+        valid: (B, K) bool, clusters with members in both views (the objects).
+        n_clusters: K.
+    Returns:
+        :class:`ObjectLabels` with M = ``valid.sum()`` entries each.
+    """
+    n_labels = int(max(labels1.max(), labels2.max())) + 1
+    tables = [
+        torch.bmm(_one_hot(clusters, n_clusters).transpose(1, 2), _one_hot(labels, n_labels))[valid]
+        for clusters, labels in ((clusters1, labels1), (clusters2, labels2))
+    ]
+    return ObjectLabels(
+        view1=tables[0].argmax(dim=1),
+        view2=tables[1].argmax(dim=1),
+        both=(tables[0] + tables[1]).argmax(dim=1),
+    )
+
+
+@dataclass
+class NeighbourTally:
+    """Running counts of cross-image neighbour outcomes, over queries and both search directions.
+
+    A *query* is one object in one direction (view 1 searches the bank's view-1 slots, view 2 the view-2
+    slots); its *neighbour* is the top-1 bank object; it is *accepted* when the cycle check passes; it is
+    *correct* when the neighbour's class equals the query's class; *foreground* queries are objects whose
+    majority instance is not the background.
+    """
+
+    queries: int = 0
+    foreground: int = 0
+    accepted: int = 0
+    accepted_foreground: int = 0
+    correct_accepted: int = 0
+    correct_accepted_foreground: int = 0
+    correct_foreground: int = 0  # before the cycle check
+    query_classes: list[int] = field(default_factory=list)
+
+    def add(self, accepted: Tensor, correct: Tensor, foreground: Tensor, query_class: Tensor) -> None:
+        """Add one direction of one batch: (M,) bool ``accepted``, ``correct``, ``foreground``; (M,) long
+        ``query_class``."""
+        self.queries += int(accepted.numel())
+        self.foreground += int(foreground.sum())
+        self.accepted += int(accepted.sum())
+        self.accepted_foreground += int((accepted & foreground).sum())
+        self.correct_accepted += int((accepted & correct).sum())
+        self.correct_accepted_foreground += int((accepted & correct & foreground).sum())
+        self.correct_foreground += int((correct & foreground).sum())
+        self.query_classes.extend(query_class[foreground].tolist())
+
+    def summary(self, bank_classes: Tensor) -> dict[str, float]:
+        """Rates (NaN where the denominator is 0).
+
+        Args:
+            bank_classes: (M_bank,) long class of every bank object (for the chance level).
+        Returns:
+            ``acceptance`` (accepted / queries), ``acceptance_foreground``, ``precision`` (correct among
+            accepted), ``precision_foreground``, ``precision_foreground_before_check`` (correct among all
+            foreground queries), ``chance_foreground`` (probability that a bank object drawn at random has
+            the class of a foreground query drawn at random: ``sum_c p_query(c) p_bank(c)``) and
+            ``background_share_of_accepted`` (accepted queries that are background objects).
+        """
+
+        def rate(numerator: int, denominator: int) -> float:
+            return numerator / denominator if denominator else float("nan")
+
+        n_classes = (
+            int(max([int(bank_classes.max()), *self.query_classes])) + 1 if bank_classes.numel() else 1
+        )
+        bank_share = torch.bincount(bank_classes, minlength=n_classes).double() / max(bank_classes.numel(), 1)
+        query_counts = torch.bincount(torch.tensor(self.query_classes, dtype=torch.long), minlength=n_classes)
+        query_share = query_counts.double() / max(len(self.query_classes), 1)
+        return {
+            "acceptance": rate(self.accepted, self.queries),
+            "acceptance_foreground": rate(self.accepted_foreground, self.foreground),
+            "precision": rate(self.correct_accepted, self.accepted),
+            "precision_foreground": rate(self.correct_accepted_foreground, self.accepted_foreground),
+            "precision_foreground_before_check": rate(self.correct_foreground, self.foreground),
+            "chance_foreground": float((bank_share * query_share).sum()),
+            "background_share_of_accepted": rate(self.accepted - self.accepted_foreground, self.accepted),
+        }

@@ -1,0 +1,174 @@
+"""The mechanism metrics (cribo_utils/eval/mechanism.py) against slow, obviously correct versions, on
+fabricated partitions and scenes whose answers are known, and the label maps that travel with the views."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cribo_utils.eval.mechanism import (
+    NeighbourTally,
+    adjusted_rand_index,
+    cluster_purity,
+    object_labels,
+    patch_majority_labels,
+)
+from data.augmentations import TwoViewTransform
+
+
+def _ari_by_pairs(a: list[int], b: list[int]) -> float:
+    """ARI from the 2 x 2 pair-confusion counts (a formula independent of the contingency one)."""
+    together_a = together_b = both = 0
+    pairs = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        pairs += 1
+        same_a, same_b = a[i] == a[j], b[i] == b[j]
+        together_a += same_a
+        together_b += same_b
+        both += same_a and same_b
+    tp, fp, fn = both, together_a - both, together_b - both
+    tn = pairs - tp - fp - fn
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+def test_ari_equals_the_pair_counting_formula_on_random_partitions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (6, 40), generator=generator)
+    b = torch.randint(0, 3, (6, 40), generator=generator)
+    b[0] = a[0] % 3  # one row that agrees strongly
+    expected = torch.tensor([_ari_by_pairs(x.tolist(), y.tolist()) for x, y in zip(a, b, strict=True)])
+    assert torch.allclose(adjusted_rand_index(a, b), expected.double(), atol=1e-12)
+
+
+def test_ari_is_one_for_the_same_partition_relabelled_and_near_zero_for_shuffled_labels() -> None:
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (3, 500), generator=generator)
+    relabelled = (labels + 2) % 4 + 7  # a permutation of the ids, shifted
+    assert torch.allclose(adjusted_rand_index(labels, relabelled), torch.ones(3, dtype=torch.float64))
+    shuffled = labels[:, torch.randperm(500, generator=generator)]
+    assert adjusted_rand_index(labels, shuffled).abs().max() < 0.02
+    # both trivial partitions: identical, so 1
+    ones, singletons = torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None]
+    assert adjusted_rand_index(ones, ones).item() == 1.0
+    assert adjusted_rand_index(singletons, singletons).item() == 1.0
+    assert adjusted_rand_index(ones, singletons).item() == 0.0
+
+
+def test_purity_by_hand_and_object_parts_are_not_penalised() -> None:
+    instances = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2]])
+    parts = torch.tensor([[0, 0, 3, 3, 1, 1, 2, 2]])  # background split in two: still pure
+    straddling = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2]])  # cluster 1 holds one background token
+    assert cluster_purity(parts, instances).item() == 1.0
+    assert cluster_purity(straddling, instances).item() == pytest.approx(7 / 8)
+    generator = torch.Generator().manual_seed(2)
+    clusters = torch.randint(0, 6, (4, 30), generator=generator)
+    truth = torch.randint(0, 3, (4, 30), generator=generator)
+    expected = [
+        sum(max(sum(1 for c, t in zip(cs, ts) if c == k and t == i) for i in range(3)) for k in range(6)) / 30
+        for cs, ts in zip(clusters.tolist(), truth.tolist(), strict=True)
+    ]
+    assert torch.allclose(cluster_purity(clusters, truth), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_patch_majority_labels_by_loop() -> None:
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.randint(0, 4, (2, 8, 12), generator=generator)
+    got = patch_majority_labels(maps, 4)
+    for b, row, col in itertools.product(range(2), range(2), range(3)):
+        block = maps[b, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].flatten()
+        counts = torch.bincount(block, minlength=4)
+        assert got[b, row * 3 + col].item() == int(torch.argmax(counts))  # argmax: first of the tied
+
+
+def test_object_labels_follow_the_valid_clusters_in_training_order() -> None:
+    clusters1 = torch.tensor([[0, 0, 1, 2], [1, 1, 0, 0]])
+    clusters2 = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]])
+    labels1 = torch.tensor([[5, 5, 1, 0], [2, 2, 3, 3]])
+    labels2 = torch.tensor([[5, 1, 1, 4], [0, 0, 3, 2]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    got = object_labels(clusters1, clusters2, labels1, labels2, valid, n_clusters=3)
+    # image 0: cluster 0 -> (5, 5), cluster 1 -> (1, 1), cluster 2 -> (0, 4: majority over both is 0 tie->0)
+    # image 1: cluster 0 -> (3, 3), cluster 1 -> (2, 2); cluster 2 is not an object
+    assert got.view1.tolist() == [5, 1, 0, 3, 2]
+    assert got.view2.tolist() == [5, 1, 4, 3, 2]
+    assert got.both.tolist() == [5, 1, 0, 3, 2]
+
+
+def test_neighbour_tally_rates_by_hand() -> None:
+    tally = NeighbourTally()
+    accepted = torch.tensor([True, True, False, True, False])
+    correct = torch.tensor([True, False, True, True, False])
+    foreground = torch.tensor([True, True, True, False, False])
+    query_class = torch.tensor([1, 2, 1, 0, 0])
+    tally.add(accepted, correct, foreground, query_class)
+    bank_classes = torch.tensor([0, 0, 1, 2])  # p_bank = (1/2, 1/4, 1/4)
+    summary = tally.summary(bank_classes)
+    assert summary["acceptance"] == pytest.approx(3 / 5)
+    assert summary["acceptance_foreground"] == pytest.approx(2 / 3)
+    assert summary["precision"] == pytest.approx(2 / 3)
+    assert summary["precision_foreground"] == pytest.approx(1 / 2)
+    assert summary["precision_foreground_before_check"] == pytest.approx(2 / 3)
+    # foreground query classes (1, 2, 1): p_query = (0, 2/3, 1/3)
+    assert summary["chance_foreground"] == pytest.approx(2 / 3 * 1 / 4 + 1 / 3 * 1 / 4)
+    assert summary["background_share_of_accepted"] == pytest.approx(1 / 3)
+
+
+def test_label_maps_travel_with_the_views_and_draw_no_random_number() -> None:
+    size = 128
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    columns = np.tile(np.arange(size, dtype=np.uint8), (size, 1))  # label = original column index
+    transform = TwoViewTransform(image_size=64, patch_size=16, global_crops_scale=(0.3, 1.0))
+    for seed in range(6):
+        torch.manual_seed(seed)
+        crops, positions = transform(image)
+        torch.manual_seed(seed)
+        crops_again, positions_again, labels = transform(image, label_map=columns)
+        for view in range(2):
+            assert torch.equal(crops[view], crops_again[view])
+            assert torch.equal(positions[view], positions_again[view])
+            # the cut column labels agree with the patch centres' x coordinates (flip included)
+            patch_means = labels[view].double().reshape(4, 16, 4, 16).mean(dim=(1, 3)).flatten()
+            assert torch.allclose(patch_means, positions[view][0].double(), atol=1.5)
+
+
+def test_mechanism_benchmark_on_scenes_with_known_answers(tmp_path: Path) -> None:
+    """Clusters equal to the instance masks score ARI 1 and purity 1; the script runs end to end."""
+    from benchmarks import mechanism
+
+    settings = mechanism.run_settings(mechanism.get_args_parser().parse_args([]), {})
+    settings.image_size = 64
+    views = mechanism.make_views(settings, "val", 6, scene_seed=5, seed=0)
+    instances = torch.cat([views.instances[0], views.instances[1]], dim=1)
+    assert adjusted_rand_index(instances, instances).min().item() == 1.0
+    assert cluster_purity(instances, instances).min().item() == 1.0
+    # every view of a scene shows the scene's instances, and classes follow instances
+    assert (views.classes > 0).eq(views.instances > 0).all()
+    out = tmp_path / "mechanism.json"
+    summary = mechanism.main(
+        [
+            "--random_seeds",
+            "1",
+            "--num_bank",
+            "16",
+            "--num_queries",
+            "8",
+            "--batch_sizes",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
+    row = summary["rows"]["random init 0"]
+    assert 0 < row["purity"] <= 1 and -1 <= row["ari_instances"] <= 1
+    assert json.loads(out.read_text())["rows"]["random init 0"]["batch_4"].keys() >= {
+        "acceptance",
+        "precision",
+    }
