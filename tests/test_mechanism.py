@@ -72,7 +72,11 @@ def test_purity_by_hand_and_object_parts_are_not_penalised() -> None:
     clusters = torch.randint(0, 6, (4, 30), generator=generator)
     truth = torch.randint(0, 3, (4, 30), generator=generator)
     expected = [
-        sum(max(sum(1 for c, t in zip(cs, ts) if c == k and t == i) for i in range(3)) for k in range(6)) / 30
+        sum(
+            max(sum(1 for c, t in zip(cs, ts, strict=True) if c == k and t == i) for i in range(3))
+            for k in range(6)
+        )
+        / 30
         for cs, ts in zip(clusters.tolist(), truth.tolist(), strict=True)
     ]
     assert torch.allclose(cluster_purity(clusters, truth), torch.tensor(expected, dtype=torch.float64))
