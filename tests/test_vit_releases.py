@@ -215,6 +215,18 @@ def test_registers_are_left_out_of_every_evaluation_output(tmp_path) -> None:
     assert (attention.sum(-1) < 1 - 1e-4).any()  # the mass on the registers is left out
 
 
+def test_the_figures_load_a_register_model_and_draw_patch_attention(tmp_path) -> None:
+    from cribo_utils.figures.attention import attention_maps
+    from cribo_utils.figures.model import load_figure_model
+
+    reference = _timm("vit_small_patch14_reg4_dinov2", 56, seed=8)
+    path = _save(_dinov2_release_layout(reference.state_dict(), seed=9), tmp_path / "reg.pth")
+    figure_model = load_figure_model(str(path))
+    assert figure_model.backbone.num_register_tokens == REGISTERS and figure_model.image_size == 56
+    maps = attention_maps(figure_model.backbone, _images(56, 56))
+    assert maps.shape == (2, 6, 4, 4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # SwiGLU (dinov2 ViT-g), LayerScale under gamma_1 / gamma_2, mean-pooled ViTs, other block layouts
 
