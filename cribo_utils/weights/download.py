@@ -5,7 +5,8 @@ where ``torch.hub.load_state_dict_from_url`` keeps DINO's and dinov2's files too
 downloaded by their hub is reused). A file already there is used as it is; otherwise:
 
 1. The bytes go to ``<file_name>.partial``. A partial file left by an interrupted run is resumed with an
-   HTTP ``Range`` request; a server that answers with the whole file (200) restarts it. A transfer that
+   HTTP ``Range`` request; a server that answers with the whole file (200) restarts it, and one that
+   cannot continue it (416) has it discarded. A transfer that
    breaks off (fewer bytes than ``Content-Length``) is resumed up to ``MAX_ATTEMPTS`` times, then the
    partial file is kept for the next run and the error says so.
 2. The complete file is verified: the size and sha256 the registry states (none of the releases states
@@ -63,6 +64,10 @@ _PAGE_BYTES = 1 << 20
 
 class _Interrupted(Exception):
     """The transfer broke off after the response started; the partial file can be resumed."""
+
+
+class _StartOver(_Interrupted):
+    """The server cannot continue the partial file (416, or another first byte): it is discarded."""
 
 
 def hub_checkpoint_dir() -> Path:
@@ -180,6 +185,8 @@ def _download(url: str, destination: Path, size: int | None, sha256: str | None,
             _transfer(session, start_url, partial, google_drive=drive_id is not None)
             break
         except _Interrupted as error:
+            if isinstance(error, _StartOver):
+                partial.unlink(missing_ok=True)
             received = partial.stat().st_size if partial.exists() else 0
             if attempt == MAX_ATTEMPTS:
                 raise DownloadError(
@@ -206,7 +213,7 @@ def _open(session: _Session, url: str, offset: int) -> http.client.HTTPResponse:
         return response
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:  # the partial file is not a prefix the server can extend
-            raise
+            raise _StartOver(f"the server cannot continue at byte {offset}") from error
         raise DownloadError(
             f"downloading {session.url} failed: HTTP {error.code} {error.reason}; {session.place_by_hand()}"
         ) from error
@@ -221,12 +228,7 @@ def _open(session: _Session, url: str, offset: int) -> http.client.HTTPResponse:
 def _transfer(session: _Session, url: str, partial: Path, google_drive: bool) -> None:
     """One request: append to (206) or rewrite (200) ``partial``; raise :class:`_Interrupted` if cut short."""
     offset = partial.stat().st_size if partial.exists() else 0
-    try:
-        response = _open(session, url, offset)
-    except urllib.error.HTTPError:  # 416: start over
-        partial.unlink()
-        offset = 0
-        response = _open(session, url, 0)
+    response = _open(session, url, offset)
     with contextlib.ExitStack() as stack:
         stack.enter_context(response)
         if google_drive and _is_page(response):
@@ -239,8 +241,7 @@ def _transfer(session: _Session, url: str, partial: Path, google_drive: bool) ->
                 f"login or lead to a landing page; {session.place_by_hand()}"
             )
         if response.status == 206 and _range_start(response) != offset:
-            partial.unlink()
-            raise _Interrupted(f"the server resumed at another byte than {offset}; starting over")
+            raise _StartOver(f"the server resumed at another byte than {offset}")
         if response.status != 206:
             offset = 0
         total = _expected_total(response)
