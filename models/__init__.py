@@ -17,22 +17,30 @@ checkpoints of the compared systems use (DINO's and VICRegL's ResNet-50, VICRegL
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from models.convnext import CONVNEXT_SIZES, ConvNeXt, build_convnext
 from models.resnet import ResNetBackbone, resnet50
-from models.vision_transformer import VisionTransformer, vit_base, vit_large, vit_small, vit_tiny
+from models.vision_transformer import VisionTransformer, vit_base, vit_giant, vit_large, vit_small, vit_tiny
 
 logger = logging.getLogger(__name__)
 
-#: ViT architectures (trainable with main_cribo.py).
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+#: ViT architectures (trainable with main_cribo.py); vit_giant is dinov2's ViT-g (SwiGLU MLP).
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant")
 #: Convolutional architectures (evaluation of released checkpoints only).
 CONV_ARCHS = ("resnet50", *CONVNEXT_SIZES)
 #: Every architecture the evaluations accept for --arch.
 EVAL_ARCHS = ARCHS + CONV_ARCHS
-_FACTORIES = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large}
+_FACTORIES = {
+    "vit_tiny": vit_tiny,
+    "vit_small": vit_small,
+    "vit_base": vit_base,
+    "vit_large": vit_large,
+    "vit_giant": vit_giant,
+}
 
 
 def build_backbone(
@@ -41,15 +49,21 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     img_size: int = 224,
     depth: int | None = None,
+    **vit_options: Any,
 ) -> VisionTransformer:
     """Build a ViT backbone by name.
 
     Args:
         arch: one of ``ARCHS``.
-        patch_size: patch side in pixels (8 or 16 for the released models).
+        patch_size: patch side in pixels (8 or 16 for DINO's and CrIBo's released models, 14 for dinov2's).
         drop_path_rate: stochastic depth of the last block (linearly increasing from 0).
-        img_size: image side the positional embedding is stored for (224 for released weights).
-        depth: number of blocks; None keeps the architecture's (12; 24 for vit_large).
+        img_size: image side the positional embedding is stored for (224 for DINO's released weights, 518
+            for dinov2's).
+        depth: number of blocks; None keeps the architecture's (12; 24 for vit_large; 40 for vit_giant).
+        **vit_options: further :class:`models.vision_transformer.VisionTransformer` arguments (LayerScale,
+            registers, MLP kind and width, positional interpolation), as
+            :meth:`cribo_utils.weights.architecture_detection.DetectedArchitecture.vit_options` reads them
+            from a checkpoint.
     Returns:
         The backbone, randomly initialised.
     Raises:
@@ -59,7 +73,9 @@ def build_backbone(
         where = " (a conv net: evaluation only, see build_eval_backbone)" if arch in CONV_ARCHS else ""
         raise ValueError(f"--arch {arch!r} is not a ViT{where}; choose one of {', '.join(ARCHS)}")
     extra = {} if depth is None else {"depth": depth}
-    return _FACTORIES[arch](patch_size=patch_size, drop_path_rate=drop_path_rate, img_size=img_size, **extra)
+    return _FACTORIES[arch](
+        patch_size=patch_size, drop_path_rate=drop_path_rate, img_size=img_size, **extra, **vit_options
+    )
 
 
 def build_eval_backbone(
@@ -69,6 +85,7 @@ def build_eval_backbone(
     depth: int | None = None,
     dense_stage: int = 4,
     layer_scale: bool = False,
+    vit_options: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Any backbone of ``EVAL_ARCHS``, randomly initialised, with the interface described above.
 
@@ -77,13 +94,15 @@ def build_eval_backbone(
         patch_size, img_size, depth: ViT only (see :func:`build_backbone`).
         dense_stage: conv nets only: stage 1-4 whose map is the dense grid (4: stride 32).
         layer_scale: ConvNeXt only: blocks with a learned ``gamma`` (VICRegL's releases have none).
+        vit_options: ViT only: the further constructor arguments of :func:`build_backbone`.
     Returns:
         The backbone.
     Raises:
         ValueError: for an unknown ``arch``, naming the accepted ones.
     """
     if arch in _FACTORIES:
-        return build_backbone(arch, patch_size=patch_size, img_size=img_size, depth=depth)
+        options = dict(vit_options or {})
+        return build_backbone(arch, patch_size=patch_size, img_size=img_size, depth=depth, **options)
     if arch == "resnet50":
         return resnet50(dense_stage=dense_stage)
     if arch in CONVNEXT_SIZES:
@@ -108,6 +127,7 @@ __all__ = [
     "build_eval_backbone",
     "dense_stride",
     "vit_base",
+    "vit_giant",
     "vit_large",
     "vit_small",
     "vit_tiny",

@@ -1,21 +1,31 @@
-"""Vision Transformer backbone with DINO's parameter names and evaluation interface.
+"""Vision Transformer backbone with DINO's and dinov2's parameter names and evaluation interface.
 
-The module layout (and therefore every state-dict key) matches the backbones released by DINO and
-CrIBo, so their weights load with ``strict=True``::
+The module layout (and therefore every state-dict key) matches the backbones released by DINO, CrIBo
+and dinov2, so their weights load with ``strict=True``::
 
     cls_token                      (1, 1, D)
     pos_embed                      (1, 1 + (img_size / p)^2, D)
+    register_tokens                (1, R, D)        only with R > 0 registers (dinov2 "_reg" models)
     patch_embed.proj.{weight,bias} Conv2d(3, D, kernel p, stride p)
-    blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2 .{weight,bias}
+    blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 .{weight,bias}
+    blocks.{i}.mlp.fc1 / mlp.fc2 .{weight,bias}     GELU MLP (DINO, dinov2 ViT-S/B/L)
+    blocks.{i}.mlp.w12 / mlp.w3 .{weight,bias}      SwiGLU MLP (dinov2 ViT-g)
+    blocks.{i}.ls1.gamma / ls2.gamma                (D,) only with LayerScale (dinov2)
     norm.{weight,bias}
 
-Pre-norm blocks (CrIBo method doc, Sec. 3; Dosovitskiy et al. 2021):
+Pre-norm blocks (CrIBo method doc, Sec. 3; Dosovitskiy et al. 2021; LayerScale: Touvron et al. 2021):
 
-    x = x + DropPath(Attn(LN1(x)));   x = x + DropPath(MLP(LN2(x)))
+    x = x + DropPath(LS1(Attn(LN1(x))));   x = x + DropPath(LS2(MLP(LN2(x))))
     Attn(h) = Proj(concat_heads(softmax(q k^T / sqrt(d_head)) v)),   [q, k, v] = QKV(h)
-    MLP(h) = FC2(GELU(FC1(h)))        (hidden width = mlp_ratio * D)
+    MLP(h) = FC2(GELU(FC1(h)))            (hidden width = mlp_ratio * D)
+    SwiGLU(h) = W3(SiLU(a) * b),  [a, b] = W12(h)      (hidden width: dinov2's rounded 2/3 * mlp_ratio * D)
+    LS(h) = gamma * h                     (identity without LayerScale)
 
-Shapes: B images, H x W pixels, p patch size, N = (H / p) * (W / p) patch tokens, D width.
+Token order inside the blocks is [CLS], the R registers, then the N patch tokens (dinov2's); the
+positional embedding covers [CLS] and the patches, never the registers. Every output of the evaluation
+interface leaves the registers out: [CLS] and patch tokens only.
+
+Shapes: B images, H x W pixels, p patch size, N = (H / p) * (W / p) patch tokens, R registers, D width.
 """
 
 from __future__ import annotations
@@ -133,31 +143,96 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """Gated MLP ``w3(SiLU(a) * b)`` with ``[a, b] = w12(x)`` split in halves (dinov2's SwiGLUFFNFused names).
+
+    Args:
+        dim: token width D.
+        hidden_dim: width H of the gate and of the value; ``w12`` is (2H, D), ``w3`` is (D, H).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+def swiglu_hidden_dim(dim: int, mlp_ratio: float = 4.0) -> int:
+    """dinov2's SwiGLU width: ``2/3 * mlp_ratio * D`` rounded up to a multiple of 8 (4096 for D = 1536)."""
+    return (int(dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch, ``gamma * x`` (parameter ``gamma`` of shape (D,)).
+
+    Args:
+        dim: token width D.
+        init_value: initial value of every entry of ``gamma``.
+    """
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return x * self.gamma
+
+
+#: The MLP kinds of a block: DINO's GELU MLP (``fc1``/``fc2``) or dinov2 ViT-g's SwiGLU (``w12``/``w3``).
+FFN_LAYERS = ("mlp", "swiglu")
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + DropPath(Attn(LN1(x)))`` then ``x + DropPath(MLP(LN2(x)))``.
+    """Pre-norm block: ``x + DropPath(LS1(Attn(LN1(x))))`` then ``x + DropPath(LS2(MLP(LN2(x))))``.
 
     Args:
         dim: token width D.
         num_heads: number of attention heads.
-        mlp_ratio: MLP hidden width as a multiple of D.
+        mlp_ratio: MLP hidden width as a multiple of D (when ``ffn_hidden_dim`` is None).
         qkv_bias: bias on the q/k/v projection.
         drop_path: stochastic-depth probability of both residual branches.
+        layer_scale_init: initial ``gamma`` of LayerScale on both branches; None: no LayerScale.
+        ffn_layer: ``"mlp"`` (GELU MLP) or ``"swiglu"``.
+        ffn_hidden_dim: hidden width of the MLP; None: ``mlp_ratio * D`` (MLP) or
+            :func:`swiglu_hidden_dim` (SwiGLU).
     """
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        layer_scale_init: float | None = None,
+        ffn_layer: str = "mlp",
+        ffn_hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"Block: ffn_layer {ffn_layer!r} is not one of {FFN_LAYERS}")
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.ls1: nn.Module = nn.Identity() if layer_scale_init is None else LayerScale(dim, layer_scale_init)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp: nn.Module
+        if ffn_layer == "swiglu":
+            self.mlp = SwiGLU(dim, ffn_hidden_dim or swiglu_hidden_dim(dim, mlp_ratio))
+        else:
+            self.mlp = Mlp(dim, ffn_hidden_dim or int(dim * mlp_ratio))
+        self.ls2: nn.Module = nn.Identity() if layer_scale_init is None else LayerScale(dim, layer_scale_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, D) -> (B, N, D)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
     def self_attention(self, x: Tensor) -> Tensor:
         """Attention probabilities of this block for input tokens ``x`` (B, N, D): (B, heads, N, N)."""
@@ -165,16 +240,18 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a [CLS] token, learned positional embedding and DINO's parameter names.
+    """ViT with a [CLS] token, learned positional embedding and DINO's / dinov2's parameter names.
 
     Stochastic depth grows linearly over the blocks: block i drops its branches with probability
     ``drop_path_rate * i / (depth - 1)``. Parameters are initialised as in DINO: truncated normal
     (std 0.02) for ``cls_token``, ``pos_embed`` and every Linear weight, zero Linear biases, unit
-    LayerNorms; the patch convolution keeps PyTorch's default initialisation.
+    LayerNorms; the patch convolution keeps PyTorch's default initialisation; registers start at
+    N(0, 1e-6) as in dinov2.
 
     Args:
         img_size: side of the square image the positional embedding is stored for
-            (224 -> a 14 x 14 grid for p = 16). Other sizes are interpolated on the fly.
+            (224 -> a 14 x 14 grid for p = 16; dinov2: 518 -> 37 x 37 for p = 14). Other sizes are
+            interpolated on the fly (:meth:`interpolate_pos_encoding`).
         patch_size: patch side p in pixels.
         in_chans: number of input channels.
         embed_dim: token width D.
@@ -183,6 +260,15 @@ class VisionTransformer(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of D.
         qkv_bias: bias on the q/k/v projection.
         drop_path_rate: stochastic depth of the last block.
+        layer_scale_init: LayerScale on every residual branch, ``gamma`` starting at this value
+            (dinov2); None: no LayerScale (DINO, CrIBo).
+        num_register_tokens: R learned register tokens placed after [CLS] (dinov2 "_reg": 4).
+        ffn_layer: ``"mlp"`` (GELU) or ``"swiglu"`` (dinov2 ViT-g).
+        ffn_hidden_dim: hidden width of every block's MLP; None: the ``mlp_ratio`` rule of the kind.
+        interpolate_offset: the positional grid is resized by the scale factors ``(rows + offset) / M``
+            and ``(cols + offset) / M`` (DINO, dinov2: 0.1); 0 resizes to the output size instead
+            (dinov2 with registers, timm).
+        interpolate_antialias: antialiased bicubic resizing (dinov2 with registers, timm: True).
 
     Attributes:
         grad_checkpointing: when True (see :meth:`set_grad_checkpointing`), a forward pass that records
@@ -207,6 +293,12 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        num_register_tokens: int = 0,
+        ffn_layer: str = "mlp",
+        ffn_hidden_dim: int | None = None,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
     ) -> None:
         super().__init__()
         if patch_size <= 0 or img_size % patch_size != 0:
@@ -216,19 +308,38 @@ class VisionTransformer(nn.Module):
             )
         if depth < 1:
             raise ValueError(f"VisionTransformer: depth must be >= 1, got {depth}")
+        if num_register_tokens < 0:
+            raise ValueError(
+                f"VisionTransformer: num_register_tokens must be >= 0, got {num_register_tokens}"
+            )
         self.embed_dim = self.num_features = self.dense_dim = embed_dim
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.depth = depth
         self.img_size = img_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
         grid_side = img_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid_side * grid_side, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
         rates = torch.linspace(0.0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=rate)
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop_path=rate,
+                layer_scale_init=layer_scale_init,
+                ffn_layer=ffn_layer,
+                ffn_hidden_dim=ffn_hidden_dim,
+            )
             for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
@@ -236,19 +347,22 @@ class VisionTransformer(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
         nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
         self.apply(_init_linear_and_norm)
 
     def interpolate_pos_encoding(self, x_tokens: Tensor, height: int, width: int) -> Tensor:
-        """Positional embedding for an image of ``height`` x ``width`` pixels, exactly as DINO computes it.
+        """Positional embedding for an image of ``height`` x ``width`` pixels, exactly as DINO / dinov2.
 
-        The stored (sqrt(N0) x sqrt(N0)) grid is resized bicubically with
-        ``scale_factor = ((H/p + 0.1) / sqrt(N0), (W/p + 0.1) / sqrt(N0))`` (the +0.1 guards the
-        floor in the output size against rounding), so the sampling positions follow the given
-        scale factor rather than the ratio of output to input size. When the token count equals
-        N0 and the image is square, the stored embedding is returned unchanged.
+        The stored (M x M) grid, M = sqrt(N0), is resized bicubically to the (H/p, W/p) patch grid:
+        with ``interpolate_offset`` o > 0 by the scale factors ``((H/p + o) / M, (W/p + o) / M)`` (DINO's
+        recipe, o = 0.1: the offset guards the floor in the output size against rounding, and the sampling
+        positions follow the given scale factor rather than the ratio of output to input size); with o = 0
+        by the output size (dinov2 with registers, timm); antialiased when ``interpolate_antialias``. When
+        the token count equals N0 and the image is square, the stored embedding is returned unchanged.
 
         Args:
-            x_tokens: (B, 1 + N, D) tokens after the [CLS] token was prepended.
+            x_tokens: (B, 1 + N, D) tokens after the [CLS] token was prepended (registers not included).
             height: image height H in pixels (a multiple of p).
             width: image width W in pixels (a multiple of p).
         Returns:
@@ -262,11 +376,17 @@ class VisionTransformer(nn.Module):
         stored_side = math.sqrt(num_stored)
         cls_pos = self.pos_embed[:, :1]
         grid = rearrange(self.pos_embed[:, 1:], "1 (h w) d -> 1 d h w", h=int(stored_side))
-        grid = F.interpolate(
-            grid,
-            scale_factor=((rows + 0.1) / stored_side, (cols + 0.1) / stored_side),
-            mode="bicubic",
-        )
+        if self.interpolate_offset:
+            offset = self.interpolate_offset
+            grid = F.interpolate(
+                grid,
+                scale_factor=((rows + offset) / stored_side, (cols + offset) / stored_side),
+                mode="bicubic",
+                antialias=self.interpolate_antialias,
+            )
+        else:
+            antialias = self.interpolate_antialias
+            grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=antialias)
         if grid.shape[-2:] != (rows, cols):
             raise RuntimeError(
                 f"interpolate_pos_encoding: resized grid {tuple(grid.shape[-2:])} does not match the "
@@ -275,12 +395,12 @@ class VisionTransformer(nn.Module):
         return torch.cat((cls_pos, rearrange(grid, "1 d h w -> 1 (h w) d")), dim=1)
 
     def prepare_tokens(self, x: Tensor) -> Tensor:
-        """Patch-embed images, prepend [CLS] and add the positional embedding.
+        """Patch-embed images, prepend [CLS], add the positional embedding, insert the registers.
 
         Args:
             x: (B, C, H, W) images, H and W multiples of the patch size.
         Returns:
-            (B, 1 + N, D) input tokens of the first block.
+            (B, 1 + R + N, D) input tokens of the first block: [CLS], registers, patches.
         Raises:
             ValueError: if H or W is not divisible by the patch size.
         """
@@ -294,13 +414,24 @@ class VisionTransformer(nn.Module):
             )
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
-        return tokens + self.interpolate_pos_encoding(tokens, height, width)
+        tokens = tokens + self.interpolate_pos_encoding(tokens, height, width)
+        if self.register_tokens is None:
+            return tokens
+        registers = self.register_tokens.expand(tokens.shape[0], -1, -1)
+        return torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
+
+    def _without_registers(self, tokens: Tensor) -> Tensor:
+        """(B, 1 + R + N, D) -> (B, 1 + N, D): [CLS] and the patch tokens."""
+        if not self.num_register_tokens:
+            return tokens
+        return torch.cat((tokens[:, :1], tokens[:, 1 + self.num_register_tokens :]), dim=1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade one extra forward of the blocks for activation memory in training (see the class docs)."""
         self.grad_checkpointing = enable
 
     def _encode(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, 1 + R + N, D) tokens after the final LayerNorm ([CLS], registers, patches)."""
         tokens = self.prepare_tokens(x)
         recompute = self.grad_checkpointing and torch.is_grad_enabled() and tokens.requires_grad
         for block in self.blocks:
@@ -315,7 +446,7 @@ class VisionTransformer(nn.Module):
         return self._encode(x)[:, 0]
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """[CLS] and patch tokens after the final LayerNorm, from one pass.
+        """[CLS] and patch tokens after the final LayerNorm, from one pass (registers left out).
 
         Args:
             x: (B, C, H, W) images.
@@ -323,16 +454,21 @@ class VisionTransformer(nn.Module):
             ``(cls, patches)`` of shapes (B, D) and (B, N, D), N = (H/p)(W/p) in row-major grid order.
         """
         tokens = self._encode(x)
-        return tokens[:, 0], tokens[:, 1:]
+        return tokens[:, 0], tokens[:, 1 + self.num_register_tokens :]
+
+    def forward_register_tokens(self, x: Tensor) -> Tensor:
+        """The register tokens after the final LayerNorm: (B, C, H, W) -> (B, R, D) (empty for R = 0)."""
+        return self._encode(x)[:, 1 : 1 + self.num_register_tokens]
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
-        """Outputs of the last ``n`` blocks, each passed through the final LayerNorm (DINO's linear eval).
+        """Outputs of the last ``n`` blocks, each through the final LayerNorm (DINO's linear eval).
 
         Args:
             x: (B, C, H, W) images.
             n: number of final blocks to return, 1 <= n <= depth.
         Returns:
-            ``n`` tensors of shape (B, 1 + N, D), shallowest first.
+            ``n`` tensors of shape (B, 1 + N, D) ([CLS] then the patch tokens, registers left out),
+            shallowest first.
         """
         if not 1 <= n <= self.depth:
             raise ValueError(f"get_intermediate_layers: n must lie in [1, {self.depth}], got {n}")
@@ -341,7 +477,7 @@ class VisionTransformer(nn.Module):
         for index, block in enumerate(self.blocks):
             tokens = block(tokens)
             if index >= self.depth - n:
-                outputs.append(self.norm(tokens))
+                outputs.append(self._without_registers(self.norm(tokens)))
         return outputs
 
     def get_last_selfattention(self, x: Tensor) -> Tensor:
@@ -350,12 +486,22 @@ class VisionTransformer(nn.Module):
         Args:
             x: (B, C, H, W) images.
         Returns:
-            (B, heads, 1 + N, 1 + N); every row sums to 1, row/column 0 is the [CLS] token.
+            (B, heads, 1 + N, 1 + N), row/column 0 the [CLS] token. Without registers every row sums to 1;
+            with registers their rows and columns are left out, so a row sums to 1 minus its attention to
+            the registers.
         """
         tokens = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             tokens = block(tokens)
-        return self.blocks[-1].self_attention(tokens)
+        last_block = self.blocks[-1]
+        assert isinstance(last_block, Block)
+        attention = last_block.self_attention(tokens)
+        if not self.num_register_tokens:
+            return attention
+        keep = torch.cat(
+            (torch.zeros(1, dtype=torch.long), torch.arange(1 + self.num_register_tokens, tokens.shape[1]))
+        ).to(attention.device)
+        return attention.index_select(2, keep).index_select(3, keep)
 
 
 def _init_linear_and_norm(module: nn.Module) -> None:
@@ -390,7 +536,15 @@ def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
 
 
 def vit_large(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
-    """ViT-Large: D = 1024, 24 blocks, 16 heads (iBOT's ViT-L/16 release)."""
+    """ViT-Large: D = 1024, 24 blocks, 16 heads (iBOT's ViT-L/16, dinov2's ViT-L/14)."""
     return VisionTransformer(
         patch_size=patch_size, **{"embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs}
+    )
+
+
+def vit_giant(patch_size: int = 14, **kwargs: Any) -> VisionTransformer:
+    """ViT-giant as dinov2's ``vit_giant2``: D = 1536, 40 blocks, 24 heads, SwiGLU MLP of width 4096."""
+    return VisionTransformer(
+        patch_size=patch_size,
+        **{"embed_dim": 1536, "depth": 40, "num_heads": 24, "ffn_layer": "swiglu", **kwargs},
     )

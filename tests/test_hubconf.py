@@ -39,12 +39,14 @@ def test_entry_points_are_listed():
     entry_points = sorted(
         name for name, value in vars(hubconf).items() if callable(value) and not name.startswith("_")
     )
-    entry_points.remove("load_released_model")
     assert entry_points == sorted(RELEASED_MODELS)
+    dinov2_names = {f"dinov2_vit{size}14{reg}" for size in "sblg" for reg in ("", "_reg")}
     assert {"cribo_vitb16_in", "dino_resnet50", "ibot_vitl16", "vicregl_convnext_xlarge_alpha0p75"} <= set(
         entry_points
     )
-    assert hubconf.dependencies == ["torch", "torchvision"]
+    assert dinov2_names <= set(entry_points)
+    assert hubconf.dependencies == ["torch", "torchvision", "einops"]
+    assert "ViT-S/14" in hubconf.dinov2_vits14.__doc__ and hubconf.dinov2_vits14.__name__ == "dinov2_vits14"
 
 
 @pytest.mark.parametrize("key", ["teacher", "student"])
@@ -64,8 +66,8 @@ def test_hub_load_refuses_the_wrong_architecture(released_vits16):
         torch.hub.load(REPO_DIR, "cribo_vitb16_in", source="local", weights=str(path))
 
 
-def test_hub_load_without_weights_is_random_and_warned(caplog):
+def test_hub_load_without_pretrained_is_random_and_warned(caplog):
     with caplog.at_level(logging.WARNING):
-        model = torch.hub.load(REPO_DIR, "cribo_vits16_coco", source="local")
-    assert "RANDOM INITIALISATION" in caplog.text and "vits16-coco.pth" in caplog.text
+        model = torch.hub.load(REPO_DIR, "cribo_vits16_coco", source="local", pretrained=False)
+    assert "RANDOM INITIALISATION" in caplog.text and "pretrained=False" in caplog.text
     assert model.embed_dim == 384

@@ -233,10 +233,10 @@ def test_factories_match_timm_shapes(factory, width: int, heads: int, parameters
 
 
 def test_build_backbone_registry() -> None:
-    assert ARCHS == ("vit_tiny", "vit_small", "vit_base", "vit_large")
+    assert ARCHS == ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant")
     model = build_backbone("vit_tiny", patch_size=8, drop_path_rate=0.2, img_size=32, depth=3)
     assert (model.patch_size, model.depth, model.pos_embed.shape) == (8, 3, (1, 17, 192))
-    with pytest.raises(ValueError, match="vit_huge.*vit_tiny, vit_small, vit_base, vit_large"):
+    with pytest.raises(ValueError, match="vit_huge.*vit_tiny, vit_small, vit_base, vit_large, vit_giant"):
         build_backbone("vit_huge")
     with pytest.raises(ValueError, match="resnet50.*a conv net"):
         build_backbone("resnet50")

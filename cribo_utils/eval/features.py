@@ -372,10 +372,13 @@ def num_classes_of(dataset: Dataset, targets: Sequence[Tensor]) -> int:
 
 
 def default_results_path(weights: str | None, file_name: str) -> Path:
-    """``<directory of weights>/<file_name>``, or ``output/<file_name>`` for a random network."""
+    """``<directory of weights>/<file_name>`` (``output/<name>/`` for a released model's name or a URL), or
+    ``output/<file_name>`` for a random network."""
+    from cribo_utils.weights.remote_weights import results_directory
+
     if weights is None:
         return Path("output") / file_name
-    return Path(weights).resolve().parent / file_name
+    return results_directory(weights) / file_name
 
 
 def write_results_json(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:

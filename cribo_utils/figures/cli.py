@@ -62,8 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--pretrained_weights",
         default=None,
         type=str,
-        help="Checkpoint (checkpoint.pth, teacher_backbone.pth, released CrIBo/DINO files). Without "
-        "it a randomly initialised ViT is shown.",
+        help="Checkpoint: a local file (checkpoint.pth, teacher_backbone.pth, released files), a released "
+        "model's name (README, Released models) or a URL, downloaded once. Without it a randomly "
+        "initialised ViT is shown.",
     )
     group.add_argument(
         "--checkpoint_key",

@@ -307,7 +307,9 @@ def _load_vit(
         )
     arch, patch_size = resolved
     grid_size = checkpoint_image_size(state_dict, patch_size)
-    backbone = build_backbone(arch, patch_size=patch_size, img_size=grid_size, depth=depth)
+    backbone = build_backbone(
+        arch, patch_size=patch_size, img_size=grid_size, depth=depth, **detected.vit_options()
+    )
     load_backbone_state_dict(backbone, state_dict, source=f"{weights!r} (key {checkpoint_key!r})")
     image_size = int(training_args.get("image_size") or grid_size)
     logger.info("loaded %s/%d (%d blocks) from %s", arch, patch_size, depth, weights)

@@ -48,6 +48,7 @@ from cribo_utils.train.state import (
     state_digest,
 )
 from cribo_utils.train.step import training_step
+from cribo_utils.weights.errors import CheckpointFormatError, DownloadError
 from data.datasets import DatasetLayoutError
 from data.loading import UnreadableSampleError, mix_seed
 from models.student_teacher import build_student_teacher
@@ -63,6 +64,8 @@ TRAINING_ERRORS: tuple[type[BaseException], ...] = (
     DatasetLayoutError,
     UnreadableSampleError,
     distributed.CollectiveFailure,
+    CheckpointFormatError,  # --start_checkpoint_path: a file of another layout
+    DownloadError,  # --start_checkpoint_path: a released model's name or URL that could not be fetched
 )
 
 

@@ -5,7 +5,10 @@ line naming the architecture of its weights (instead of a list of 150 mismatched
 names collide with the ViT's (a ConvNeXt's ``norm.*``, a Swin's ``patch_embed.*``) are recognised for
 what they are. Only names and shapes are read; nothing is built.
 
-- ViT (DINO names): ``cls_token`` and ``patch_embed.proj.weight`` (D, 3, p, p); size from D, patch p.
+- ViT (DINO / dinov2 names, after :func:`cribo_utils.weights.vit_key_layouts.to_model_key_layout`):
+  ``cls_token`` and ``patch_embed.proj.weight`` (D, 3, p, p); size from D, patch p; LayerScale from
+  ``blocks.i.ls1.gamma``, registers from ``register_tokens`` (1, R, D), the MLP kind and width from
+  ``blocks.0.mlp.fc1`` (GELU) or ``blocks.0.mlp.w12`` / ``w3`` (SwiGLU), mean pooling from ``fc_norm.*``.
 - Swin: ``layers.N.blocks.M.attn.relative_position_bias_table``; size from blocks per stage and width.
 - ConvNeXt: VICRegL's ``downsample_layers.0.0.weight`` + ``stages.i.j.dwconv.*``, or timm's ``stem.0.*``
   + ``stages.i.blocks.j.conv_dw.*``; size from blocks per stage and widths.
@@ -18,12 +21,19 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-VIT_WIDTHS: dict[int, str] = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}
+VIT_WIDTHS: dict[int, str] = {
+    192: "vit_tiny",
+    384: "vit_small",
+    768: "vit_base",
+    1024: "vit_large",
+    1536: "vit_giant",
+}
 #: (blocks per stage, widths) -> arch, for ConvNeXt (the sizes of models.convnext.CONVNEXT_SIZES).
 CONVNEXT_LAYOUTS: dict[tuple[tuple[int, ...], tuple[int, ...]], str] = {
     ((3, 3, 9, 3), (96, 192, 384, 768)): "convnext_tiny",
@@ -37,6 +47,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "vit_small": "ViT-Small",
     "vit_base": "ViT-Base",
     "vit_large": "ViT-Large",
+    "vit_giant": "ViT-giant",
     "convnext_tiny": "ConvNeXt-Tiny",
     "convnext_small": "ConvNeXt-Small",
     "convnext_base": "ConvNeXt-Base",
@@ -61,9 +72,14 @@ class DetectedArchitecture:
         arch: the ``--arch`` the shapes fit (e.g. ``"convnext_small"``), None if this repository has none.
         patch_size: ViT patch size, None otherwise.
         description: human-readable name for messages (e.g. ``"ConvNeXt-Small (VICRegL key names)"``).
-        layer_scale: ConvNeXt blocks carry ``gamma`` (layer scale).
+        layer_scale: ConvNeXt blocks carry ``gamma``, ViT blocks ``ls1.gamma`` / ``ls2.gamma`` (LayerScale).
         loadable: the key names are those of this repository's model for ``arch`` (False for timm's
-            ConvNeXt names, a Swin, an unknown layout).
+            ConvNeXt names, a Swin, a mean-pooled ViT, an unknown layout).
+        register_tokens: ViT: number R of register tokens (dinov2 "_reg": 4).
+        ffn_layer: ViT: ``"mlp"`` (GELU) or ``"swiglu"``.
+        ffn_hidden_dim: ViT: hidden width of the blocks' MLP, None if the file has no block.
+        mean_pooled: ViT with ``fc_norm`` (timm's ``global_pool="avg"``, MAE, BEiT): its global feature is
+            the normalised mean of the patch tokens, not a final-norm [CLS] token.
     """
 
     family: str
@@ -72,12 +88,32 @@ class DetectedArchitecture:
     description: str
     layer_scale: bool = False
     loadable: bool = True
+    register_tokens: int = 0
+    ffn_layer: str = "mlp"
+    ffn_hidden_dim: int | None = None
+    mean_pooled: bool = False
 
     def flags(self) -> str:
         """The command-line flags that select this architecture (``--arch vit_small --patch_size 16``)."""
         if self.arch is None:
             return ""
         return f"--arch {self.arch}" + (f" --patch_size {self.patch_size}" if self.patch_size else "")
+
+    def vit_options(self) -> dict[str, Any]:
+        """The :class:`models.vision_transformer.VisionTransformer` arguments these ViT weights need ({} for
+        other families): LayerScale, registers, MLP kind and width, and the positional interpolation of the
+        release (dinov2 with registers resizes to the output size with antialiasing; DINO and dinov2
+        without registers by DINO's scale factors)."""
+        if self.family != "vit":
+            return {}
+        options: dict[str, Any] = {"num_register_tokens": self.register_tokens, "ffn_layer": self.ffn_layer}
+        if self.ffn_hidden_dim is not None:
+            options["ffn_hidden_dim"] = self.ffn_hidden_dim
+        if self.layer_scale:
+            options["layer_scale_init"] = 1.0  # overwritten by the loaded gamma
+        if self.register_tokens:
+            options.update(interpolate_offset=0.0, interpolate_antialias=True)
+        return options
 
 
 UNKNOWN = DetectedArchitecture("unknown", None, None, "an unrecognised network", loadable=False)
@@ -106,8 +142,33 @@ def _detect_vit(state_dict: Mapping[str, Tensor]) -> DetectedArchitecture | None
         return None
     width, patch = proj[0], proj[-1]
     arch = VIT_WIDTHS.get(width)
+    registers = _shape(state_dict, "register_tokens")
+    register_tokens = registers[1] if registers and len(registers) == 3 else 0
+    layer_scale = any(re.fullmatch(r"blocks\.\d+\.ls1\.gamma", key) for key in state_dict)
+    swiglu = _shape(state_dict, "blocks.0.mlp.w3.weight")
+    fc1 = _shape(state_dict, "blocks.0.mlp.fc1.weight")
+    ffn_hidden_dim = swiglu[1] if swiglu else (fc1[0] if fc1 else None)
+    mean_pooled = "fc_norm.weight" in state_dict
+    features = [
+        *(["LayerScale"] if layer_scale else []),
+        *([f"{register_tokens} register tokens"] if register_tokens else []),
+        *(["SwiGLU MLP"] if swiglu else []),
+        *(["mean pooling (fc_norm, no final norm)"] if mean_pooled else []),
+    ]
     name = DISPLAY_NAMES[arch] if arch else f"ViT of width {width}"
-    return DetectedArchitecture("vit", arch, patch, f"{name}/{patch}", loadable=arch is not None)
+    description = f"{name}/{patch}" + (f" with {', '.join(features)}" if features else "")
+    return DetectedArchitecture(
+        "vit",
+        arch,
+        patch,
+        description,
+        layer_scale=layer_scale,
+        loadable=arch is not None and not mean_pooled,
+        register_tokens=register_tokens,
+        ffn_layer="swiglu" if swiglu else "mlp",
+        ffn_hidden_dim=ffn_hidden_dim,
+        mean_pooled=mean_pooled,
+    )
 
 
 def _detect_swin(state_dict: Mapping[str, Tensor]) -> DetectedArchitecture | None:

@@ -48,31 +48,23 @@ import torch
 from torch import Tensor, nn
 
 from cribo_utils.weights.architecture_detection import DetectedArchitecture, detect_architecture
+from cribo_utils.weights.errors import CheckpointFormatError, DownloadError
+from cribo_utils.weights.release_registry import released_models
+from cribo_utils.weights.remote_weights import (
+    close_release_names,
+    fetch_release,
+    is_remote_reference,
+    local_weights_path,
+)
+from cribo_utils.weights.vit_key_layouts import to_model_key_layout
 
 logger = logging.getLogger(__name__)
 
 StrPath = str | os.PathLike[str]
 
-#: Released CrIBo models: hub entry point name -> (arch, patch_size, file name of the release).
+#: Released backbones (``checkpoints/released_models.json``): name -> (arch, patch_size, cache file name).
 RELEASED_MODELS: dict[str, tuple[str, int | None, str]] = {
-    "cribo_vits16_coco": ("vit_small", 16, "vits16-coco.pth"),
-    "cribo_vits16_in": ("vit_small", 16, "vits16-in.pth"),
-    "cribo_vitb16_in": ("vit_base", 16, "vitb16-in.pth"),
-    "dino_vits16": ("vit_small", 16, "dino_deitsmall16_pretrain.pth"),
-    "dino_vits8": ("vit_small", 8, "dino_deitsmall8_pretrain.pth"),
-    "dino_vitb16": ("vit_base", 16, "dino_vitbase16_pretrain.pth"),
-    "dino_vitb8": ("vit_base", 8, "dino_vitbase8_pretrain.pth"),
-    "dino_resnet50": ("resnet50", None, "dino_resnet50_pretrain.pth"),
-    "ibot_vits16": ("vit_small", 16, "checkpoint_teacher.pth (iBOT vits_16)"),
-    "ibot_vitb16": ("vit_base", 16, "checkpoint_teacher.pth (iBOT vitb_16)"),
-    "ibot_vitl16": ("vit_large", 16, "checkpoint_teacher.pth (iBOT vitl_16)"),
-    "vicregl_resnet50_alpha0p9": ("resnet50", None, "resnet50_alpha0.9.pth"),
-    "vicregl_resnet50_alpha0p75": ("resnet50", None, "resnet50_alpha0.75.pth"),
-    "vicregl_convnext_small_alpha0p9": ("convnext_small", None, "convnext_small_alpha0.9.pth"),
-    "vicregl_convnext_small_alpha0p75": ("convnext_small", None, "convnext_small_alpha0.75.pth"),
-    "vicregl_convnext_base_alpha0p9": ("convnext_base", None, "convnext_base_alpha0.9.pth"),
-    "vicregl_convnext_base_alpha0p75": ("convnext_base", None, "convnext_base_alpha0.75.pth"),
-    "vicregl_convnext_xlarge_alpha0p75": ("convnext_xlarge", None, "convnext_xlarge_alpha0.75.pth"),
+    name: (release.arch, release.patch_size, release.file_name) for name, release in released_models().items()
 }
 #: Functions that released checkpoints pickle by reference (VICRegL's LARS filters) and that are
 #: replaced by an inert stand-in when reading: matched on the last component of the pickled name.
@@ -82,8 +74,8 @@ INERT_PICKLED_FUNCTIONS: frozenset[str] = frozenset({"exclude_bias_and_norm"})
 STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "backbone.")
 #: Keys (after prefix stripping) that belong to the projection head, not to the backbone.
 DROPPED_PREFIXES: tuple[str, ...] = ("head.",)
-#: Backbone parameters that exist only during pretraining (iBOT's student mask token).
-TRAINING_ONLY_KEYS: frozenset[str] = frozenset({"masked_embed"})
+#: Backbone parameters that exist only during pretraining (iBOT's and dinov2's mask tokens).
+TRAINING_ONLY_KEYS: frozenset[str] = frozenset({"masked_embed", "mask_token"})
 
 FORMAT_DESCRIPTIONS: dict[str, str] = {
     "repo": "this repository's training checkpoint (student/teacher, format_version)",
@@ -103,12 +95,8 @@ DEFAULT_EVAL_ARCH = "vit_small"
 DEFAULT_PATCH_SIZE = 16
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint file cannot be read, or its content does not fit the requested backbone."""
-
-
 #: Errors the evaluation launchers report as one line without a traceback (the message names the file).
-LOADING_ERRORS: tuple[type[BaseException], ...] = (CheckpointFormatError, FileNotFoundError)
+LOADING_ERRORS: tuple[type[BaseException], ...] = (CheckpointFormatError, DownloadError, FileNotFoundError)
 
 
 def _file_kind_error(path: Path) -> str | None:
@@ -198,7 +186,9 @@ def load_checkpoint_file(path: StrPath, mmap: bool = False) -> dict[str, Any]:
     resolved to inert stand-ins; no code from the file is imported or run.
 
     Args:
-        path: a ``.pth`` file written by ``torch.save``: a dict (full checkpoint) or a bare state dict.
+        path: a ``.pth`` file written by ``torch.save``: a dict (full checkpoint) or a bare state dict; or
+            a released model's name or a URL, downloaded once into torch's hub cache
+            (:func:`cribo_utils.weights.remote_weights.local_weights_path`).
         mmap: map the tensors of a zip-format file instead of reading them, for a look at the names,
             shapes and training arguments that costs no read of the weights (ignored for the legacy
             pickle format, which torch cannot map).
@@ -206,14 +196,17 @@ def load_checkpoint_file(path: StrPath, mmap: bool = False) -> dict[str, Any]:
         The loaded top-level dict, tensors on the CPU.
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file.
+        DownloadError: a name or URL could not be downloaded or verified.
         CheckpointFormatError: the file is not a torch checkpoint (text, empty), is corrupt or truncated,
             contains a class other than the allowed ones, or its top level is not a dict.
     """
-    path = Path(path)
+    path = local_weights_path(path)
     if not path.is_file():
+        close = close_release_names(path)
+        names = f" nor a released model's name (did you mean {', '.join(close)}?)" if close else ""
         raise FileNotFoundError(
-            f"checkpoint file {str(path)!r} does not exist (or is not a file); "
-            "pass the path of a .pth file, e.g. --pretrained_weights /path/to/vits16-in.pth"
+            f"checkpoint file {str(path)!r} does not exist (or is not a file){names}; pass the path of a "
+            ".pth file, a URL, or a released model's name, e.g. --pretrained_weights cribo_vits16_in"
         )
     kind_error = _file_kind_error(path)
     if kind_error is not None:
@@ -371,6 +364,9 @@ def _extract_with_source(checkpoint: Mapping[str, Any], checkpoint_key: str) -> 
         logger.info("%s: dropped %d non-backbone entries (e.g. %s)", where, len(dropped), dropped[0])
     if not backbone:
         raise CheckpointFormatError(f"{where}: no backbone entries left after dropping head keys")
+    backbone, conversions = to_model_key_layout(backbone)
+    for conversion in conversions:
+        logger.info("%s: %s", where, conversion)
     return backbone, where
 
 
@@ -386,7 +382,8 @@ def extract_backbone_state_dict(
             key falls back to its ``state_dict`` entry.
     Returns:
         ``{name: tensor}`` with names like ``cls_token``, ``blocks.0.attn.qkv.weight``, ``norm.bias``
-        (ViT), ``layer1.0.conv1.weight`` (ResNet-50) or ``stages.0.0.dwconv.weight`` (ConvNeXt).
+        (ViT; the layouts of :mod:`cribo_utils.weights.vit_key_layouts` renamed to it),
+        ``layer1.0.conv1.weight`` (ResNet-50) or ``stages.0.0.dwconv.weight`` (ConvNeXt).
     Raises:
         CheckpointFormatError: unknown layout, missing key, or colliding keys.
     """
@@ -414,13 +411,21 @@ def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
     # (the entries that reveal a wrong --arch / --patch_size) come first.
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
+    mismatched_keys = [
+        key for key, value in expected.items() if key in state_dict and state_dict[key].shape != value.shape
+    ]
     mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in mismatched_keys
     ]
     if missing or unexpected or mismatched:
         hint = "check --arch and --patch_size against the checkpoint"
+        embeddings = [key for key in ("cls_token", "pos_embed", "patch_embed.proj.weight") if key in expected]
+        if embeddings and all(key in state_dict and key not in mismatched_keys for key in embeddings):
+            hint = (
+                "--arch and --patch_size fit (the embeddings load); the blocks hold parameters of a ViT "
+                "layout this repository does not build"
+            )
         if len(missing) == len(expected):
             hint = (
                 "no key matches: --checkpoint_key may name the wrong network, or the file holds another "
@@ -468,7 +473,7 @@ def stored_training_args(checkpoint: Mapping[str, Any], weights: StrPath) -> dic
     import json
 
     args = _checkpoint_args(checkpoint)
-    if args:
+    if args or is_remote_reference(weights):  # a downloaded file has no run directory around it
         return args
     args_json = Path(weights).parent / "args.json"
     if not args_json.is_file():
@@ -570,9 +575,9 @@ def check_weights_fit_arch(detected: DetectedArchitecture, arch: str, patch_size
         patch_size: the requested ``--patch_size`` (compared for ViTs only).
         source: the file and format, quoted in the message.
     Raises:
-        CheckpointFormatError: a Swin, a timm-named ConvNeXt, another architecture, or another ViT patch
-            size; the message names what the file holds and the flags that fit it. Unknown layouts pass
-            (the strict load lists their keys).
+        CheckpointFormatError: a Swin, a timm-named ConvNeXt, a mean-pooled ViT, another architecture, or
+            another ViT patch size; the message names what the file holds and the flags that fit it.
+            Unknown layouts pass (the strict load lists their keys).
     """
     from models import ARCHS, EVAL_ARCHS
 
@@ -584,6 +589,12 @@ def check_weights_fit_arch(detected: DetectedArchitecture, arch: str, patch_size
         )
     if detected.family == "unknown":
         return
+    if detected.mean_pooled:
+        raise CheckpointFormatError(
+            f"{holds}: a mean-pooled ViT (fc_norm.* on the mean of the patch tokens and no final norm, as "
+            "timm's global_pool='avg', MAE or BEiT); this repository's ViT evaluates the final-norm [CLS] "
+            "and patch tokens, so such a file does not load"
+        )
     if detected.arch is None:
         raise CheckpointFormatError(
             f"{holds}; no --arch of this repository has that shape (choose one of {', '.join(EVAL_ARCHS)})"
@@ -652,16 +663,18 @@ def build_pretrained_backbone(
 ) -> nn.Module:
     """Frozen, eval-mode backbone (ViT or conv net), optionally initialised from a checkpoint.
 
-    A ViT is built with the ``img_size`` of the checkpoint's positional table (224 for the released
-    files) and its number of blocks (12, or 24 for ViT-L), so the weights load unchanged; other input
-    sizes are handled by the ViT's bicubic ``interpolate_pos_encoding`` at run time. A ConvNeXt gets
-    layer scale exactly when the file has ``gamma`` entries. Before the strict load, the weights' names
+    A ViT is built with the ``img_size`` of the checkpoint's positional table (224 for DINO's released
+    files, 518 for dinov2's), its number of blocks and the LayerScale, registers and MLP its weights have
+    (:meth:`DetectedArchitecture.vit_options`), so the weights load unchanged; other input sizes are
+    handled by the ViT's bicubic ``interpolate_pos_encoding`` at run time. A ConvNeXt gets layer scale
+    exactly when the file has ``gamma`` entries. Before the strict load, the weights' names
     and shapes are matched to an architecture (:func:`check_weights_fit_arch`).
 
     Args:
         arch: one of ``models.EVAL_ARCHS`` (``vit_tiny`` ... ``vit_large``, ``resnet50``, ``convnext_*``).
         patch_size: ViT patch size (ignored for conv nets, whose dense stride follows ``dense_stage``).
-        weights: checkpoint path; ``None`` evaluates a randomly initialised network (logged as a warning).
+        weights: checkpoint path, released model's name or URL (downloaded once); ``None`` evaluates a
+            randomly initialised network (logged as a warning).
         checkpoint_key: network to use in student/teacher checkpoints.
         depth: number of blocks of a randomly initialised ViT (default: the arch's); checkpoints
             always use their own depth.
@@ -698,6 +711,7 @@ def build_pretrained_backbone(
             depth=checkpoint_depth(state_dict),
             dense_stage=dense_stage,
             layer_scale=detected.layer_scale,
+            vit_options=detected.vit_options(),
         )
         load_backbone_state_dict(model, state_dict, source=source)
         logger.info(
@@ -708,26 +722,37 @@ def build_pretrained_backbone(
     return model
 
 
-def load_released_model(name: str, weights: StrPath | None, checkpoint_key: str = "teacher") -> nn.Module:
-    """One of the released backbones of CrIBo and the compared systems, from a local file (no download).
+def load_released_model(
+    name: str, weights: StrPath | None = None, checkpoint_key: str = "teacher", pretrained: bool = True
+) -> nn.Module:
+    """One of the released backbones of CrIBo and the compared systems (``checkpoints/released_models.json``).
 
     Args:
-        name: a key of ``RELEASED_MODELS`` (``cribo_vits16_in``, ``dino_resnet50``, ``ibot_vitl16``,
+        name: a key of ``RELEASED_MODELS`` (``cribo_vits16_in``, ``dino_resnet50``, ``dinov2_vits14_reg``,
             ``vicregl_convnext_small_alpha0p75``, ...).
-        weights: local path of the released file (the file names are listed in ``RELEASED_MODELS`` and
-            the README); ``None`` gives random weights (warned).
+        weights: a local file (or URL) to load instead of the release's download; nothing is fetched for
+            a local file.
         checkpoint_key: ``"teacher"`` (default, what the papers evaluate) or ``"student"`` for
             student/teacher checkpoints; backbone-only and VICRegL files ignore it.
+        pretrained: without ``weights``, download the release once into torch's hub cache and load it
+            (True, the default), or build a randomly initialised network (False, warned).
     Returns:
         Frozen eval-mode backbone, see :func:`build_pretrained_backbone`.
+    Raises:
+        ValueError: an unknown name (the message lists the registry's names).
     """
     if name not in RELEASED_MODELS:
         raise ValueError(f"unknown released model {name!r}; choose one of {sorted(RELEASED_MODELS)}")
-    arch, patch_size, file_name = RELEASED_MODELS[name]
-    if weights is None:
-        logger.warning("%s: no weights= path given; download %s yourself and pass its path", name, file_name)
+    release = released_models()[name]
+    if weights is None and pretrained:
+        weights = fetch_release(release)
+    elif weights is None:
+        logger.warning("%s: pretrained=False, building %s with random weights", name, release.file_name)
     return build_pretrained_backbone(
-        arch, patch_size or _CONV_PATCH_SIZE_PLACEHOLDER, weights=weights, checkpoint_key=checkpoint_key
+        release.arch,
+        release.patch_size or _CONV_PATCH_SIZE_PLACEHOLDER,
+        weights=weights,
+        checkpoint_key=checkpoint_key,
     )
 
 
@@ -744,9 +769,11 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--pretrained_weights",
         default=None,
         type=str,
-        help="Checkpoint to evaluate (ours, released CrIBo, DINO (ViT or ResNet-50), iBOT, CrOC or VICRegL "
-        "layout). Without it a randomly initialised network is evaluated, with a warning; nothing is ever "
-        "downloaded.",
+        help="Checkpoint to evaluate: a local file (ours, or a CrIBo, CrOC, DINO, iBOT, VICRegL, dinov2 or "
+        "timm ViT release; nothing is downloaded for it), a released model's name (e.g. cribo_vits16_coco, "
+        "dinov2_vits14_reg; checkpoints/released_models.json) or an http(s) URL, downloaded once into "
+        "torch's hub cache and verified. Without it a randomly initialised network is evaluated, with a "
+        "warning.",
     )
     group.add_argument(
         "--checkpoint_key",
@@ -758,7 +785,8 @@ def add_backbone_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--arch",
         default=None,
         type=str,
-        help="vit_tiny, vit_small, vit_base, vit_large, resnet50 or convnext_{tiny,small,base,large,xlarge}. "
+        help="vit_tiny, vit_small, vit_base, vit_large, vit_giant, resnet50 or "
+        "convnext_{tiny,small,base,large,xlarge}. "
         "Default: what the checkpoint records or its weights fit (vit_small without weights); a mismatch "
         "is reported with the arch the weights fit.",
     )

@@ -133,7 +133,10 @@ def config_from_args(args: Any) -> DenseNNConfig:
 
 
 def default_output_json(pretrained_weights: str | None) -> str:
-    """``<checkpoint dir>/eval_dense_nn.json``, or ``./eval_dense_nn.json`` for a random network."""
+    """``<checkpoint dir>/eval_dense_nn.json`` (``output/<name>/`` for a released model's name or a URL), or
+    ``./eval_dense_nn.json`` for a random network."""
+    from cribo_utils.weights.remote_weights import results_directory
+
     if pretrained_weights:
-        return os.path.join(os.path.dirname(os.path.abspath(pretrained_weights)), "eval_dense_nn.json")
+        return os.path.abspath(results_directory(pretrained_weights) / "eval_dense_nn.json")
     return os.path.abspath("eval_dense_nn.json")
