@@ -175,7 +175,8 @@ def test_eval_linear_end_to_end_cached(tmp_path):
     assert [r["epoch"] for r in written["history"] if "val_top1" in r] == [1, 2]
     assert written["last_top1"] == written["history"][-1]["val_top1"]
     assert 0.0 <= written["best_top1"] <= 100.0 and written["last_top5"] is not None
-    saved = torch.load(tmp_path / "linear_classifier.pth", weights_only=True)
+    saved = torch.load(tmp_path / "eval_linear_synthetic_checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == 3 and saved["history"] == written["history"]
     assert saved["state_dict"]["linear.weight"].shape == (12, 192 * 3)
 
 
@@ -190,12 +191,12 @@ def test_eval_linear_end_to_end_augmented_next_to_checkpoint(tmp_path):
     results = eval_linear.main(
         _linear_argv("--epochs", "1", "--train_aug", "--pretrained_weights", str(checkpoint))
     )
-    written = json.loads((tmp_path / "run" / "eval_linear.json").read_text())
+    written = json.loads((tmp_path / "run" / "eval_linear_synthetic.json").read_text())
     assert (
         written["train_aug"] is True and written["cache_features"] is False and written["deviation"] is None
     )
     assert written["depth"] == 2 and written["best_top1"] == results["best_top1"]
-    assert (tmp_path / "run" / "eval_linear_classifier.pth").is_file()
+    assert (tmp_path / "run" / "eval_linear_synthetic_checkpoint.pth").is_file()
 
 
 def _fit_blobs(batch_size):

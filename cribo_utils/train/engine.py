@@ -193,7 +193,9 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
     env: distributed.DistEnv | None = None
     collective_failed = False
     try:
-        env = distributed.init_distributed(timeout_s=args.dist_timeout)
+        env = distributed.init_distributed(
+            timeout_s=args.dist_timeout, dist_url=getattr(args, "dist_url", "env://")
+        )
         os.makedirs(args.output_dir, exist_ok=True)
         setup_logging(args.output_dir, env.rank)
         validate_args(args, env.world_size)
