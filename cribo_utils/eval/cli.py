@@ -43,8 +43,9 @@ EVAL_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with every default shown; a None default is described by the help text itself."""
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every default shown (a None default is described by the help text itself); the
+    description and epilog are printed as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or "Default:" in (action.help or ""):

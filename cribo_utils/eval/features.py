@@ -324,6 +324,8 @@ def resolve_classification_dataset(args: argparse.Namespace, script: str) -> str
 
 def resolve_image_sizes(args: argparse.Namespace) -> tuple[int, int]:
     """``(resize, crop)``: the flags if given, else 256/224 for folders and crop/crop (128) for synthetic."""
+    if args.dataset is None:
+        resolve_classification_dataset(args, "the evaluation")
     if args.dataset == "synthetic":
         crop = args.image_size or 128
         resize = args.resize or crop
@@ -349,6 +351,8 @@ def build_classification_split(args: argparse.Namespace, split: str, transform: 
     """
     from data.datasets import build_classification_dataset
 
+    if args.dataset is None:
+        resolve_classification_dataset(args, "the evaluation")
     resize, _ = resolve_image_sizes(args)
     synthetic_kwargs = {
         "image_size": resize,

@@ -101,12 +101,16 @@ class TorchShardIndex:
 
     ``search`` computes ``S = queries @ features^T`` block by block (memory chunks of
     ``SIMILARITY_BLOCK_BYTES / (4 Q)`` rows, within each added part), keeps each block's top-k and merges
-    them, so no (Q, m) matrix is ever formed.
+    them, so no (Q, m) matrix is ever formed. Products are always float32: a float16 index stores the
+    features rounded to half precision (half the memory) and upcasts one block at a time.
+
+    A part added with the index's own device and dtype is kept as is, without a copy (a view of the
+    caller's tensor): a CPU index over a float16 extraction buffer costs no second copy of the shard.
 
     Args:
         dim: D.
         device: where the features live and the products run (the evaluation's device).
-        dtype: storage and product dtype (float32 keeps the similarities of the faiss reference).
+        dtype: storage dtype, float32 (the similarities of the faiss reference) or float16.
     """
 
     def __init__(
@@ -143,7 +147,7 @@ class TorchShardIndex:
 
         The added parts are searched in place (never concatenated), so the search needs no second copy
         of the shard, only one similarity block."""
-        queries = queries.to(self.device, self.dtype)
+        queries = queries.to(self.device, torch.float32)
         k = min(k, len(self))
         best_similarities = torch.empty(queries.shape[0], 0, device=self.device)
         best_ids = torch.empty(queries.shape[0], 0, dtype=torch.long, device=self.device)
@@ -153,7 +157,7 @@ class TorchShardIndex:
         part_offset = 0
         for part in self._parts:
             for start in range(0, part.shape[0], rows_per_block):
-                block = queries @ part[start : start + rows_per_block].T
+                block = queries @ part[start : start + rows_per_block].float().T
                 values, indices = block_top_k(block, min(k, block.shape[1]))
                 best_similarities = torch.cat([best_similarities, values.float()], dim=1)
                 best_ids = torch.cat([best_ids, indices + part_offset + start], dim=1)

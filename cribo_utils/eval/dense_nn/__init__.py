@@ -60,7 +60,6 @@ from cribo_utils.eval.dense_nn.config import (
     INDEX_KINDS,
     DenseNNConfig,
     config_from_args,
-    default_output_json,
     resolve_memory_ignore,
 )
 from cribo_utils.eval.dense_nn.datasets import (
@@ -134,7 +133,6 @@ __all__ = [
     "config_from_args",
     "dataset_classes",
     "default_nlist",
-    "default_output_json",
     "dense_feature_dim",
     "estimate_memory_bytes",
     "evaluate_dense_nn",
