@@ -27,6 +27,7 @@ LAYOUT_DESCRIPTIONS: dict[str, str] = {
 _FAMILIES = {"imagenet1k": "classes", "imagefolder": "classes"}
 _WORDNET_ID = re.compile(r"n\d{8}")
 _SHOWN_ENTRIES = 6
+_COCO_FOLDERS = ("train2017", "images/train2017")
 
 
 def _voc_root(root: Path) -> Path | None:
@@ -45,11 +46,6 @@ def _ade20k_root(root: Path) -> Path | None:
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _holds_images(folder: Path) -> bool:
-    """True as soon as one image file is found below ``folder`` (stops at the first)."""
-    return any(_is_image_file(path.name) for path in folder.rglob("*"))
 
 
 def _classification_layout(root: Path) -> str | None:
@@ -82,9 +78,9 @@ def detect_layout(data_path: str | Path) -> str:
 
     ``voc``: the folder, its ``VOC2012/`` or its ``VOCdevkit/VOC2012/`` holds ``JPEGImages/`` and
     ``ImageSets/Segmentation/``; ``ade20k``: the folder or its ``ADEChallengeData2016/`` holds ``images/``
-    and ``annotations/``; ``imagenet1k``: ``ILSVRC2012_img_{train,val}/``, or ``train/`` / ``val/`` whose
-    class folders are WordNet ids; ``imagefolder``: other ``train/`` / ``val/`` class trees, or class folders
-    directly; ``coco``: images with no class folders.
+    and ``annotations/``; ``coco``: ``train2017/`` or ``images/train2017/`` (COCO), or images directly;
+    ``imagenet1k``: ``ILSVRC2012_img_{train,val}/``, or ``train/`` / ``val/`` whose class folders are
+    WordNet ids; ``imagefolder``: other ``train/`` / ``val/`` class trees, or class folders directly.
 
     Raises:
         DatasetLayoutError: the folder does not exist, or holds none of these (the message lists what it
@@ -97,12 +93,12 @@ def detect_layout(data_path: str | Path) -> str:
         return "voc"
     if _ade20k_root(root) is not None:
         return "ade20k"
+    if any((root / folder).is_dir() for folder in _COCO_FOLDERS):
+        return "coco"
     layout = _classification_layout(root)
     if layout is not None:
         return layout
-    if any(_is_image_file(p.name) for p in root.iterdir()) or (
-        (root / "train2017").is_dir() and _holds_images(root / "train2017")
-    ):
+    if any(_is_image_file(p.name) for p in root.iterdir()):
         return "coco"
     raise DatasetLayoutError(
         f"--data_path {root}: unrecognised layout (it holds {_entries(root)}); expected ImageNet or class "

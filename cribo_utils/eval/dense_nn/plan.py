@@ -112,8 +112,9 @@ def estimate_memory_bytes(
     - ``index``: 0 for ``torch`` (on the CPU its parts are views of that buffer; on a GPU they are in GPU
       memory), a float32 copy ``ceil(M / W) * D * 4`` for faiss ``exact``, plus 8-byte ids per entry and the
       quantiser's training sample ``min(M, 256 nlist) * D * 4`` for ``ivf``;
-    - ``labels``: the whole memory's labels ``M * L * (c + n)``, twice while the batches' parts are joined
-      (and, when W > 1, the int32 copies of the broadcast, ``4 * M * L * 4``);
+    - ``labels``: the whole memory's labels ``M * L * (c + n)``, three times while the batches' parts, their
+      padded copies and the joined table coexist (and, when W > 1, the int32 copies of the broadcast,
+      ``4 * M * L * 4``);
     - ``search``: one similarity block (:data:`cribo_utils.eval.sharded_search.SIMILARITY_BLOCK_BYTES`);
     - ``runtime``: :data:`RUNTIME_BYTES` plus :data:`WORKER_BYTES` per data-loading worker.
 
@@ -137,7 +138,7 @@ def estimate_memory_bytes(
         if index == "ivf":
             sample_rows = min(size, 256 * (nlist or max(1, min(int(4 * math.sqrt(size)), size // 39))))
             index_bytes += shard_rows * 8 + sample_rows * dim * 4
-    labels_peak = 2 * label_bytes + (4 * size * width * 4 if world_size > 1 else 0)
+    labels_peak = 3 * label_bytes + (4 * size * width * 4 if world_size > 1 else 0)
     runtime = RUNTIME_BYTES + num_workers * WORKER_BYTES
     process = feature_bytes + index_bytes + labels_peak + SIMILARITY_BLOCK_BYTES + runtime
     gpu = feature_bytes + label_bytes + SIMILARITY_BLOCK_BYTES if index == "torch" and index_on_gpu else 0
