@@ -303,7 +303,7 @@ def test_ram_check_message() -> None:
     ):
         check_memory_fits(plan, 384, 21, 16, "exact", 10_240_000, available=2**30)
     estimate = check_memory_fits(plan, 384, 21, 16, "exact", 10_240_000, available=2**50)
-    assert estimate["index"] == plan.size * 384 * 4
+    assert estimate["index"] == 2 * plan.size * 384 * 4  # a faiss copy, twice while it grows
 
 
 class _HugeDataset:

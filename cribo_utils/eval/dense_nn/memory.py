@@ -191,6 +191,7 @@ def build_memory(
         index_on_gpu=device.type == "cuda",
         nlist=cfg.nlist,
         num_workers=cfg.num_workers,
+        queries_per_search=cfg.batch_size * side * side * distributed.get_world_size(),
     )
     image_indices = training_subset(len(train_dataset), cfg.train_fraction, cfg.seed)
     items = MemoryItems(

@@ -29,6 +29,8 @@ RUNTIME_BYTES = 3 * 2**29
 #: Host bytes allowed per data-loading worker process (decoded images, prefetched batches).
 WORKER_BYTES = 2**29
 FEATURE_BYTES = {"fp32": 4, "fp16": 2}
+# faiss's exhaustive search computes its inner products in blocks of 4096 queries x 1024 entries.
+_FAISS_BLOCK_BYTES = 4096 * 1024 * 4
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ def estimate_memory_bytes(
     index_on_gpu: bool = False,
     nlist: int | None = None,
     num_workers: int = 0,
+    queries_per_search: int | None = None,
 ) -> dict[str, int]:
     """Peak bytes of the evaluation, per process and per node, before anything is built.
 
@@ -110,15 +113,20 @@ def estimate_memory_bytes(
 
     - ``features``: its extraction buffer ``ceil(M / W) * D * b``;
     - ``index``: 0 for ``torch`` (on the CPU its parts are views of that buffer; on a GPU they are in GPU
-      memory), a float32 copy ``ceil(M / W) * D * 4`` for faiss ``exact``, plus 8-byte ids per entry and the
-      quantiser's training sample ``min(M, 256 nlist) * D * 4`` for ``ivf``;
+      memory); for faiss a float32 copy ``ceil(M / W) * D * 4``, counted twice because faiss grows its
+      storage by doubling while the shard is added in chunks, plus for ``ivf`` 8-byte ids per entry and the
+      quantiser's training sample ``min(M, 256 nlist) * D * 4``;
     - ``labels``: the whole memory's labels ``M * L * (c + n)``, three times while the batches' parts, their
       padded copies and the joined table coexist (and, when W > 1, the int32 copies of the broadcast,
       ``4 * M * L * 4``);
-    - ``search``: one similarity block (:data:`cribo_utils.eval.sharded_search.SIMILARITY_BLOCK_BYTES`);
+    - ``search``: ``torch``: one similarity block B
+      (:data:`cribo_utils.eval.sharded_search.SIMILARITY_BLOCK_BYTES`) and 15 % more for the buffers of the
+      product and of the top-k, plus for fp16 the block's memory rows in float32, ``B D / max(Q, D)`` for Q
+      queries per search (B when Q is not given), counted twice (two such copies were seen to coexist);
+      faiss: its own blocks of 4096 x 1024 products (16 MiB);
     - ``runtime``: :data:`RUNTIME_BYTES` plus :data:`WORKER_BYTES` per data-loading worker.
 
-    A ``torch`` index on a GPU holds ``gpu = ceil(M / W) * D * b + M * L * (c + n) + one block`` there.
+    A ``torch`` index on a GPU holds ``gpu = ceil(M / W) * D * b + M * L * (c + n) + search`` there.
 
     Returns:
         dict with the parts above, ``process`` (their sum), ``total`` (times the processes of a node) and
@@ -134,19 +142,22 @@ def estimate_memory_bytes(
     if index == "torch":
         index_bytes = 0
     else:
-        index_bytes = shard_rows * dim * 4
+        index_bytes = 2 * shard_rows * dim * 4
         if index == "ivf":
             sample_rows = min(size, 256 * (nlist or max(1, min(int(4 * math.sqrt(size)), size // 39))))
             index_bytes += shard_rows * 8 + sample_rows * dim * 4
     labels_peak = 3 * label_bytes + (4 * size * width * 4 if world_size > 1 else 0)
     runtime = RUNTIME_BYTES + num_workers * WORKER_BYTES
-    process = feature_bytes + index_bytes + labels_peak + SIMILARITY_BLOCK_BYTES + runtime
-    gpu = feature_bytes + label_bytes + SIMILARITY_BLOCK_BYTES if index == "torch" and index_on_gpu else 0
+    search = SIMILARITY_BLOCK_BYTES * 23 // 20 if index == "torch" else _FAISS_BLOCK_BYTES
+    if index == "torch" and memory_dtype == "fp16":
+        search += 2 * SIMILARITY_BLOCK_BYTES * dim // max(queries_per_search or dim, dim)
+    process = feature_bytes + index_bytes + labels_peak + search + runtime
+    gpu = feature_bytes + label_bytes + search if index == "torch" and index_on_gpu else 0
     return {
         "features": feature_bytes,
         "index": index_bytes,
         "labels": labels_peak,
-        "search": SIMILARITY_BLOCK_BYTES,
+        "search": search,
         "runtime": runtime,
         "process": process,
         "total": processes_per_node * process,
@@ -175,6 +186,7 @@ def check_memory_fits(
     index_on_gpu: bool = False,
     nlist: int | None = None,
     num_workers: int = 0,
+    queries_per_search: int | None = None,
 ) -> dict[str, int]:
     """Fail early when the evaluation would not fit in host RAM (:func:`estimate_memory_bytes`).
 
@@ -191,6 +203,7 @@ def check_memory_fits(
         index_on_gpu: the ``torch`` index lives in GPU memory.
         nlist: IVF lists (None: the default).
         num_workers: data-loading workers per process.
+        queries_per_search: query patches of one search over all processes (``batch x S^2 x W``).
     Returns:
         The estimate.
     Raises:
@@ -209,6 +222,7 @@ def check_memory_fits(
         index_on_gpu,
         nlist,
         num_workers,
+        queries_per_search,
     )
     source = "as given by the caller"
     if available is None:

@@ -152,7 +152,8 @@ def protocol_ram(
     num_workers: int = 7,
     index_on_gpu: bool = False,
 ) -> dict[str, int]:
-    """The RAM estimate of one process running ``protocol`` with exact ``torch`` search (W = 1)."""
+    """The RAM estimate of one process running ``protocol`` with exact ``torch`` search (W = 1, batches of
+    16 images)."""
     from cribo_utils.eval.dense_nn.plan import estimate_memory_bytes
 
     image_size = protocol.image_size or 128
@@ -167,6 +168,7 @@ def protocol_ram(
         memory_dtype=protocol.memory_dtype,
         index_on_gpu=index_on_gpu,
         num_workers=num_workers,
+        queries_per_search=16 * (image_size // patch_size) ** 2,
     )
 
 
