@@ -259,9 +259,9 @@ def test_training_skips_unreadable_files_and_counts_them_per_epoch(tmp_path):
         "--num_workers",
         "2",
     )
-    records = [record for record in train_log(output_dir) if "epoch_loss" in record]
+    records = [record for record in train_log(output_dir) if "train_loss" in record]
     # 24 images, batch 4: every file is drawn once per epoch, so each epoch meets the 3 unreadable ones
-    assert [record["epoch_skipped_files"] for record in records] == [3, 3]
+    assert [record["train_skipped_files"] for record in records] == [3, 3]
     log = (output_dir / "logs" / "rank0.log").read_text()
     for path in bad:
         assert f"skipping unreadable file {path}" in log

@@ -345,9 +345,10 @@ def train_one_epoch(
     )
     if saved_at != iteration or epoch_copy is not None:  # never the same state twice: the backup stays older
         save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
-    epoch_record = {f"epoch_{key}": value for key, value in averages.items()}
+    # DINO's epoch record: every averaged metric as train_<name> (train_loss, train_lr, train_wd, the terms).
+    epoch_record = {f"train_{key}": value for key, value in averages.items()}
     metric_logger.log(
-        {"epoch": epoch, "iteration": iteration, **epoch_record, "epoch_skipped_files": skipped_files}
+        {"epoch": epoch, "iteration": iteration, **epoch_record, "train_skipped_files": skipped_files}
     )
     if skipped_files and distributed.is_main_process():
         logger.warning(
