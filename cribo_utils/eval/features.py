@@ -9,7 +9,7 @@ validation set.
 
 Feature kinds (``extract_features(kind=...)``), for a ViT with final LayerNorm ``norm``:
 
-- ``"cls"``: ``norm(z_L)[CLS]``, shape (B, D) (k-NN classifier, dense-protocol doc Part B);
+- ``"cls"``: ``norm(z_L)[CLS]``, shape (B, D) (k-NN classifier, docs/dense-nn-protocol.md, Part B);
 - ``"patch"``: ``norm(z_L)[1:]``, shape (B, N, D) (dense NN retrieval, Part A);
 - ``"linear"``: DINO's linear-probe input (Part C), shape (B, D * (n + avgpool)):
   ``[norm(z_{L-n+1})[CLS], ..., norm(z_L)[CLS], (mean_i norm(z_L)[i] if avgpool)]``.

@@ -1,4 +1,4 @@
-"""DINO's weighted k-NN classifier on frozen [CLS] features (dense-protocol doc, Part B).
+"""DINO's weighted k-NN classifier on frozen [CLS] features (docs/dense-nn-protocol.md, Part B).
 
 For a test feature ``x`` and L2-normalised training features ``f_i`` with labels ``y_i``:
 

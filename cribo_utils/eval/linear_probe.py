@@ -1,4 +1,4 @@
-"""DINO's linear probe on frozen ViT features (dense-protocol doc, Part C).
+"""DINO's linear probe on frozen ViT features (docs/dense-nn-protocol.md, Part C).
 
 Frozen features (see :func:`cribo_utils.eval.features.linear_probe_features`):
 

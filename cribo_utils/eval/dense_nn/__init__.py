@@ -1,6 +1,6 @@
 """Dense nearest-neighbour retrieval evaluation ("Hummingbird", in-context scene understanding).
 
-Protocol: ``dense-nn-protocol.md``, Part A (Balažević et al., NeurIPS 2023; open-hummingbird-eval). The
+Protocol: docs/dense-nn-protocol.md, Part A (Balažević et al., NeurIPS 2023; open-hummingbird-eval). The
 backbone is frozen; no parameter is trained.
 
 1. **Memory** (A.3). ``augmentation_epochs`` passes over a fixed, seeded subset of the training images

@@ -1,6 +1,6 @@
 """Configuration of the dense-NN evaluation: the protocol parameters, their checks and the CLI mapping.
 
-:class:`DenseNNConfig` holds every parameter of the protocol (dense-nn-protocol.md, Part A);
+:class:`DenseNNConfig` holds every parameter of the protocol (docs/dense-nn-protocol.md, Part A);
 :func:`config_from_args` builds it from the flags of ``eval_dense_nn.py``.
 """
 

@@ -3,7 +3,7 @@
 ``eval_dense_nn.py --protocol voc`` (or ``ade20k``) runs the setting of the literature (the Hummingbird
 evaluation as open-hummingbird-eval implements it, which the CrIBo numbers follow): 512 px inputs, a memory
 of 10,240,000 patch features from two augmented passes over the whole training split, k = 30 neighbours,
-softmax temperature 0.02 (``docs/dense-nn-protocol.md``, Sec. 3). Without ``--protocol`` the dataset's own
+softmax temperature 0.02 (docs/dense-nn-protocol.md, A.8). Without ``--protocol`` the dataset's own
 protocol applies. A flag given explicitly overrides one value; the result file then records the protocol
 *and* the overrides, and is named ``eval_dense_nn_<protocol>_custom.json`` instead of
 ``eval_dense_nn_<protocol>.json``, so it is never mistaken for the protocol.
