@@ -177,6 +177,33 @@ def test_unwritable_output_dir_fails_before_any_data_is_read(tmp_path: Path, mon
         eval_linear.main([*_SMALL, "--output_dir", str(blocker / "results")])
 
 
+def test_a_result_of_other_weights_is_never_overwritten(tmp_path: Path) -> None:
+    import eval_knn
+    from models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny", patch_size=16, img_size=32, depth=2)
+    for name in ("checkpoint0001.pth", "checkpoint.pth"):
+        torch.save(
+            {"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, tmp_path / name
+        )
+    argv = ["--synthetic_num_train", "8", "--synthetic_num_val", "4", "--image_size", "32", "--nb_knn", "2"]
+    argv += ["--num_workers", "0"]
+    eval_knn.main([*argv, "--pretrained_weights", str(tmp_path / "checkpoint0001.pth")])
+    eval_knn.main(
+        [*argv, "--pretrained_weights", str(tmp_path / "checkpoint0001.pth")]
+    )  # a rerun replaces it
+    with pytest.raises(
+        EvalConfigError, match=r"eval_knn_synthetic.json holds the result of .*checkpoint0001"
+    ):
+        eval_knn.main([*argv, "--pretrained_weights", str(tmp_path / "checkpoint.pth")])
+    written = json.loads((tmp_path / "eval_knn_synthetic.json").read_text())
+    assert written["pretrained_weights"].endswith("checkpoint0001.pth")
+    eval_knn.main(
+        [*argv, "--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--output_dir", str(tmp_path / "b")]
+    )
+
+
 def test_check_writable_creates_the_folder(tmp_path: Path) -> None:
     path = check_writable(tmp_path / "a" / "b" / "r.json")
     assert path.parent.is_dir() and list(path.parent.iterdir()) == []
@@ -326,3 +353,69 @@ def test_knn_features_round_trip_through_dump_and_load(tmp_path: Path) -> None:
     (tmp_path / "f" / "testlabels.pth").unlink()
     with pytest.raises(FileNotFoundError, match="testlabels.pth is missing"):
         eval_knn.main(["--load_features", str(tmp_path / "f")])
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's commands and DINO's run as typed (parsed: the datasets are not here)
+# ------------------------------------------------------------------------------------------------
+
+_LAUNCHERS = ("main_cribo.py", "eval_knn.py", "eval_linear.py", "eval_dense_nn.py", "run_slurm.sh")
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """``(script, argv)`` of every launcher command in the README's bash blocks."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            scripts = [i for i, token in enumerate(tokens) if token in _LAUNCHERS]
+            if scripts:
+                script = tokens[scripts[0]]
+                commands.append(
+                    ("main_cribo.py" if script == "run_slurm.sh" else script, tokens[scripts[0] + 1 :])
+                )
+    return commands
+
+
+def _parse(script: str, argv: list[str]) -> argparse.Namespace:
+    if script == "main_cribo.py":
+        from cribo_utils.train.parser import resolve_args
+
+        return resolve_args(argv)
+    return _parsers()[script].parse_args(argv)
+
+
+def test_the_readme_commands_parse_as_written() -> None:
+    commands = readme_commands()
+    scripts = {script for script, _ in commands}
+    assert {"main_cribo.py", "eval_knn.py", "eval_linear.py", "eval_dense_nn.py"} <= scripts
+    for script, argv in commands:
+        if "..." in argv:
+            continue  # an elided path
+        _parse(script, argv)  # argparse exits on an unknown or malformed flag
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "eval_knn.py --pretrained_weights /path/to/checkpoint.pth --checkpoint_key teacher --data_path "
+        "/path/to/imagenet --local_rank=0",
+        "eval_knn.py --pretrained_weights dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 "
+        "--data_path /path/to/imagenet --nb_knn 10 20 100 200 --temperature 0.07 --use_cuda false "
+        "--dump_features /path/to/features --dist_url env://",
+        "eval_knn.py --load_features /path/to/features --nb_knn 20",
+        "eval_linear.py --arch vit_small --patch_size 16 --n_last_blocks 4 --avgpool_patchtokens false "
+        "--pretrained_weights /path/to/checkpoint.pth --checkpoint_key teacher --data_path /path/to/imagenet "
+        "--output_dir /path/to/output --epochs 100 --lr 0.001 --batch_size_per_gpu 128 --num_workers 10 "
+        "--val_freq 1 --num_labels 1000 --dist_url env://",
+        "eval_linear.py --evaluate --arch vit_small --patch_size 16 --data_path /path/to/imagenet",
+        "eval_linear.py --arch vit_base --n_last_blocks 1 --avgpool_patchtokens true --data_path /imagenet",
+    ],
+)
+def test_dinos_evaluation_commands_parse_as_written(command: str) -> None:
+    script, *argv = command.split()
+    args = _parse(script, argv)
+    assert args.dist_url == "env://"

@@ -146,6 +146,40 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _same_weights(recorded: str | None, requested: str | None) -> bool:
+    if not recorded or not requested:
+        return not recorded and not requested
+    return Path(recorded).resolve() == Path(requested).resolve()
+
+
+def check_result_owner(path: Path, pretrained_weights: str | None, checkpoint_key: str) -> None:
+    """Refuse to overwrite a result file written for other weights (rerunning the same weights may).
+
+    Results are named per evaluation, dataset and protocol, so two checkpoints of one folder would share a
+    name; the second run stops before any work instead of replacing the first one's result.
+
+    Raises:
+        EvalConfigError: ``path`` holds the result of other weights or another ``--checkpoint_key``.
+    """
+    import json
+
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # not a result of ours: replaced like any stale file
+    if not isinstance(recorded, dict) or "pretrained_weights" not in recorded:
+        return
+    same_key = recorded.get("checkpoint_key", checkpoint_key) == checkpoint_key
+    if not (_same_weights(recorded.get("pretrained_weights"), pretrained_weights) and same_key):
+        raise EvalConfigError(
+            f"{path} holds the result of --pretrained_weights {recorded.get('pretrained_weights')} "
+            f"(--checkpoint_key {recorded.get('checkpoint_key')}); give this evaluation another --output_dir "
+            "(or delete that file)"
+        )
+
+
 def run_launcher(script: str, main: Callable[[Sequence[str]], Any], cleanup: Callable[[], None]) -> None:
     """Run a launcher's ``main(sys.argv[1:])``: a bad flag, folder or file exits with one line, status 1."""
     try:

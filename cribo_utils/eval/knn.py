@@ -33,6 +33,7 @@ from cribo_utils.eval.cli import (
     DefaultsHelpFormatter,
     EvalConfigError,
     add_run_flags,
+    check_result_owner,
     check_writable,
     resolve_seeds,
     result_path,
@@ -354,6 +355,8 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
         resolve_classification_dataset(args, "eval_knn.py")
     dataset = source["dataset"] if args.load_features else args.dataset
     output = check_writable(result_path(args, f"eval_knn_{dataset}.json"))
+    owner = source if args.load_features else vars(args)
+    check_result_owner(output, owner.get("pretrained_weights"), owner.get("checkpoint_key", "teacher"))
     if args.dump_features:
         check_writable(Path(args.dump_features) / FEATURES_META)
 

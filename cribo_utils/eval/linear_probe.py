@@ -40,6 +40,7 @@ from cribo_utils.eval.cli import (
     DefaultsHelpFormatter,
     EvalConfigError,
     add_run_flags,
+    check_result_owner,
     check_writable,
     resolve_seeds,
     result_path,
@@ -449,6 +450,7 @@ def run_linear(args: argparse.Namespace) -> dict[str, Any]:
     train_aug, cache_features = resolve_training_inputs(args)
     stem = f"eval_linear_{args.dataset}"
     output = check_writable(result_path(args, f"{stem}_evaluate.json" if args.evaluate else f"{stem}.json"))
+    check_result_owner(output, args.pretrained_weights, args.checkpoint_key)
     checkpoint_path = output.with_name(f"{stem}_checkpoint.pth")
     resume = read_probe_checkpoint(checkpoint_path, required=args.evaluate)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cribo_utils.eval.cli import check_writable
+from cribo_utils.eval.cli import check_result_owner, check_writable
 from cribo_utils.eval.dense_nn.cli import protocol_record, resolve_dense_args
 from cribo_utils.eval.dense_nn.config import DEFAULT_SPLITS, config_from_args
 from cribo_utils.eval.dense_nn.scoring import dataset_classes, evaluate_dense_nn
@@ -53,6 +53,7 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     from models import dense_stride
 
     output_json = check_writable(resolve_dense_args(args))
+    check_result_owner(output_json, args.pretrained_weights, args.checkpoint_key)
     env = distributed.init_distributed(dist_url=args.dist_url)
     resolve_backbone_args(args)
     cfg = config_from_args(args)
