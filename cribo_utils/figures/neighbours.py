@@ -125,7 +125,7 @@ def plot_neighbours(
     The bank is built from ``bank_images`` (:func:`build_object_bank`); the query objects are all valid
     objects of ``query_images``; retrieval is
     :func:`cribo_utils.method.neighbours.find_cycle_consistent_neighbours`
-    (docs/method.md, Sec. 8): ``j_v(i) = argmax_r cos(c^v_i, q^v_r)``, accepted when the neighbour's other view
+    (docs/method.md, Sec. 8): ``j_v(i) = argmax_r cos(c^v_i, q^v_r)``, accepted if the neighbour's other view
     points back to the query's other view among all current objects. One row per shown object: query
     view 1, its neighbour (bank view 1), query view 2, its neighbour (bank view 2); a neighbour is framed
     green when the cycle-consistency test passed and red when it failed.

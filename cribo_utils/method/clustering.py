@@ -27,7 +27,7 @@ differences from the reference implementation (docs/differences.md):
   whose positional costs are all 0 (every token at the same coordinates) keeps ``G = 0``, where the
   reference divides 0 by 0. Non-degenerate inputs are unaffected.
 
-The positional-cost quirks of docs/differences.md, difference 5 (a singleton's own cluster gets the image's mean cost, tokens
+The quirks of docs/differences.md, difference 5 (a singleton's own cluster gets the image's mean cost, tokens
 at identical coordinates count as "self", the fallback mean includes the zero placeholders) are kept
 on purpose.
 """

@@ -14,14 +14,14 @@ Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O out
 - Cross-image nearest neighbours (cycle-consistent, masks ``m1``, ``m2``):
   ``L_nn = 1/2 [ sum_i m1_i H(V^1_i, R^2_i) / |m1| + sum_i m2_i H(V^2_i, R^1_i) / |m2| ]`` with
   ``V^v = sm((h_t(q^v_{jv(i)}) - C_c) / tau_c)``; a direction with ``|m_v| = 0`` contributes 0. The
-  reference divides both sums by ``|m1|`` and drops both when ``|m1| = 0`` (docs/differences.md, difference 7).
+  reference divides both by ``|m1|``, dropping both if ``|m1| = 0`` (docs/differences.md, difference 7).
 - ``L = L_img + L_obj + L_nn`` (CrIBo); the ablations keep a prefix of it: ``L = L_img + L_obj``
   (``objective="cross_view"``, CrOC-like, no memory bank) and ``L = L_img`` (``objective="image"``, DINO).
   Terms left out are still computed and returned for the log, with no gradient reaching the total.
 
 Everything is computed in float32 (inputs are cast at entry; the reference log-softmaxes fp16 logits and
-sums fp16 centres, docs/differences.md, difference 13), and a rank with M = 0 objects gives 0 for the object terms, not NaN, while
-still taking part in the centre all-reduce.
+sums fp16 centres: docs/differences.md, difference 13), and a rank with M = 0 objects gives 0 for the
+object terms, not NaN, while still taking part in the centre all-reduce.
 """
 
 from __future__ import annotations
