@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (DINO's protocol; logic in cribo_utils/eval/linear_probe.py).
+"""Linear probe on frozen features (DINO's protocol; cribo_utils/eval/linear_runner.py).
 
     python eval_linear.py                                           # synthetic scenes, cached features
     python eval_linear.py --pretrained_weights output/teacher_backbone.pth --epochs 20
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cribo_utils.eval.cli import run_launcher
-from cribo_utils.eval.linear_probe import get_args_parser, run_linear
+from cribo_utils.eval.linear_runner import get_args_parser, run_linear
 from cribo_utils.runtime import distributed
 from cribo_utils.runtime.logger import setup_logging
 

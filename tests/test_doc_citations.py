@@ -30,7 +30,8 @@ PENDING = {
     "cribo_utils/weights/checkpoint_formats.py",
 }
 LEGACY = re.compile(
-    r"method doc|method notes|\bdefects? \d|(?<![\w/])dense-nn-protocol\.md|dense-protocol doc|STYLE\.md"
+    r"method doc|method notes|\bdefects? \d|(?<![\w/])dense-nn-protocol\.md`*,?\s*(?:Part|[A-C]\.\d)"
+    r"|dense-protocol doc|STYLE\.md"
     r"|reference-performance\.md"
 )
 CITATION = re.compile(r"docs/(?P<file>[\w.-]+\.md)(?P<rest>[^\n;)]{0,90})")
@@ -146,5 +147,11 @@ def test_the_checker_catches_missing_files_sections_and_legacy_spellings(tmp_pat
     assert "no section B" in " ".join(errors("(docs/protocol.md, Part B)"))
     assert "no file docs/missing.md" in " ".join(errors("see docs/missing.md, Sec. 1"))
     assert "no section 3" in " ".join(errors("(docs/method.md, difference 3)"))
-    for legacy in ("method doc Sec. 4", "defect 7", "see dense-nn-protocol.md", "STYLE.md", "method notes"):
+    legacy_forms = (
+        "method doc Sec. 4",
+        "defect 7",
+        "(dense-nn-protocol.md, Part A)",
+        "``dense-nn-protocol.md`` A.7",
+    )
+    for legacy in (*legacy_forms, "STYLE.md", "method notes"):
         assert errors(legacy), legacy

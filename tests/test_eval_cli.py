@@ -28,7 +28,7 @@ SEGMENTATION = ("synthetic", "voc", "ade20k")
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     import eval_dense_nn
     from cribo_utils.eval.knn import get_args_parser as knn_parser
-    from cribo_utils.eval.linear_probe import get_args_parser as linear_parser
+    from cribo_utils.eval.linear_runner import get_args_parser as linear_parser
     from cribo_utils.train.parser import get_args_parser as train_parser
 
     return {
@@ -165,12 +165,12 @@ def test_a_contradiction_stops_in_one_line_before_any_work(tmp_path: Path) -> No
 
 def test_unwritable_output_dir_fails_before_any_data_is_read(tmp_path: Path, monkeypatch) -> None:
     import eval_linear
-    from cribo_utils.eval import linear_probe
+    from cribo_utils.eval import linear_runner
 
     def no_data(*args, **kwargs):
         raise AssertionError("the write check must come before any data is read")
 
-    monkeypatch.setattr(linear_probe, "build_classification_split", no_data)
+    monkeypatch.setattr(linear_runner, "build_classification_split", no_data)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(EvalConfigError, match=r"cannot write the results to .*a_file.* --output_dir"):

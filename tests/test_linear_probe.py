@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cribo_utils.eval import linear_probe as lp
+from cribo_utils.eval import linear_runner
 from cribo_utils.eval.features import linear_probe_features
 from models import build_backbone
 
@@ -125,7 +126,7 @@ def test_cached_batches_cover_every_sample_once_per_epoch_with_fresh_order():
 
 def test_training_input_defaults_and_conflicts():
     def resolve(dataset, train_aug=None, cache_features=None):
-        return lp.resolve_training_inputs(
+        return linear_runner.resolve_training_inputs(
             argparse.Namespace(dataset=dataset, train_aug=train_aug, cache_features=cache_features)
         )
 

@@ -9,8 +9,9 @@
   included; ``--init_seed`` still overrides the latter alone (random baselines over several inits).
 - **Results.** ``--output_dir`` (default: the folder of ``--pretrained_weights``, ``./output`` without
   weights) receives one file per evaluation, dataset and protocol (``eval_knn_<dataset>.json``,
-  ``eval_dense_nn_voc.json``, ...), so no run overwrites another's; ``--output_json`` names the file
-  exactly. The folder must be writable: checked before any data is read (:func:`check_writable`).
+  ``eval_dense_nn_voc.json``, ...); a file holding the result of other weights is never replaced
+  (:func:`check_result_owner`), and ``--output_json`` names the file exactly. The folder must be writable:
+  checked before any data is read (:func:`check_writable`).
 - **Errors.** A bad flag, folder or layout stops the run with one line (:data:`EVAL_ERRORS`), before any
   network is built.
 """
@@ -185,6 +186,6 @@ def run_launcher(script: str, main: Callable[[Sequence[str]], Any], cleanup: Cal
     try:
         main(sys.argv[1:])
     except EVAL_ERRORS as error:
-        sys.exit(f"{script}: error: {error}")
+        sys.exit(f"{script}: error: {error or type(error).__name__}")
     finally:
         cleanup()
