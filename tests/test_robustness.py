@@ -129,6 +129,14 @@ def test_both_checkpoints_damaged_is_a_clear_error_not_a_restart(tmp_path, monke
     assert not step_records(tmp_path)
 
 
+def test_an_unwritable_output_dir_stops_in_one_line_before_anything_is_built(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = run_script(monkeypatch, "--output_dir", str(blocker / "run"), *TINY)
+    assert isinstance(message, str) and "\n" not in message
+    assert message.startswith(f"--output_dir {blocker / 'run'}: cannot write there")  # a ConfigError's line
+
+
 SLOW_SAVER = r"""
 import sys, time
 import torch

@@ -30,7 +30,7 @@ from cribo_utils.train.nn_loss_schedule import (
     uses_memory_bank,
 )
 from cribo_utils.train.optim import build_optimizer, get_params_groups
-from cribo_utils.train.parser import describe_preset, release_batch_note, validate_args
+from cribo_utils.train.parser import check_output_dir, describe_preset, release_batch_note, validate_args
 from cribo_utils.train.parts import TrainingParts, resolve_device, resolve_precision
 from cribo_utils.train.preemption import (
     EXIT_PREEMPTED,
@@ -196,7 +196,7 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
         env = distributed.init_distributed(
             timeout_s=args.dist_timeout, dist_url=getattr(args, "dist_url", "env://")
         )
-        os.makedirs(args.output_dir, exist_ok=True)
+        check_output_dir(args.output_dir)
         setup_logging(args.output_dir, env.rank)
         validate_args(args, env.world_size)
         if args.check_memory:

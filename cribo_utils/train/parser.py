@@ -687,6 +687,24 @@ def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
     args.batch_size_per_gpu = args.batch_size // world_size
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Create ``--output_dir`` and prove a file can be written there, before anything is built.
+
+    Raises:
+        ConfigError: one line naming the folder, the reason and the flag to change.
+    """
+    probe = Path(output_dir) / f".write_test.{os.getpid()}"
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"--output_dir {output_dir}: cannot write there ({error.strerror or error}); choose a writable "
+            "--output_dir"
+        ) from None
+
+
 def check_area_range(flag: str, values: Sequence[float]) -> None:
     """One-line ConfigError unless ``values`` is two area fractions ``0 < low <= high <= 1``.
 
