@@ -14,7 +14,7 @@ calls after one untimed call, and the peak extra memory of that first call: on C
 allocated before the call.
 
 The reference implementation builds the positional cost as (B, 2N, 2N, K) float32 tensors, several
-alive at once in each round (method doc Sec. 12, defect 3); the "reference tensor" column is the size of
+alive at once in each round (docs/differences.md, difference 3); the "reference tensor" column is the size of
 ONE such tensor, ``B (2N)^2 K x 4`` bytes: a lower bound of the reference's extra memory.
 """
 
@@ -73,7 +73,7 @@ def reference_tensor_bytes(batch: int, tokens: int, clusters: int) -> int:
 def random_crop_positions(batch: int, side: int, patch_size: int, generator: Any) -> Any:
     """Patch-centre coordinates (B, 2, side^2) of random crops (area 10-60 %) of a 500 x 400 image.
 
-    Closed form of ``data.augmentations`` (method doc Sec. 2), written out here so the benchmark needs
+    Closed form of ``data.augmentations`` (docs/method.md, Sec. 2.1), written out here so the benchmark needs
     no torchvision: ``x(b) = left + (p b + p/2) w / S - 1/2`` (columns reversed when flipped),
     ``y(a) = top + (p a + p/2) h / S - 1/2``, S = side * p, tokens row-major.
     """

@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": sys.argv[1:] if argv is None else argv,
         "results": summaries,
         "notes": "seconds per step are medians after warm-up; peak RSS is per fresh worker process; "
-        "reference = official implementation, shared/docs/reference-performance.md",
+        "reference = official implementation (benchmarks/README.md)",
     }
     path = write_json(options.out, payload)
     print(f"wrote {path}")

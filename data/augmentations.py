@@ -1,4 +1,4 @@
-"""CrIBo's two-view augmentation with exact patch-centre coordinates (CrIBo method doc, Sec. 2).
+"""CrIBo's two-view augmentation with exact patch-centre coordinates (docs/method.md, Sec. 2).
 
 Every view is a random resized crop (box sampled explicitly with torchvision's semantics), an optional
 horizontal flip, then a photometric pipeline (DINO's). Because the box and flip are known, the
@@ -58,7 +58,7 @@ def patch_centre_coordinates_batched(
     out_size: int | tuple[int, int],
     patch_size: int,
 ) -> torch.Tensor:
-    """Original-image coordinates of every patch centre for a batch of crops (CrIBo method doc, Sec. 2).
+    """Original-image coordinates of every patch centre for a batch of crops (docs/method.md, Sec. 2).
 
     A crop box (top t, left l, height h, width w) resized to H_out x W_out maps output pixel u to input
     coordinate ``l + (u + 1/2) w / W_out - 1/2`` (pixel centres at integers). Averaging over the p pixels
@@ -106,7 +106,7 @@ def patch_centre_coordinates(
     patch_size: int,
     flipped: bool,
 ) -> torch.Tensor:
-    """Original-image coordinates of every patch centre of one view (CrIBo method doc, Sec. 2).
+    """Original-image coordinates of every patch centre of one view (docs/method.md, Sec. 2).
 
         x(b) = left + (p b + p/2) width / W_out - 1/2,    y(a) = top + (p a + p/2) height / H_out - 1/2,
 
@@ -237,7 +237,7 @@ def pil_photometric(config: PhotometricConfig) -> T.Compose:
 def view_photometric_configs(
     image_size: int = 224, hue: float = 0.1, grayscale_p: float = 0.2, blur_radius_max: float | None = None
 ) -> tuple[PhotometricConfig, PhotometricConfig, PhotometricConfig]:
-    """Photometric settings of (global view 1, global view 2, local crops) (CrIBo method doc, Sec. 2).
+    """Photometric settings of (global view 1, global view 2, local crops) (docs/method.md, Sec. 2).
 
     View 1: blur p = 1.0, no solarisation; view 2: blur p = 0.1, solarisation p = 0.2; local crops (DINO):
     blur p = 0.5. DINO's blur radius U(0.1, 2.0) is meant for 224 px crops; by default its maximum scales
@@ -341,7 +341,7 @@ def _renderings(img: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
 class TwoViewTransform:
     """CrIBo's augmentation: two global views (plus optional local crops) with patch-centre coordinates.
 
-    Global views (CrIBo method doc, Sec. 2): RandomResizedCrop to ``image_size`` (area fraction
+    Global views (docs/method.md, Sec. 2): RandomResizedCrop to ``image_size`` (area fraction
     ~ U(global_crops_scale), log-uniform aspect in [3/4, 4/3], bicubic), flip p = 0.5,
     ColorJitter(0.4, 0.4, 0.2, 0.1) p = 0.8, grayscale p = 0.2, Gaussian blur (radius U(0.1, 2)) p = 1.0
     on view 1 and 0.1 on view 2, solarisation (threshold 128) p = 0.2 on view 2 only, ToTensor +

@@ -1,4 +1,4 @@
-"""DINO's photometric augmentation as batched tensor operations on the training device (method doc, Sec. 2).
+"""DINO's photometric augmentation, batched tensor operations on the training device (docs/method.md, Sec. 2).
 
 The data-loading workers keep what is exact and per image (decode, random resized crop with patch-centre
 coordinates, flip) and send uint8 views. They also *draw* the photometric parameters of every view:

@@ -10,7 +10,7 @@ Contents:
   :func:`linear_train_transform` (DINO linear probe: RandomResizedCrop bilinear + horizontal flip).
 - :class:`PairedRandomResizedCrop` and :class:`PairedResize` / :func:`paired_resize`: image and mask
   transformed with the same geometry, bilinear for the image and nearest for the mask, for the dense
-  nearest-neighbour evaluation (dense-nn-protocol.md, A.3 memory augmentation and A.6 validation resize).
+  nearest-neighbour evaluation (docs/dense-nn-protocol.md, A.3 memory augmentation and A.6 validation resize).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _paired_inputs(img: Image.Image, mask: Image.Image | np.ndarray) -> tuple[Im
 def image_only_colour_jitter(strength: float = 0.1, p: float = 0.5) -> T.Compose:
     """Brightness, contrast, saturation and hue jitter, each of ``strength``, each applied with prob. ``p``.
 
-    This is the dense-NN memory augmentation (dense-nn-protocol.md, A.3 step 2): the four jitters are
+    This is the dense-NN memory augmentation (docs/dense-nn-protocol.md, A.3): the four jitters are
     independent, unlike DINO's single ColorJitter applied as a whole.
     """
     if not 0.0 <= p <= 1.0:

@@ -64,7 +64,7 @@ def test_backbone_flops_by_hand() -> None:
 
 
 def test_reference_clustering_tensor_size() -> None:
-    # The method doc's figure: ViT-S ImageNet (B 128, 2N 392, K 32) is 629 M elements, 2.5 GB in float32.
+    # docs/differences.md, difference 3: ViT-S ImageNet (B 128, 2N 392, K 32): 629 M elements, 2.5 GB fp32.
     assert bench_clustering.reference_tensor_bytes(128, 196, 32) == 128 * 392 * 392 * 32 * 4 == 2_517_630_976
     assert bench_clustering.parse_config("16x49x8") == (16, 49, 8)
     for bad in ("16x50x8", "16x49", "2x4x9"):

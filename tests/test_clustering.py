@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/method/clustering.py: the joint two-view clustering of method doc Sec. 4.
+"""Tests for cribo_utils/method/clustering.py: the joint two-view clustering of docs/method.md, Sec. 4.
 
 The fast, batched implementation is compared with a slow, literal, per-image reference written here
 (Python loops over images, clusters and tokens, float64, the (P, P, K) masked construction of the
@@ -611,7 +611,7 @@ def test_image_normalisation_is_independent_of_batch_but_batch_mode_is_not():
                 assert torch.equal(result.assign1[0], alone["image"].assign1[0])
             else:
                 differs |= not torch.equal(result.labels[0], alone["batch"].labels[0])
-    # The reference's batch-global scaling couples the images of one GPU (method doc Sec. 12, defect 4).
+    # The reference's batch-global scaling couples the images of one GPU (docs/differences.md, difference 4).
     assert differs
     # A batch of one is the same in both modes.
     assert torch.equal(alone["image"].labels, alone["batch"].labels)

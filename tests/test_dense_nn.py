@@ -303,7 +303,7 @@ def test_ram_check_message() -> None:
     ):
         check_memory_fits(plan, 384, 21, 16, "exact", 10_240_000, available=2**30)
     estimate = check_memory_fits(plan, 384, 21, 16, "exact", 10_240_000, available=2**50)
-    assert estimate["index"] == plan.size * 384 * 4
+    assert estimate["index"] == 2 * plan.size * 384 * 4  # a faiss copy, twice while it grows
 
 
 class _HugeDataset:
@@ -465,6 +465,31 @@ def test_torch_and_faiss_search_give_the_same_miou() -> None:
             RandomBackbone(), StripeScenes(12), StripeScenes(8, offset=100), cfg
         )["confusion_matrix"]
     assert scores["torch"] == scores["exact"]
+
+
+def test_fp16_memory_stores_half_precision_and_finds_the_neighbours_of_its_rounded_features() -> None:
+    from cribo_utils.eval.sharded_search import TorchShardIndex
+
+    features = F.normalize(torch.randn(300, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    queries = F.normalize(torch.randn(20, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+    index = TorchShardIndex(32, dtype=torch.float16)
+    index.add(features.half())
+    similarities, ids = index.search(queries, 5)
+    rounded = queries @ features.half().float().T  # the products of the rounded memory, in float32
+    expected = rounded.argsort(dim=1, descending=True, stable=True)[:, :5]
+    assert index.nbytes() == 300 * 32 * 2 and similarities.dtype == torch.float32
+    assert torch.equal(ids, expected) and torch.allclose(similarities, rounded.gather(1, expected))
+    confusions = {}
+    for dtype in ("fp32", "fp16"):
+        torch.manual_seed(0)
+        cfg = _no_augmentation(memory_dtype=dtype)
+        confusions[dtype] = torch.tensor(
+            evaluate_dense_nn(RandomBackbone(), StripeScenes(12), StripeScenes(8, offset=100), cfg)[
+                "confusion_matrix"
+            ]
+        )
+    changed = (confusions["fp32"] - confusions["fp16"]).abs().sum() / 2
+    assert changed <= 0.01 * confusions["fp32"].sum()  # near-ties at most
 
 
 # ------------------------------------------------------------------------------------------------

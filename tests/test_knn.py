@@ -227,7 +227,7 @@ def test_eval_knn_writes_next_to_the_checkpoint(tmp_path):
     checkpoint.parent.mkdir()
     torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, checkpoint)
     results = eval_knn.main(_knn_argv(tmp_path, "--pretrained_weights", str(checkpoint)))
-    written = json.loads((tmp_path / "run" / "eval_knn.json").read_text())
+    written = json.loads((tmp_path / "run" / "eval_knn_synthetic.json").read_text())
     assert written["pretrained_weights"] == str(checkpoint) and written["checkpoint_key"] == "teacher"
     assert written["results"] == json.loads(json.dumps(results["results"]))
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cribo_utils.eval import linear_probe as lp
+from cribo_utils.eval import linear_runner
 from cribo_utils.eval.features import linear_probe_features
 from models import build_backbone
 
@@ -125,7 +126,7 @@ def test_cached_batches_cover_every_sample_once_per_epoch_with_fresh_order():
 
 def test_training_input_defaults_and_conflicts():
     def resolve(dataset, train_aug=None, cache_features=None):
-        return lp.resolve_training_inputs(
+        return linear_runner.resolve_training_inputs(
             argparse.Namespace(dataset=dataset, train_aug=train_aug, cache_features=cache_features)
         )
 
@@ -175,7 +176,8 @@ def test_eval_linear_end_to_end_cached(tmp_path):
     assert [r["epoch"] for r in written["history"] if "val_top1" in r] == [1, 2]
     assert written["last_top1"] == written["history"][-1]["val_top1"]
     assert 0.0 <= written["best_top1"] <= 100.0 and written["last_top5"] is not None
-    saved = torch.load(tmp_path / "linear_classifier.pth", weights_only=True)
+    saved = torch.load(tmp_path / "eval_linear_synthetic_checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == 3 and saved["history"] == written["history"]
     assert saved["state_dict"]["linear.weight"].shape == (12, 192 * 3)
 
 
@@ -190,12 +192,12 @@ def test_eval_linear_end_to_end_augmented_next_to_checkpoint(tmp_path):
     results = eval_linear.main(
         _linear_argv("--epochs", "1", "--train_aug", "--pretrained_weights", str(checkpoint))
     )
-    written = json.loads((tmp_path / "run" / "eval_linear.json").read_text())
+    written = json.loads((tmp_path / "run" / "eval_linear_synthetic.json").read_text())
     assert (
         written["train_aug"] is True and written["cache_features"] is False and written["deviation"] is None
     )
     assert written["depth"] == 2 and written["best_top1"] == results["best_top1"]
-    assert (tmp_path / "run" / "eval_linear_classifier.pth").is_file()
+    assert (tmp_path / "run" / "eval_linear_synthetic_checkpoint.pth").is_file()
 
 
 def _fit_blobs(batch_size):
@@ -223,3 +225,77 @@ def test_two_ranks_equal_one_process_with_the_global_batch():
             [r["train_loss"] for r in single_history], rel=1e-4
         )
     assert torch.equal(per_rank[0][0]["linear.weight"], per_rank[1][0]["linear.weight"])
+
+
+def _probe_argv(output_dir, *extra):
+    """An augmented probe (DINO's protocol), so that resuming must also replay the epochs' augmentations."""
+    argv = _linear_argv(
+        "--epochs", "3", "--train_aug", "true", "--depth", "2", "--output_dir", str(output_dir)
+    )
+    return [*argv, "--synthetic_num_train", "16", *extra]
+
+
+def test_an_interrupted_probe_resumes_exactly_when_rerun(tmp_path, monkeypatch):
+    import eval_linear
+
+    uninterrupted = eval_linear.main(_probe_argv(tmp_path / "a"))
+    calls = []
+    real_train_one_epoch = lp.train_one_epoch
+
+    def dies_in_the_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(lp, "train_one_epoch", dies_in_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        eval_linear.main(_probe_argv(tmp_path / "b"))
+    checkpoint = tmp_path / "b" / "eval_linear_synthetic_checkpoint.pth"
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "b" / "eval_linear_synthetic.json").exists()
+    monkeypatch.setattr(lp, "train_one_epoch", real_train_one_epoch)
+    resumed = eval_linear.main(_probe_argv(tmp_path / "b"))
+    assert resumed["history"] == pytest.approx(uninterrupted["history"])
+    a = torch.load(tmp_path / "a" / "eval_linear_synthetic_checkpoint.pth", weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=0, atol=1e-6)
+    assert a["epoch"] == b["epoch"] == 3 and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path):
+    import eval_linear
+    from cribo_utils.eval.cli import EvalConfigError
+
+    eval_linear.main(_probe_argv(tmp_path, "--epochs", "1"))
+    with pytest.raises(
+        EvalConfigError, match=r"epochs 1 -> 2; base_lr 0\.001 -> 0\.01.*another --output_dir"
+    ):
+        eval_linear.main(_probe_argv(tmp_path, "--epochs", "2", "--lr", "0.01"))
+
+
+def test_evaluate_scores_the_trained_probe_only(tmp_path):
+    import eval_linear
+    from cribo_utils.eval.cli import EvalConfigError
+
+    with pytest.raises(EvalConfigError, match="--evaluate needs a trained probe"):
+        eval_linear.main(_probe_argv(tmp_path, "--evaluate"))
+    trained = eval_linear.main(_probe_argv(tmp_path, "--epochs", "2"))
+    evaluated = eval_linear.main(_probe_argv(tmp_path, "--evaluate", "--epochs", "7"))  # epochs: unused
+    assert evaluated["evaluate_only"] is True and evaluated["last_top1"] == trained["last_top1"]
+    assert evaluated["output_json"].endswith("eval_linear_synthetic_evaluate.json")
+    assert json.loads((tmp_path / "eval_linear_synthetic.json").read_text())["evaluate_only"] is False
+
+
+def test_num_labels_is_the_classifier_size(tmp_path):
+    import eval_linear
+    from cribo_utils.eval.cli import EvalConfigError
+
+    results = eval_linear.main(
+        _linear_argv("--epochs", "1", "--num_labels", "20", "--output_dir", str(tmp_path))
+    )
+    saved = torch.load(tmp_path / "eval_linear_synthetic_checkpoint.pth", weights_only=True)
+    assert results["num_labels"] == 20 and saved["state_dict"]["linear.weight"].shape[0] == 20
+    with pytest.raises(EvalConfigError, match="--num_labels 5 is below the 12 classes"):
+        eval_linear.main(_linear_argv("--num_labels", "5", "--output_dir", str(tmp_path / "other")))

@@ -1,4 +1,4 @@
-"""Tests for cribo_utils/method/loss.py against loop-form formulas of method doc Sec. 6."""
+"""Tests for cribo_utils/method/loss.py against loop-form formulas of docs/method.md, Sec. 6."""
 
 from __future__ import annotations
 

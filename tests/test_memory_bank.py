@@ -21,7 +21,7 @@ def reference_update(
     c2: torch.Tensor,
     counts: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's queue update (method doc Sec. 7): keep the first Q new images if G >= Q, then
+    """The reference's queue update (docs/method.md, Sec. 7): keep the first Q new images if G >= Q, then
     prepend new counts / objects to the newest Q - G old ones. Slots after the valid part keep stale data."""
     queue_size = cpv_queue.numel()
     n_new = counts.numel()

@@ -129,6 +129,14 @@ def test_both_checkpoints_damaged_is_a_clear_error_not_a_restart(tmp_path, monke
     assert not step_records(tmp_path)
 
 
+def test_an_unwritable_output_dir_stops_in_one_line_before_anything_is_built(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = run_script(monkeypatch, "--output_dir", str(blocker / "run"), *TINY)
+    assert isinstance(message, str) and "\n" not in message
+    assert message.startswith(f"--output_dir {blocker / 'run'}: cannot write there")  # a ConfigError's line
+
+
 SLOW_SAVER = r"""
 import sys, time
 import torch
@@ -259,9 +267,9 @@ def test_training_skips_unreadable_files_and_counts_them_per_epoch(tmp_path):
         "--num_workers",
         "2",
     )
-    records = [record for record in train_log(output_dir) if "epoch_loss" in record]
+    records = [record for record in train_log(output_dir) if "train_loss" in record]
     # 24 images, batch 4: every file is drawn once per epoch, so each epoch meets the 3 unreadable ones
-    assert [record["epoch_skipped_files"] for record in records] == [3, 3]
+    assert [record["train_skipped_files"] for record in records] == [3, 3]
     log = (output_dir / "logs" / "rank0.log").read_text()
     for path in bad:
         assert f"skipping unreadable file {path}" in log

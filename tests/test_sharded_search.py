@@ -30,6 +30,17 @@ def test_block_top_k_breaks_ties_by_the_smaller_column() -> None:
     assert torch.equal(values, block.gather(1, columns))
 
 
+@pytest.mark.parametrize("k", [0, 1, 3, 7, 8])
+def test_block_top_k_equals_a_stable_sort_with_many_ties(k: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    block = (torch.rand(50, 8, generator=generator) * 4).round() / 4  # 5 distinct values: ties everywhere
+    values, columns = block_top_k(block, k)
+    expected = block.argsort(dim=1, descending=True, stable=True)[:, :k]  # (value desc, column asc)
+    assert torch.equal(values, block.gather(1, expected)) and torch.equal(values, block.gather(1, columns))
+    # The same entries (the order among equal values is left to merge_top_k, which sorts by id).
+    assert columns.sort(dim=1).values.tolist() == expected.sort(dim=1).values.tolist()
+
+
 def test_merge_top_k_orders_by_similarity_then_id_and_drops_padding() -> None:
     similarities = torch.tensor([[0.3, float("-inf"), 0.8, 0.3], [0.1, 0.1, 0.1, float("-inf")]])
     ids = torch.tensor([[7, -1, 9, 2], [5, 4, 6, -1]])

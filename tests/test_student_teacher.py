@@ -37,7 +37,7 @@ class _DDPLike(nn.Module):
 
 
 def _released_key_shapes(depth: int = 12, width: int = 384, out_dim: int = 64, out_dim_c: int = 32) -> dict:
-    """Key names of method doc Sec. 10 (ViT-S/16 at 224 px), with the shapes they have."""
+    """Key names of docs/method.md, Sec. 10 (ViT-S/16 at 224 px), with the shapes they have."""
     shapes = {
         "backbone.cls_token": (1, 1, width),
         "backbone.pos_embed": (1, 197, width),

@@ -96,10 +96,14 @@ def test_default_launcher_writes_checkpoint_log_and_args(tmp_path):
         "images_per_s",
     ):
         assert key in step_records[0], key
-    epoch_records = [r for r in records if "epoch_loss" in r]
+    epoch_records = [r for r in records if "train_loss" in r]
     assert [r["epoch"] for r in epoch_records] == [0, 1]
-    assert epoch_records[0]["epoch_loss_nn"] == 0.0  # the cross-image loss is off in epoch 0
-    assert epoch_records[1]["epoch_nn_active"] > 0  # and on once the bank is full in epoch 1
+    for key in ("train_loss", "train_lr", "train_wd", "train_loss_img", "train_loss_obj", "train_momentum"):
+        assert key in epoch_records[0], key  # DINO's keys, and every term
+    lrs = [r["lr"] for r in step_records[:4]]  # epoch 0's iterations (--log_freq 1)
+    assert epoch_records[0]["train_lr"] == pytest.approx(sum(lrs) / len(lrs))
+    assert epoch_records[0]["train_loss_nn"] == 0.0  # the cross-image loss is off in epoch 0
+    assert epoch_records[1]["train_nn_active"] > 0  # and on once the bank is full in epoch 1
     assert json.load(open(tmp_path / "args.json"))["depth"] == 1
     assert metrics["loss"] > 0
 

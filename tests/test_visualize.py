@@ -438,6 +438,20 @@ def test_read_training_curves(tmp_path: Path) -> None:
     assert viz.read_training_curves(log).steps.keys() == curves.steps.keys()
 
 
+def test_read_training_curves_reads_dinos_epoch_keys(tmp_path: Path) -> None:
+    """Epoch records as written now (DINO's train_loss, train_lr, train_wd, epoch) and by earlier versions."""
+    lines = [
+        {"iteration": 1, "epoch": 0, "loss": 9.0, "lr": 1e-4},
+        {"epoch": 0, "iteration": 2, "train_loss": 8.5, "train_lr": 1.5e-4, "train_wd": 0.04},
+        {"epoch": 1, "iteration": 4, "epoch_loss": 7.5},
+    ]
+    (tmp_path / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    curves = viz.read_training_curves(tmp_path)
+    assert curves.epochs["loss"][0].tolist() == [2, 4] and curves.epochs["loss"][1].tolist() == [8.5, 7.5]
+    assert curves.epochs["lr"][1].tolist() == [1.5e-4] and curves.epochs["wd"][1].tolist() == [0.04]
+    assert curves.steps["loss"][1].tolist() == [9.0] and "train_loss" not in curves.steps
+
+
 def test_read_training_curves_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--log"):
         viz.read_training_curves(tmp_path / "missing.txt")

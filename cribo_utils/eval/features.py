@@ -9,7 +9,7 @@ validation set.
 
 Feature kinds (``extract_features(kind=...)``), for a ViT with final LayerNorm ``norm``:
 
-- ``"cls"``: ``norm(z_L)[CLS]``, shape (B, D) (k-NN classifier, dense-protocol doc Part B);
+- ``"cls"``: ``norm(z_L)[CLS]``, shape (B, D) (k-NN classifier, docs/dense-nn-protocol.md, Part B);
 - ``"patch"``: ``norm(z_L)[1:]``, shape (B, N, D) (dense NN retrieval, Part A);
 - ``"linear"``: DINO's linear-probe input (Part C), shape (B, D * (n + avgpool)):
   ``[norm(z_{L-n+1})[CLS], ..., norm(z_L)[CLS], (mean_i norm(z_L)[i] if avgpool)]``.
@@ -262,7 +262,7 @@ def extract_features(
 
 
 def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the dataset, pre-processing and loader flags shared by the k-NN and linear evaluations.
+    """Add the dataset and pre-processing flags shared by the k-NN and linear evaluations.
 
     Args:
         parser: parser to extend in place.
@@ -271,16 +271,21 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """
     group = parser.add_argument_group("data")
     group.add_argument(
-        "--dataset",
         "--dataset_type",
+        "--dataset",
         dest="dataset",
-        default="synthetic",
+        default=None,
         choices=CLASSIFICATION_DATASETS,
-        help="synthetic: generated scenes (no download; sizes from --synthetic_num_*); imagenet1k / "
-        "imagefolder: class folders under --data_path (train/ and val/, or ILSVRC2012_img_{train,val}/).",
+        help="Default: what --data_path holds (ImageNet's train/ or ILSVRC2012_img_train/ with WordNet-id "
+        "class folders: imagenet1k; other class folders: imagefolder), the built-in synthetic scenes without "
+        "--data_path. Naming one that contradicts the folder is an error.",
     )
     group.add_argument(
-        "--data_path", default=None, type=str, help="Dataset root for imagenet1k / imagefolder."
+        "--data_path",
+        default=None,
+        type=str,
+        help="Dataset root: train/ and val/ (or ILSVRC2012_img_{train,val}/) of class folders. Default: "
+        "none, the built-in synthetic scenes.",
     )
     group.add_argument(
         "--image_size",
@@ -288,35 +293,39 @@ def add_eval_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         dest="image_size",
         default=None,
         type=int,
-        help="Centre-crop (and train-crop) side. Default 224 for folders, 128 for synthetic scenes.",
+        help="Centre-crop (and train-crop) side. Default: 224 for folders, 128 for the synthetic scenes.",
     )
     group.add_argument(
         "--resize",
         default=None,
         type=int,
-        help="Shorter side before the centre crop. Default 256 for folders, --image_size for synthetic "
+        help="Shorter side before the centre crop. Default: 256 for folders, --image_size for the synthetic "
         "scenes (which are rendered at this size).",
     )
     group.add_argument("--synthetic_num_train", default=5000, type=int, help="Synthetic training images.")
     group.add_argument("--synthetic_num_val", default=500, type=int, help="Synthetic validation images.")
     group.add_argument("--synthetic_seed", default=0, type=int, help="Seed of the synthetic scene generator.")
     add_scene_args(group)
-    group.add_argument(
-        "--batch_size_per_gpu", default=128, type=int, help="Images per GPU (process) and batch."
-    )
-    group.add_argument("--num_workers", default=7, type=int, help="Data-loading workers per GPU (process).")
-    group.add_argument("--local_rank", "--local-rank", default=0, type=int, help=argparse.SUPPRESS)
-    group.add_argument(
-        "--output_json",
-        default=None,
-        type=str,
-        help="Results file. Default: next to --pretrained_weights, or in ./output/ without weights.",
-    )
     return parser
+
+
+def resolve_classification_dataset(args: argparse.Namespace, script: str) -> str:
+    """Set ``args.dataset`` to the dataset actually evaluated (:func:`data.layouts.resolve_dataset`).
+
+    Raises:
+        DatasetLayoutError: a contradiction between ``--dataset_type`` and ``--data_path``, or a folder that
+            holds no labelled class folders (one line).
+    """
+    from data.layouts import resolve_dataset
+
+    args.dataset = resolve_dataset(args.dataset, args.data_path, CLASSIFICATION_DATASETS, script)
+    return args.dataset
 
 
 def resolve_image_sizes(args: argparse.Namespace) -> tuple[int, int]:
     """``(resize, crop)``: the flags if given, else 256/224 for folders and crop/crop (128) for synthetic."""
+    if args.dataset is None:
+        resolve_classification_dataset(args, "the evaluation")
     if args.dataset == "synthetic":
         crop = args.image_size or 128
         resize = args.resize or crop
@@ -342,8 +351,8 @@ def build_classification_split(args: argparse.Namespace, split: str, transform: 
     """
     from data.datasets import build_classification_dataset
 
-    if args.dataset != "synthetic" and args.data_path is None:
-        raise ValueError(f"--dataset {args.dataset} needs --data_path (a root with train/ and val/ folders)")
+    if args.dataset is None:
+        resolve_classification_dataset(args, "the evaluation")
     resize, _ = resolve_image_sizes(args)
     synthetic_kwargs = {
         "image_size": resize,
@@ -369,16 +378,6 @@ def num_classes_of(dataset: Dataset, targets: Sequence[Tensor]) -> int:
     if classes is not None:
         return len(classes)
     return max(int(target.max()) for target in targets if target.numel()) + 1
-
-
-def default_results_path(weights: str | None, file_name: str) -> Path:
-    """``<directory of weights>/<file_name>`` (``output/<name>/`` for a released model's name or a URL), or
-    ``output/<file_name>`` for a random network."""
-    from cribo_utils.weights.remote_weights import results_directory
-
-    if weights is None:
-        return Path("output") / file_name
-    return results_directory(weights) / file_name
 
 
 def write_results_json(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -1,4 +1,4 @@
-"""DINO's weighted k-NN classifier on frozen [CLS] features (dense-protocol doc, Part B).
+"""DINO's weighted k-NN classifier on frozen [CLS] features (docs/dense-nn-protocol.md, Part B).
 
 For a test feature ``x`` and L2-normalised training features ``f_i`` with labels ``y_i``:
 
@@ -18,6 +18,7 @@ and reused for every ``k``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -28,19 +29,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cribo_utils.eval.cli import (
+    DefaultsHelpFormatter,
+    EvalConfigError,
+    add_run_flags,
+    check_result_owner,
+    check_writable,
+    resolve_seeds,
+    result_path,
+)
 from cribo_utils.eval.features import (
     add_eval_data_args,
     build_classification_split,
     build_eval_loader,
-    default_results_path,
     extract_features,
     global_feature_name,
     is_vit,
     num_classes_of,
+    resolve_classification_dataset,
     resolve_image_sizes,
     write_results_json,
 )
 from cribo_utils.runtime import distributed
+from cribo_utils.runtime.flags import add_bool_flag
 from cribo_utils.weights.checkpoint_formats import add_backbone_args, backbone_from_args
 
 logger = logging.getLogger(__name__)
@@ -204,13 +215,15 @@ def knn_classify(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """Flags of ``eval_knn.py`` (DINO's names)."""
-    parser = argparse.ArgumentParser("CrIBo weighted k-NN evaluation", add_help=True)
+    """Flags of ``eval_knn.py`` (DINO's names; :mod:`cribo_utils.eval.cli`)."""
+    parser = argparse.ArgumentParser("CrIBo weighted k-NN evaluation", formatter_class=DefaultsHelpFormatter)
     add_backbone_args(parser)
     add_eval_data_args(parser)
     group = parser.add_argument_group("k-NN")
     group.add_argument(
         "--nb_knn",
+        "--num_neighbours",
+        dest="nb_knn",
         default=list(DEFAULT_NB_KNN),
         nargs="+",
         type=int,
@@ -218,59 +231,151 @@ def get_args_parser() -> argparse.ArgumentParser:
         "size are lowered to it (with a warning).",
     )
     group.add_argument("--temperature", default=DEFAULT_TEMPERATURE, type=float, help="Vote temperature T.")
+    add_bool_flag(
+        group,
+        "--use_cuda",
+        True,
+        "Keep the features on the GPU for the k-NN vote (DINO's flag; false: on the CPU, for training sets "
+        "whose features do not fit in GPU memory). Features are extracted on the GPU either way; without "
+        "a GPU everything runs on the CPU.",
+    )
     group.add_argument(
         "--dump_features",
         default=None,
         type=str,
-        help="Directory where the L2-normalised features and labels are saved (trainfeat.pth, testfeat.pth, "
-        "trainlabels.pth, testlabels.pth).",
+        help="Folder where the L2-normalised features and labels are saved (DINO's trainfeat.pth, "
+        "testfeat.pth, trainlabels.pth, testlabels.pth, plus features.json naming their source).",
     )
+    group.add_argument(
+        "--load_features",
+        default=None,
+        type=str,
+        help="Folder of features saved by --dump_features (ours or DINO's): no network is run and no image "
+        "is read, so --data_path / --dataset_type are refused (the features fixed them).",
+    )
+    add_run_flags(parser, 128, "eval_knn_<dataset>.json")
     return parser
 
 
-def _dump_features(directory: str, tensors: dict[str, Tensor]) -> None:
+FEATURE_FILES = ("trainfeat", "testfeat", "trainlabels", "testlabels")
+FEATURES_META = "features.json"
+
+
+def _dump_features(directory: str, tensors: dict[str, Tensor], source: dict[str, Any]) -> None:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     for name, tensor in tensors.items():
         torch.save(tensor.cpu(), path / f"{name}.pth")
+    write_results_json(source, path / FEATURES_META)
     logger.info("saved features and labels to %s", path)
 
 
-def run_knn(args: argparse.Namespace) -> dict[str, Any]:
-    """Extract [CLS] features data-parallel, run the weighted k-NN on rank 0 and write the JSON.
+def load_dumped_features(directory: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The four tensors of a ``--dump_features`` folder and what ``features.json`` says of their source.
 
-    Args:
-        args: flags from :func:`get_args_parser`.
-    Returns:
-        The results dict written to ``--output_json`` (identical on every rank).
+    Raises:
+        FileNotFoundError: a tensor file is missing (the message names it).
     """
+    path = Path(directory)
+    tensors = {}
+    for name in FEATURE_FILES:
+        file = path / f"{name}.pth"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"--load_features {directory}: {file.name} is missing (expected the "
+                f"{', '.join(FEATURE_FILES)}.pth files that --dump_features writes)"
+            )
+        tensors[name] = torch.load(file, map_location="cpu", weights_only=True)
+    meta_file = path / FEATURES_META
+    source = json.loads(meta_file.read_text()) if meta_file.is_file() else {"dataset": "unknown"}
+    return tensors, source
+
+
+def _check_knn_flags(args: argparse.Namespace) -> None:
+    """One-line errors for flags that cannot work together (before any work)."""
+    if args.load_features and (args.data_path or args.dataset):
+        raise EvalConfigError(
+            f"--load_features {args.load_features} evaluates the features saved there; drop --data_path and "
+            "--dataset_type (they were fixed when the features were dumped)"
+        )
+    if args.load_features and args.dump_features:
+        raise EvalConfigError("--load_features and --dump_features together would only copy the features")
+    if min(args.nb_knn) < 1 or args.temperature <= 0:
+        raise EvalConfigError(f"--nb_knn {args.nb_knn} must be >= 1 and --temperature {args.temperature} > 0")
+
+
+def _extract_knn_features(
+    args: argparse.Namespace, env: distributed.DistEnv
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """L2-normalised [CLS] features and labels of both splits, and what they come from."""
     from data.transforms import eval_transform
 
-    env = distributed.init_distributed()
-    start = time.time()
     resize, crop = resolve_image_sizes(args)
     transform = eval_transform(resize=resize, crop=crop)
     train_set = build_classification_split(args, "train", transform)
     val_set = build_classification_split(args, "val", transform)
-    logger.info("k-NN on %s: %d train / %d val images", args.dataset, len(train_set), len(val_set))
-
+    sizes = len(train_set), len(val_set)  # type: ignore[arg-type]
+    logger.info("k-NN on %s: %d train / %d val images", args.dataset, *sizes)
     model = backbone_from_args(args)
     model.to(env.device)
-    features, labels = {}, {}
+    tensors = {}
     for name, dataset in (("train", train_set), ("test", val_set)):
         loader = build_eval_loader(dataset, args.batch_size_per_gpu, args.num_workers)
-        raw, labels[name] = extract_features(model, loader, env.device, kind="cls")
-        features[name] = F.normalize(raw, dim=1, p=2)
-    num_classes = num_classes_of(train_set, [labels["train"], labels["test"]])
+        raw, tensors[f"{name}labels"] = extract_features(model, loader, env.device, kind="cls")
+        tensors[f"{name}feat"] = F.normalize(raw, dim=1, p=2)
+    source = {
+        "features": f"L2-normalised {global_feature_name(model)}",
+        "pretrained_weights": args.pretrained_weights,
+        "checkpoint_key": args.checkpoint_key,
+        "arch": args.arch,
+        "patch_size": args.patch_size if is_vit(model) else None,
+        "dataset": args.dataset,
+        "data_path": args.data_path if args.dataset != "synthetic" else None,
+        "resize": resize,
+        "image_size": crop,
+        "num_classes": num_classes_of(train_set, [tensors["trainlabels"], tensors["testlabels"]]),
+    }
+    return tensors, source
 
-    ks = sorted({min(k, len(train_set)) for k in args.nb_knn})
+
+def run_knn(args: argparse.Namespace) -> dict[str, Any]:
+    """Extract [CLS] features data-parallel (or load them), run the weighted k-NN and write the JSON.
+
+    Args:
+        args: flags from :func:`get_args_parser`.
+    Returns:
+        The results dict written to the result file (identical on every rank).
+    """
+    resolve_seeds(args)
+    _check_knn_flags(args)
+    if args.load_features:
+        tensors, source = load_dumped_features(args.load_features)
+        source["loaded_from"] = args.load_features
+    else:
+        resolve_classification_dataset(args, "eval_knn.py")
+    dataset = source["dataset"] if args.load_features else args.dataset
+    output = check_writable(result_path(args, f"eval_knn_{dataset}.json"))
+    owner = source if args.load_features else vars(args)
+    check_result_owner(output, owner.get("pretrained_weights"), owner.get("checkpoint_key", "teacher"))
+    if args.dump_features:
+        check_writable(Path(args.dump_features) / FEATURES_META)
+
+    env = distributed.init_distributed(dist_url=args.dist_url)
+    start = time.time()
+    if not args.load_features:
+        tensors, source = _extract_knn_features(args, env)
+    num_train = tensors["trainfeat"].shape[0]
+    labels = torch.cat([tensors["trainlabels"].flatten(), tensors["testlabels"].flatten()])
+    num_classes = source.get("num_classes") or int(labels.max()) + 1
+    ks = sorted({min(k, num_train) for k in args.nb_knn})
     if ks != sorted(set(args.nb_knn)):
-        logger.warning("--nb_knn %s lowered to %s: only %d training images", args.nb_knn, ks, len(train_set))
+        logger.warning("--nb_knn %s lowered to %s: only %d training images", args.nb_knn, ks, num_train)
+    vote_device = env.device if args.use_cuda else torch.device("cpu")
     accuracies = knn_classify(
-        features["train"].to(env.device),
-        labels["train"].to(env.device),
-        features["test"].to(env.device),
-        labels["test"].to(env.device),
+        tensors["trainfeat"].to(vote_device),
+        tensors["trainlabels"].to(vote_device),
+        tensors["testfeat"].to(vote_device),
+        tensors["testlabels"].to(vote_device),
         ks=ks,
         temperature=args.temperature,
         num_classes=num_classes,
@@ -279,37 +384,21 @@ def run_knn(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("%d-NN classifier result: %s", k, ", ".join(f"{n} {v:.2f}" for n, v in accuracy.items()))
 
     results = {
-        "protocol": f"DINO weighted k-NN on L2-normalised {global_feature_name(model)} features",
-        "pretrained_weights": args.pretrained_weights,
-        "checkpoint_key": args.checkpoint_key,
-        "arch": args.arch,
-        "patch_size": args.patch_size if is_vit(model) else None,
-        "dataset": args.dataset,
-        "data_path": args.data_path,
-        "resize": resize,
-        "image_size": crop,
+        "protocol": "DINO weighted k-NN on " + source.get("features", "loaded features"),
+        **{key: value for key, value in source.items() if key not in ("features", "num_classes")},
         "temperature": args.temperature,
         "nb_knn": ks,
-        "num_train": len(train_set),
-        "num_val": len(val_set),
+        "num_train": num_train,
+        "num_val": int(tensors["testfeat"].shape[0]),
         "num_classes": num_classes,
         "world_size": env.world_size,
         "results": {str(k): accuracy for k, accuracy in accuracies.items()},
         "elapsed_s": round(time.time() - start, 2),
+        "output_json": str(output),
     }
-    output = args.output_json or default_results_path(args.pretrained_weights, "eval_knn.json")
-    results["output_json"] = str(output)
     if distributed.is_main_process():
         if args.dump_features:
-            _dump_features(
-                args.dump_features,
-                {
-                    "trainfeat": features["train"],
-                    "testfeat": features["test"],
-                    "trainlabels": labels["train"],
-                    "testlabels": labels["test"],
-                },
-            )
+            _dump_features(args.dump_features, tensors, source)
         write_results_json(results, output)
     distributed.barrier()
     return results

@@ -1,4 +1,4 @@
-"""DINO's linear probe on frozen ViT features (dense-protocol doc, Part C).
+"""DINO's linear probe on frozen ViT features (docs/dense-nn-protocol.md, Part C).
 
 Frozen features (see :func:`cribo_utils.eval.features.linear_probe_features`):
 
@@ -13,23 +13,21 @@ records both the best top-1 over evaluated epochs (DINO's printed number, a mild
 validation set) and the last epoch's accuracies.
 
 Training inputs: DINO's protocol augments every training image (RandomResizedCrop + flip, flag
-``--train_aug``, default for folder datasets). ``--no_train_aug`` feeds centre crops instead; the
+``--train_aug``, default for folder datasets). ``--train_aug false`` feeds centre crops instead; the
 features are then fixed, so with ``--cache_features`` (the default when there is no augmentation,
 hence for the synthetic scenes) they are computed once and the classifier is trained on the cached
 matrix, which is much faster on a CPU. This is a documented deviation from DINO's augmented protocol;
 the results JSON records which variant ran. Validation features never depend on the epoch and are
-always extracted once.
+always extracted once. A probe is resumable: the batches of an epoch depend on the seed and the epoch
+only, and :func:`fit_linear_classifier` continues from a state it handed to ``on_epoch_end``. The command
+line (flags, checkpoint, results) is :mod:`cribo_utils.eval.linear_runner`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
-import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,22 +36,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from cribo_utils.eval.features import (
-    add_eval_data_args,
-    build_classification_split,
-    build_eval_loader,
-    default_results_path,
-    extract_features,
-    global_feature_name,
-    is_vit,
-    linear_probe_features,
-    num_classes_of,
-    resolve_image_sizes,
-    write_results_json,
-)
+from cribo_utils.eval.features import linear_probe_features
 from cribo_utils.eval.knn import topk_accuracy
 from cribo_utils.runtime import distributed
-from cribo_utils.weights.checkpoint_formats import add_backbone_args, backbone_from_args
+from data.loading import mix_seed
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +131,8 @@ def fit_linear_classifier(
     lr: float,
     val_freq: int = 1,
     device: torch.device | str = "cpu",
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``classifier`` with SGD + per-epoch cosine annealing and validate every ``val_freq`` epochs.
 
@@ -152,13 +140,17 @@ def fit_linear_classifier(
 
     Args:
         classifier: freshly initialised linear layer on ``device``.
-        train_batches: ``epoch -> iterable of (features, labels)`` (this rank's shard).
+        train_batches: ``epoch -> iterable of (features, labels)`` (this rank's shard); the batches of an
+            epoch must depend on the epoch only, so that a resumed run sees the same ones.
         val_features: (N_val, F) on ``device``, identical on every rank.
         val_labels: (N_val,) int64 on ``device``.
         epochs: number of epochs >= 1.
         lr: already-scaled learning rate.
         val_freq: validate when ``(epoch + 1) % val_freq == 0`` and after the last epoch.
         device: computation device (selects DDP's ``device_ids``).
+        resume: a state written through ``on_epoch_end`` (:func:`training_state`): training continues
+            after its epoch with its classifier, optimiser, scheduler and history.
+        on_epoch_end: called after every epoch with :func:`training_state` (e.g. to checkpoint it).
     Returns:
         ``{"history": [...], "best": {...}, "last": {...}}``; entries hold ``epoch``, ``lr``,
         ``train_loss`` and, when evaluated, ``val_loss``, ``val_top1`` (and ``val_top5``).
@@ -166,13 +158,20 @@ def fit_linear_classifier(
     if epochs < 1 or val_freq < 1:
         raise ValueError(f"--epochs ({epochs}) and --val_freq ({val_freq}) must be >= 1")
     device = torch.device(device)
+    if resume is not None:
+        classifier.load_state_dict(resume["state_dict"])
     model: nn.Module = classifier
     if distributed.get_world_size() > 1:
         model = DistributedDataParallel(classifier, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
     history: list[dict[str, float]] = []
-    for epoch in range(epochs):
+    start_epoch = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history, start_epoch = list(resume["history"]), int(resume["epoch"])
+    for epoch in range(start_epoch, epochs):
         epoch_lr = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(model, optimizer, train_batches(epoch))
         scheduler.step()
@@ -193,9 +192,30 @@ def fit_linear_classifier(
                 record["val_top1"],
             )
         history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(training_state(classifier, optimizer, scheduler, epoch + 1, history))
     evaluated = [record for record in history if "val_top1" in record]
     best = max(evaluated, key=lambda record: record["val_top1"])
     return {"history": history, "best": best, "last": evaluated[-1]}
+
+
+def training_state(
+    classifier: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    history: list[dict[str, float]],
+) -> dict[str, Any]:
+    """What a resumed probe needs after ``epoch`` epochs (DINO's keys: ``epoch`` is the next one to run)."""
+    evaluated = [record["val_top1"] for record in history if "val_top1" in record]
+    return {
+        "epoch": epoch,
+        "state_dict": classifier.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "best_acc": max(evaluated) if evaluated else None,
+        "history": [dict(record) for record in history],
+    }
 
 
 def cached_feature_batches(
@@ -235,7 +255,7 @@ def augmented_batches(
     args: argparse.Namespace,
     device: torch.device | str,
 ) -> BatchSource:
-    """Per-epoch batches of frozen features of freshly augmented images (DINO's protocol).
+    """Per-epoch batches of frozen features of freshly augmented images (DINO's protocol), seeded per epoch.
 
     Args:
         model: frozen backbone on ``device``.
@@ -253,6 +273,7 @@ def augmented_batches(
         shuffle=True,
         seed=args.seed,
     )
+    generator = torch.Generator()
     loader = DataLoader(
         dataset,
         sampler=sampler,
@@ -260,9 +281,15 @@ def augmented_batches(
         num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        generator=generator,
     )
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        # The augmentations of an epoch depend on (seed, rank, epoch) only, so a resumed probe sees the
+        # same views: the workers' seeds come from `generator`, a main-process loader uses the global RNG.
+        epoch_seed = mix_seed(args.seed, distributed.get_rank(), epoch)
+        generator.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
         sampler.set_epoch(epoch)
         for images, labels in loader:
             with torch.no_grad():
@@ -272,202 +299,3 @@ def augmented_batches(
             yield features, labels.to(device, non_blocking=True)
 
     return batches
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    """Flags of ``eval_linear.py`` (DINO's names and defaults)."""
-    from cribo_utils.train.parser import bool_flag
-
-    parser = argparse.ArgumentParser("CrIBo linear probe", add_help=True)
-    add_backbone_args(parser)
-    add_eval_data_args(parser)
-    group = parser.add_argument_group("linear probe")
-    group.add_argument(
-        "--n_last_blocks",
-        default=4,
-        type=int,
-        help="Concatenate the [CLS] tokens of the last n blocks (DINO: 4 for ViT-S, 1 for ViT-B).",
-    )
-    group.add_argument(
-        "--avgpool_patchtokens",
-        default=False,
-        type=bool_flag,
-        help="Append the mean of the last block's patch tokens (DINO: false for ViT-S, true for ViT-B).",
-    )
-    group.add_argument("--epochs", default=100, type=int, help="Training epochs.")
-    group.add_argument(
-        "--lr",
-        default=0.001,
-        type=float,
-        help="Base learning rate for a global batch of 256; the run uses lr * batch_size_per_gpu * world "
-        "/ 256. DINO advises tuning it per checkpoint.",
-    )
-    group.add_argument(
-        "--val_freq", default=1, type=int, help="Validate every this many epochs (and at the end)."
-    )
-    group.add_argument("--seed", default=0, type=int, help="Seed for the classifier init and the shuffling.")
-    group.add_argument(
-        "--train_aug",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="Train on RandomResizedCrop + flip views (DINO's protocol). Default: on for folder datasets, "
-        "off (--no_train_aug) for synthetic scenes.",
-    )
-    group.add_argument(
-        "--cache_features",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="Extract the training features once and train on the cached matrix; requires --no_train_aug. "
-        "Default: on exactly when there is no training augmentation (a deviation from DINO's protocol).",
-    )
-    return parser
-
-
-def resolve_training_inputs(args: argparse.Namespace) -> tuple[bool, bool]:
-    """``(train_aug, cache_features)`` after applying the dataset-dependent defaults, or a clear error."""
-    train_aug = args.train_aug if args.train_aug is not None else args.dataset != "synthetic"
-    cache_features = args.cache_features if args.cache_features is not None else not train_aug
-    if cache_features and train_aug:
-        raise ValueError("--cache_features needs fixed inputs: add --no_train_aug, or drop --cache_features")
-    return train_aug, cache_features
-
-
-def run_linear(args: argparse.Namespace) -> dict[str, Any]:
-    """Train and evaluate the linear probe; write the results JSON (and the classifier) on rank 0.
-
-    Args:
-        args: flags from :func:`get_args_parser`.
-    Returns:
-        The results dict (identical on every rank).
-    """
-    from data.transforms import eval_transform, linear_train_transform
-
-    env = distributed.init_distributed()
-    start = time.time()
-    train_aug, cache_features = resolve_training_inputs(args)
-    resize, crop = resolve_image_sizes(args)
-    val_transform = eval_transform(resize=resize, crop=crop)
-    train_set = build_classification_split(
-        args, "train", linear_train_transform(crop) if train_aug else val_transform
-    )
-    val_set = build_classification_split(args, "val", val_transform)
-
-    model = backbone_from_args(args)
-    model.to(env.device)
-    feature_kwargs = {
-        "kind": "linear",
-        "n_last_blocks": args.n_last_blocks,
-        "avgpool": args.avgpool_patchtokens,
-    }
-    val_loader = build_eval_loader(val_set, args.batch_size_per_gpu, args.num_workers)
-    val_features, val_labels = extract_features(model, val_loader, env.device, **feature_kwargs)
-    if cache_features:
-        train_loader = build_eval_loader(train_set, args.batch_size_per_gpu, args.num_workers)
-        train_features, train_labels = extract_features(model, train_loader, env.device, **feature_kwargs)
-        train_batches = cached_feature_batches(
-            train_features, train_labels, args.batch_size_per_gpu, args.seed, env.device
-        )
-        num_classes = num_classes_of(train_set, [train_labels, val_labels])
-    else:
-        train_batches = augmented_batches(model, train_set, args, env.device)
-        num_classes = num_classes_of(train_set, [val_labels])
-
-    torch.manual_seed(args.seed)
-    classifier = LinearClassifier(val_features.shape[1], num_classes).to(env.device)
-    lr = scaled_lr(args.lr, args.batch_size_per_gpu, env.world_size)
-    logger.info(
-        "linear probe: %d classes, feature dim %d, lr %.2e, %d epochs, train_aug=%s, cache_features=%s",
-        num_classes,
-        val_features.shape[1],
-        lr,
-        args.epochs,
-        train_aug,
-        cache_features,
-    )
-    fit = fit_linear_classifier(
-        classifier,
-        train_batches,
-        val_features.to(env.device),
-        val_labels.to(env.device),
-        epochs=args.epochs,
-        lr=lr,
-        val_freq=args.val_freq,
-        device=env.device,
-    )
-    best, last = fit["best"], fit["last"]
-    logger.info(
-        "linear probe: best top-1 %.2f (epoch %d), last top-1 %.2f",
-        best["val_top1"],
-        best["epoch"] + 1,
-        last["val_top1"],
-    )
-
-    output = args.output_json or default_results_path(args.pretrained_weights, "eval_linear.json")
-    results = {
-        "protocol": "DINO linear probe on frozen final-norm [CLS] tokens of the last n blocks"
-        if is_vit(model)
-        else f"linear probe on frozen {global_feature_name(model)} features (n_last_blocks and "
-        "avgpool_patchtokens do not apply)",
-        "deviation": None
-        if train_aug
-        else "no training augmentation (centre crops)"
-        + (", classifier trained on cached features" if cache_features else ""),
-        "pretrained_weights": args.pretrained_weights,
-        "checkpoint_key": args.checkpoint_key,
-        "arch": args.arch,
-        "patch_size": args.patch_size if is_vit(model) else None,
-        "depth": int(getattr(model, "depth", 0)),
-        "dataset": args.dataset,
-        "data_path": args.data_path,
-        "resize": resize,
-        "image_size": crop,
-        "n_last_blocks": args.n_last_blocks,
-        "avgpool_patchtokens": args.avgpool_patchtokens,
-        "feature_dim": int(val_features.shape[1]),
-        "epochs": args.epochs,
-        "base_lr": args.lr,
-        "lr": lr,
-        "batch_size_per_gpu": args.batch_size_per_gpu,
-        "world_size": env.world_size,
-        "global_batch_size": args.batch_size_per_gpu * env.world_size,
-        "optimizer": "SGD momentum 0.9, weight decay 0, cosine annealing per epoch",
-        "train_aug": train_aug,
-        "cache_features": cache_features,
-        "seed": args.seed,
-        "num_train": len(train_set),  # type: ignore[arg-type]
-        "num_val": len(val_set),  # type: ignore[arg-type]
-        "num_classes": num_classes,
-        "best_top1": best["val_top1"],
-        "best_epoch": best["epoch"],
-        "last_top1": last["val_top1"],
-        "last_top5": last.get("val_top5"),
-        "best": best,
-        "last": last,
-        "history": fit["history"],
-        "elapsed_s": round(time.time() - start, 2),
-        "output_json": str(output),
-    }
-    if not all(math.isfinite(record["train_loss"]) for record in fit["history"]):
-        logger.warning("linear probe: non-finite training loss; lower --lr")
-    if distributed.is_main_process():
-        write_results_json(results, output)
-        classifier_path = default_classifier_path(output)
-        torch.save(
-            {
-                "state_dict": classifier.state_dict(),
-                "num_labels": num_classes,
-                "feature_dim": int(val_features.shape[1]),
-                "n_last_blocks": args.n_last_blocks,
-                "avgpool_patchtokens": args.avgpool_patchtokens,
-            },
-            classifier_path,
-        )
-        logger.info("saved the linear classifier to %s", classifier_path)
-    distributed.barrier()
-    return results
-
-
-def default_classifier_path(results_json: str | os.PathLike[str]) -> Path:
-    """``<results stem>_classifier.pth`` next to the results JSON."""
-    path = Path(results_json)
-    return path.with_name(f"{path.stem}_classifier.pth")

@@ -1,6 +1,6 @@
 """Semantic-segmentation scores from a confusion matrix accumulated batch by batch.
 
-The dense nearest-neighbour evaluation (``docs: dense-nn-protocol.md``, Part A.6) scores predictions with
+The dense nearest-neighbour evaluation (docs/dense-nn-protocol.md, A.6) scores predictions with
 a ``C x C`` confusion matrix over every validation pixel whose ground truth is not the ignore label.
 Rows are ground-truth classes, columns predicted classes::
 

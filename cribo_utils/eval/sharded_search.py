@@ -74,10 +74,13 @@ def block_top_k(block: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(values (Q, k), columns (Q, k))``.
     """
-    values, columns = block.topk(k, dim=1)
-    if k == 0:
-        return values, columns
-    tied = (block >= values[:, -1:]).sum(dim=1) > k
+    if k == 0 or k == block.shape[1]:
+        return block.sort(dim=1, descending=True, stable=True) if k else block.topk(0, dim=1)
+    # The k-th value is tied with an unselected entry exactly when the (k+1)-th largest equals it; reading
+    # it from a top-(k+1) needs no (Q, n) temporary.
+    values, columns = block.topk(k + 1, dim=1)
+    tied = values[:, k] == values[:, k - 1]
+    values, columns = values[:, :k], columns[:, :k]
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         exact_values, exact_columns = block[rows].sort(dim=1, descending=True, stable=True)
@@ -100,13 +103,17 @@ class TorchShardIndex:
     """Exact inner-product search over this rank's (m, D) unit features, on ``device``.
 
     ``search`` computes ``S = queries @ features^T`` block by block (memory chunks of
-    ``SIMILARITY_BLOCK_BYTES / (4 Q)`` rows, within each added part), keeps each block's top-k and merges
-    them, so no (Q, m) matrix is ever formed.
+    ``SIMILARITY_BLOCK_BYTES / (4 max(Q, D))`` rows, within each added part), keeps each block's top-k and
+    merges them, so no (Q, m) matrix is ever formed. Products are always float32: a float16 index stores the
+    features rounded to half precision (half the memory) and upcasts one block at a time.
+
+    A part added with the index's own device and dtype is kept as is, without a copy (a view of the
+    caller's tensor): a CPU index over a float16 extraction buffer costs no second copy of the shard.
 
     Args:
         dim: D.
         device: where the features live and the products run (the evaluation's device).
-        dtype: storage and product dtype (float32 keeps the similarities of the faiss reference).
+        dtype: storage dtype, float32 (the similarities of the faiss reference) or float16.
     """
 
     def __init__(
@@ -143,18 +150,20 @@ class TorchShardIndex:
 
         The added parts are searched in place (never concatenated), so the search needs no second copy
         of the shard, only one similarity block."""
-        queries = queries.to(self.device, self.dtype)
+        queries = queries.to(self.device, torch.float32)
         k = min(k, len(self))
         best_similarities = torch.empty(queries.shape[0], 0, device=self.device)
         best_ids = torch.empty(queries.shape[0], 0, dtype=torch.long, device=self.device)
         if k == 0 or queries.shape[0] == 0:
             return best_similarities, best_ids
-        rows_per_block = max(k, SIMILARITY_BLOCK_BYTES // (4 * queries.shape[0]))
+        # A block of memory rows is at most SIMILARITY_BLOCK_BYTES as similarities and as float32 rows.
+        rows_per_block = max(k, SIMILARITY_BLOCK_BYTES // (4 * max(queries.shape[0], self.dim)))
         part_offset = 0
         for part in self._parts:
             for start in range(0, part.shape[0], rows_per_block):
-                block = queries @ part[start : start + rows_per_block].T
+                block = queries @ part[start : start + rows_per_block].float().T
                 values, indices = block_top_k(block, min(k, block.shape[1]))
+                del block  # before the next product: one block at a time
                 best_similarities = torch.cat([best_similarities, values.float()], dim=1)
                 best_ids = torch.cat([best_ids, indices + part_offset + start], dim=1)
                 best_similarities, best_ids = merge_top_k(best_similarities, best_ids, k)

@@ -11,7 +11,7 @@ Five figures, each a function returning the path of the PNG it wrote (default fo
 in its own module:
 
 1. ``clusters`` (:func:`plot_clusters`, :mod:`.clusters`): two augmented views of an image and the
-   teacher's joint two-view clustering of their patch tokens (CrIBo method doc Sec. 4), one colour per
+   teacher's joint two-view clustering of their patch tokens (docs/method.md, Sec. 4), one colour per
    cluster, the same colour in both views; clusters present in one view only (discarded by the method)
    are grey.
 2. ``neighbours`` (:func:`plot_neighbours`, :mod:`.neighbours`): a memory bank is built on the fly from
@@ -20,7 +20,7 @@ in its own module:
    retrieved object is drawn in the bank image it came from, framed green when the test passed and red
    when it failed.
 3. ``dense`` (:func:`plot_dense`, :mod:`.dense`): image, ground truth and the dense nearest-neighbour
-   prediction (dense-nn-protocol.md Part A, via :mod:`cribo_utils.eval.dense_nn`) with the dataset's palette.
+   prediction (:mod:`cribo_utils.eval.dense_nn`, docs/dense-nn-protocol.md, Part A), in the dataset's palette.
 4. ``attention`` (:func:`plot_attention`, :mod:`.attention`): the last block's [CLS] attention of every
    head and the first three principal components of the patch features as RGB (:func:`pca_rgb`).
 5. ``curves`` (:func:`plot_curves`, :mod:`.curves`): every loss term, the schedules, the cluster count

@@ -141,7 +141,7 @@ def cluster_image_views(
 ) -> ClusteredViews:
     """Two views per image, teacher patch tokens, joint clustering and object representations.
 
-    The same computation as the training step (method doc Sec. 1, teacher side):
+    The same computation as the training step (docs/method.md, Sec. 1, teacher side):
     ``T_tok = teacher([x1; x2])``, ``A, valid = joint_cluster(T_tok, pos1, pos2, alpha)``,
     ``c^v = object_representations(T_tok^v, A_v, valid)``; batched over ``batch_size`` images, with
     per-image cost normalisation so batching changes nothing.

@@ -27,13 +27,18 @@ CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# Key prefixes of the per-epoch records: DINO's, and that of logs written by earlier versions.
+_EPOCH_PREFIXES = ("train_", "epoch_")
+
+
 @dataclass
 class TrainingCurves:
     """Series read from a ``log.txt``.
 
     Attributes:
-        steps: key -> (iterations, values) of the per-iteration records (records without ``epoch_`` keys).
-        epochs: key -> (iterations, values) of the per-epoch averages, keyed without the ``epoch_`` prefix.
+        steps: key -> (iterations, values) of the per-iteration records.
+        epochs: key -> (iterations, values) of the per-epoch averages, keyed without their ``train_`` prefix
+            (``epoch_`` in logs of earlier versions).
     """
 
     steps: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -44,8 +49,9 @@ def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
     """Parse a training ``log.txt`` (the JSON lines of :class:`cribo_utils.runtime.logger.MetricLogger`,
     read by :func:`cribo_utils.runtime.logger.read_log`) into series.
 
-    A record with any ``epoch_``-prefixed key is a per-epoch average; every other record with an
-    ``iteration`` is a per-iteration record. Non-numeric values are skipped.
+    A record with ``train_``-prefixed keys (DINO's epoch record: ``train_loss``, ``train_lr``, ``train_wd``,
+    ..., and ``epoch``; ``epoch_``-prefixed in logs of earlier versions) is a per-epoch average; every other
+    record with an ``iteration`` is a per-iteration record. Non-numeric values are skipped.
 
     Args:
         log_path: the ``log.txt`` file, or the training output folder holding it.
@@ -71,7 +77,7 @@ def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
     for record in records:
         if not isinstance(record, dict) or "iteration" not in record:
             continue
-        is_epoch = any(key.startswith("epoch_") for key in record)
+        prefix = next((p for p in _EPOCH_PREFIXES if any(key.startswith(p) for key in record)), None)
         for key, value in record.items():
             if (
                 key in ("iteration", "epoch")
@@ -79,9 +85,9 @@ def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
                 or not isinstance(value, (int, float))
             ):
                 continue
-            if is_epoch:
-                if key.startswith("epoch_"):
-                    epochs.setdefault(key.removeprefix("epoch_"), []).append((record["iteration"], value))
+            if prefix is not None:
+                if key.startswith(prefix):
+                    epochs.setdefault(key.removeprefix(prefix), []).append((record["iteration"], value))
             else:
                 steps.setdefault(key, []).append((record["iteration"], value))
     if not steps and not epochs:

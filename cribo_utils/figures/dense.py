@@ -1,7 +1,7 @@
 """Figure 3, ``dense``: dense nearest-neighbour label transfer against the ground truth.
 
 :func:`plot_dense` builds a memory of patch features and labels with :mod:`cribo_utils.eval.dense_nn`
-(dense-nn-protocol.md Part A), predicts every image and draws image, ground truth, prediction and a
+(docs/dense-nn-protocol.md, Part A), predicts every image and draws image, ground truth, prediction and a
 legend in the dataset's palette.
 """
 
@@ -50,7 +50,7 @@ def plot_dense(
     seed: int = 0,
     dpi: int = DEFAULT_DPI,
 ) -> Path:
-    """Figure 3: dense nearest-neighbour label transfer (dense-nn-protocol.md Part A).
+    """Figure 3: dense nearest-neighbour label transfer (docs/dense-nn-protocol.md, Part A).
 
     A memory of patch features and soft patch labels is built from ``memory_dataset`` with
     :func:`cribo_utils.eval.dense_nn.build_memory` (one augmentation pass, every patch kept), then each image

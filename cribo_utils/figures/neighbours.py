@@ -69,7 +69,7 @@ def build_object_bank(
     """Run teacher + clustering over the bank images and push their objects into a fresh memory bank.
 
     The bank holds Q = ``len(images)`` images, filled by one push of every object (view-1 and view-2
-    representations in the same slot), as the training step pushes a batch (method doc Sec. 7).
+    representations in the same slot), as the training step pushes a batch (docs/method.md, Sec. 7).
 
     Returns:
         :class:`ObjectBank`, whose ``locate`` maps bank slots back to (image, cluster).
@@ -125,7 +125,7 @@ def plot_neighbours(
     The bank is built from ``bank_images`` (:func:`build_object_bank`); the query objects are all valid
     objects of ``query_images``; retrieval is
     :func:`cribo_utils.method.neighbours.find_cycle_consistent_neighbours`
-    (method doc Sec. 8): ``j_v(i) = argmax_r cos(c^v_i, q^v_r)``, accepted when the neighbour's other view
+    (docs/method.md, Sec. 8): ``j_v(i) = argmax_r cos(c^v_i, q^v_r)``, accepted if the neighbour's other view
     points back to the query's other view among all current objects. One row per shown object: query
     view 1, its neighbour (bank view 1), query view 2, its neighbour (bank view 2); a neighbour is framed
     green when the cycle-consistency test passed and red when it failed.

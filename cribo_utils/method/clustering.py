@@ -1,4 +1,4 @@
-"""Joint two-view clustering of patch tokens into objects (CrIBo, method doc Sec. 4).
+"""Joint two-view clustering of patch tokens into objects (CrIBo, docs/method.md, Sec. 4).
 
 For every image the patch tokens of view 1 and view 2 are concatenated into ``P = N1 + N2`` joint
 tokens and clustered together into ``K`` clusters by a few rounds of
@@ -14,20 +14,20 @@ hard assignment are the object representations used by the object-level losses.
 
 Everything is batched over images (no Python loop over images or tokens), runs in float32 with
 autocast disabled and without gradients, on whichever device the tokens live on. Deliberate
-differences from the reference implementation (method doc Sec. 12):
+differences from the reference implementation (docs/differences.md):
 
-* defect 3: the positional cost uses O(B * P^2) memory (a segment minimum over cluster labels with
+* difference 3: the positional cost uses O(B * P^2) memory (a segment minimum over cluster labels with
   ``scatter_reduce``), never a (B, P, P, K) tensor, and the pairwise distances are computed once;
-* defect 4: the cost is min-max scaled per image by default (``cost_normalization="image"``), so the
+* difference 4: the cost is min-max scaled per image by default (``cost_normalization="image"``), so the
   clustering of an image does not depend on the other images of the per-GPU batch; the reference's
   batch-global scaling is available as ``cost_normalization="batch"``;
-* defect 6: the hard assignment is an argmax one-hot, so a token with tied plan values belongs to
+* difference 6: the hard assignment is an argmax one-hot, so a token with tied plan values belongs to
   exactly one cluster (the lowest index), not to every tied cluster;
 * degenerate inputs do not produce NaN: a constant cost (max = min) is scaled to 0 and an image
   whose positional costs are all 0 (every token at the same coordinates) keeps ``G = 0``, where the
   reference divides 0 by 0. Non-degenerate inputs are unaffected.
 
-The positional-cost quirks of defect 5 (a singleton's own cluster gets the image's mean cost, tokens
+The quirks of docs/differences.md, difference 5 (a singleton's own cluster gets the image's mean cost, tokens
 at identical coordinates count as "self", the fallback mean includes the zero placeholders) are kept
 on purpose.
 """
@@ -71,7 +71,7 @@ class ClusteringResult:
 
 
 def positional_alpha(epoch: int, epochs: int, pos_alpha: Sequence[float]) -> float:
-    """Weight of the positional cost at ``epoch`` (method doc Sec. 4).
+    """Weight of the positional cost at ``epoch`` (docs/method.md, Sec. 4.9).
 
     ``alpha_e = linspace(pos_alpha[1], pos_alpha[0], epochs)[e]``: the schedule runs from the
     **second** value to the **first**, as in the reference (a conscious reproduction, Sec. 12 item 22).
@@ -98,7 +98,7 @@ def draw_seed_indices(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Draw K distinct seed tokens per image, uniformly without replacement (method doc Sec. 4, step 3).
+    """Draw K distinct seed tokens per image, uniformly without replacement (docs/method.md, Sec. 4.1).
 
     The K indices of image b are the positions of the K largest of ``P`` i.i.d. uniform numbers, i.e.
     the first K entries of a uniformly random permutation of ``0 .. P-1``.
@@ -129,7 +129,7 @@ def masked_position_distances(positions: Tensor) -> Tensor:
     """Pairwise Euclidean distances between token positions, zero distances set to ``+inf``.
 
     ``D[b, n, m] = ||p_n - p_m||`` if that is > 0, else ``+inf``: a token never counts as its own
-    neighbour, and neither does any token at exactly the same coordinates (method doc Sec. 4.2).
+    neighbour, and neither does any token at exactly the same coordinates (docs/method.md, Sec. 4.2).
     Computed explicitly (not with a matrix-product formula) so that identical points give exactly 0.
 
     Args:
@@ -151,7 +151,7 @@ def positional_cost(
     n_clusters: int,
     distances: Tensor | None = None,
 ) -> Tensor:
-    """Positional cost ``G`` of every token for every cluster (method doc Sec. 4, step 4.2).
+    """Positional cost ``G`` of every token for every cluster (docs/method.md, Sec. 4.2).
 
     ``G_raw[n, k] = min { ||p_n - p_m|| : label(m) = k, ||p_n - p_m|| > 0 }`` (nearest *other* member);
     where that set is empty, ``G_raw[n, k] = 0`` is a placeholder, replaced by the per-image mean of
@@ -194,7 +194,7 @@ def positional_cost(
 
 
 def min_max_normalize(cost: Tensor, cost_normalization: str = "image") -> Tensor:
-    """Min-max scaling of the cost to [0, 1] (method doc Sec. 4, step 4.3).
+    """Min-max scaling of the cost to [0, 1] (docs/method.md, Sec. 4.3).
 
     ``M <- (M - min M) / (max M - min M)`` with min and max taken per image (``"image"``, default) or
     over the whole (B, P, K) tensor (``"batch"``, the reference: couples the images of a per-GPU batch,
@@ -227,7 +227,7 @@ def sinkhorn(
     sinkhorn_lambda: float = 20.0,
     n_iterations: int = 5,
 ) -> Tensor:
-    """Sinkhorn-Knopp transport plan for a batch of costs (method doc Sec. 4, step 4.4).
+    """Sinkhorn-Knopp transport plan for a batch of costs (docs/method.md, Sec. 4.4).
 
     ``Pi = exp(-lambda * M)``, ``Pi <- Pi / sum_{n,k} Pi`` per image, then ``n_iterations`` times:
     ``Pi[n, k] <- Pi[n, k] * r_n / sum_k' Pi[n, k']`` (rows to ``r_n = 1/P``), then
@@ -267,7 +267,7 @@ def _one_hot(labels: Tensor, n_clusters: int, dtype: torch.dtype) -> Tensor:
 
 
 def update_column_marginal(labels: Tensor, n_clusters: int) -> Tensor:
-    """Column marginal of the next Sinkhorn call (method doc Sec. 4, step 4.6).
+    """Column marginal of the next Sinkhorn call (docs/method.md, Sec. 4.6).
 
     ``c_k = (n_k + 0.01) / sum_k' (n_k' + 0.01)`` with ``n_k`` the number of tokens assigned to k, so
     the next plan targets the current cluster sizes and an empty cluster keeps a small mass.
@@ -285,7 +285,7 @@ def update_column_marginal(labels: Tensor, n_clusters: int) -> Tensor:
 
 
 def update_centroids(tokens: Tensor, labels: Tensor, n_clusters: int) -> Tensor:
-    """Centroids ``mu_k = normalise(sum_{n: label(n) = k} z_n)`` (method doc Sec. 4, step 4.7).
+    """Centroids ``mu_k = normalise(sum_{n: label(n) = k} z_n)`` (docs/method.md, Sec. 4.7).
 
     Args:
         tokens: (B, P, D) L2-normalised joint tokens.
@@ -374,7 +374,7 @@ def joint_cluster(
     generator: torch.Generator | None = None,
     seed_indices: Tensor | None = None,
 ) -> ClusteringResult:
-    """Cluster the joint patch tokens of two views of each image (CrIBo, method doc Sec. 4).
+    """Cluster the joint patch tokens of two views of each image (CrIBo, docs/method.md, Sec. 4).
 
     Per image, with ``Z`` the L2-normalised tokens of view 1 then view 2 (P = N1 + N2 rows) and their
     positions: K distinct seeds, ``mu_k = z_{seed_k}``, initial hard assignment = the seeds only,

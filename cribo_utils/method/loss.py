@@ -1,4 +1,4 @@
-"""CrIBo's three loss terms and their centring (method doc Sec. 6).
+"""CrIBo's three loss terms and their centring (docs/method.md, Sec. 6).
 
 Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O output dimensions;
 ``C``, ``C_c`` the image and object centres; ``tau(e)``, ``tau_c(e)`` the teacher temperatures of epoch
@@ -14,14 +14,14 @@ Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O out
 - Cross-image nearest neighbours (cycle-consistent, masks ``m1``, ``m2``):
   ``L_nn = 1/2 [ sum_i m1_i H(V^1_i, R^2_i) / |m1| + sum_i m2_i H(V^2_i, R^1_i) / |m2| ]`` with
   ``V^v = sm((h_t(q^v_{jv(i)}) - C_c) / tau_c)``; a direction with ``|m_v| = 0`` contributes 0. The
-  reference divides both sums by ``|m1|`` and drops both when ``|m1| = 0`` (defect 7).
+  reference divides both by ``|m1|``, dropping both if ``|m1| = 0`` (docs/differences.md, difference 7).
 - ``L = L_img + L_obj + L_nn`` (CrIBo); the ablations keep a prefix of it: ``L = L_img + L_obj``
   (``objective="cross_view"``, CrOC-like, no memory bank) and ``L = L_img`` (``objective="image"``, DINO).
   Terms left out are still computed and returned for the log, with no gradient reaching the total.
 
 Everything is computed in float32 (inputs are cast at entry; the reference log-softmaxes fp16 logits and
-sums fp16 centres, defect 13), and a rank with M = 0 objects gives 0 for the object terms, not NaN, while
-still taking part in the centre all-reduce.
+sums fp16 centres: docs/differences.md, difference 13), and a rank with M = 0 objects gives 0 for the
+object terms, not NaN, while still taking part in the centre all-reduce.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def image_level_loss(
     student_temp: float,
     teacher_temp: float,
 ) -> torch.Tensor:
-    """DINO loss on the [CLS] outputs, cross-view pairs only (method doc Sec. 6, item 1).
+    """DINO loss on the [CLS] outputs, cross-view pairs only (docs/method.md, Sec. 6.1).
 
     ``L_img = 1 / (2 (L + 1)) sum_{v=1,2} sum_{u != v} mean_b H(T_vb, Q_ub)``, ``T_v = sm((t_v - C) / tau)``
     for the two global views the teacher sees, ``log Q_u = log_sm(s_u / tau_s)`` for the 2 + L crops the
@@ -104,7 +104,7 @@ def cross_view_object_loss(
     student_temp: float,
     teacher_temp: float,
 ) -> torch.Tensor:
-    """Cross-view object loss over this rank's M objects (method doc Sec. 6, item 2).
+    """Cross-view object loss over this rank's M objects (docs/method.md, Sec. 6.2).
 
     ``L_obj = 1/2 [ mean_i H(U^1_i, R^2_i) + mean_i H(U^2_i, R^1_i) ]``, ``U^v = sm((t^v - C_c) / tau_c)``,
     ``log R^v = log_sm(s^v / tau_s,c)``. M = 0 gives 0 (connected to the graph).
@@ -217,7 +217,7 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
 
 
 class CrIBoLoss(nn.Module):
-    """Total CrIBo loss ``L = L_img + L_obj + L_nn`` with centring (method doc Sec. 6).
+    """Total CrIBo loss ``L = L_img + L_obj + L_nn`` with centring (docs/method.md, Sec. 6).
 
     The terms and their equations are in ``image_level_loss``, ``cross_view_object_loss`` and
     ``nearest_neighbour_loss``. Teacher temperatures follow ``teacher_temperature`` by epoch. The centres
@@ -235,7 +235,7 @@ class CrIBoLoss(nn.Module):
         warmup_teacher_temp_epochs: W_e, epochs of the linear warm-up.
         nepochs: total epochs (kept for the record; epochs past it use the final temperatures).
         student_temp: image student temperature tau_s (0.1; the released args' ``student_temp = 1.0`` is a
-            dead argument of the reference that the parser maps away, defect 8).
+            dead argument of the reference that the parser maps away, docs/differences.md, difference 8).
         student_temp_c: object student temperature tau_s,c (0.1).
         center_momentum: m of both centre EMAs (0.9).
         objective: which terms make the total, one of :data:`OBJECTIVES`: ``"cribo"`` (all three),

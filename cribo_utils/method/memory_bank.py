@@ -1,4 +1,4 @@
-"""FIFO memory bank of per-view teacher object representations (CrIBo, method doc Sec. 7).
+"""FIFO memory bank of per-view teacher object representations (CrIBo, docs/method.md, Sec. 7).
 
 The bank keeps, for the ``Q`` most recently pushed images of all ranks, the view-1 and view-2 teacher
 object representations ``q^1_r``, ``q^2_r`` (backbone space, un-normalised, as the teacher head needs
@@ -20,7 +20,7 @@ ordered newest first, and within one push the gathered images keep rank order (r
 listed first). Internally a push enters the ring last-rank-last-image first, so that "newest" in ring
 order equals "first" in that reference order; ``to_reference_layout`` reads the ring backwards.
 
-The bank starts empty (the reference starts with uniform random vectors that count as valid, defect 9)
+The bank starts empty (docs/differences.md, difference 9: the reference's starts with random valid vectors)
 and is identical on every rank: ``push`` gathers all ranks' objects itself, and the overflow subset is
 drawn from a generator seeded by ``(seed, step)``, identical on every rank.
 """
@@ -170,7 +170,7 @@ class CentroidMemoryBank(nn.Module):
         first: the G new images in rank order, then the min(n_old, Q - G) newest old images. Only the new
         rows are written (no copy of the bank). When G > Q,
         a random subset of Q new images (same on every rank, relative order kept) replaces the whole bank;
-        start-up validation normally rejects that case (the reference keeps the first Q, defect 10).
+        start-up rejects it anyway (the reference keeps the first Q: docs/differences.md, difference 10).
 
         Args:
             c1: (M, D) teacher view-1 object representations of this rank, image by image.
@@ -302,7 +302,7 @@ class CentroidMemoryBank(nn.Module):
     # ------------------------------------------------------------------ reference layout
 
     def to_reference_layout(self) -> dict[str, torch.Tensor]:
-        """The bank in the reference checkpoint layout (method doc Sec. 7 and 10).
+        """The bank in the reference checkpoint layout (docs/method.md, Sec. 7 and 10).
 
         Returns:
             ``{"centroids_queue_cpu": (2, K*Q, D) float32, newest image first, valid objects contiguous

@@ -1,4 +1,4 @@
-"""Cycle-consistent cross-image nearest neighbours from the memory bank (CrIBo, method doc Sec. 8).
+"""Cycle-consistent cross-image nearest neighbours from the memory bank (CrIBo, docs/method.md, Sec. 8).
 
 With ``x^`` the L2-normalised ``x``, current objects ``c^1_i``, ``c^2_i`` (i < M, this rank only) and
 valid bank slots ``q^1_r``, ``q^2_r``:
@@ -12,7 +12,7 @@ only if its own other view points back to the query's other view.
 The bank is searched chunk by chunk with a running arg-max, in float32, dividing each chunk's scores by
 the bank vectors' norms: no normalised copy of the bank (not even of a chunk) and no similarity matrix
 larger than (M, chunk_size) is ever built (the reference materialises (M, bank) in fp16 under autocast,
-where near-ties flip the top-1, defect 11).
+where near-ties flip the top-1, docs/differences.md, difference 11).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def find_cycle_consistent_neighbours(
 ) -> NeighbourResult:
     """Retrieve each object's nearest bank object per view and apply the cycle-consistency test.
 
-    Equations in the module docstring (method doc Sec. 8). Call it before ``bank.push`` of the current
+    Equations in the module docstring (docs/method.md, Sec. 8). Call it before ``bank.push`` of the current
     batch, so that an object never retrieves itself.
 
     Args:

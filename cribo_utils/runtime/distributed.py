@@ -1,6 +1,6 @@
 """Process-group set-up and collectives that do nothing in a world of one.
 
-Three launch paths are recognised, in this order (STYLE.md, "Distributed"):
+Three launch paths are recognised, in this order:
 
 1. ``torchrun``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
 2. ``srun`` (SLURM): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; the master address is the
@@ -11,6 +11,9 @@ Three launch paths are recognised, in this order (STYLE.md, "Distributed"):
 
 A partly set environment (for example ``RANK`` without ``WORLD_SIZE``) is an error rather than a silent
 fall-back to one process, because a silent fall-back trains W independent models.
+
+``--dist_url`` (DINO's flag) chooses the rendezvous: ``env://`` (the default) uses the address and port
+found above; ``tcp://HOST:PORT`` replaces them (:func:`apply_dist_url`).
 
 The collectives never carry gradients; they are used for the memory bank, the loss centres and metrics.
 """
@@ -29,6 +32,8 @@ from itertools import product
 
 import torch
 import torch.distributed as dist
+
+from cribo_utils.runtime.flags import parse_dist_url
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +306,19 @@ def detect_launch_environment(environ: Mapping[str, str] | None = None) -> Launc
     return LaunchConfig("single", 0, 0, 1)
 
 
+def apply_dist_url(launch: LaunchConfig, dist_url: str) -> LaunchConfig:
+    """The launch with the rendezvous of ``--dist_url``: ``env://`` keeps it, ``tcp://HOST:PORT`` sets it.
+
+    Raises:
+        ValueError: for any other URL (one line naming the flag and the accepted forms).
+    """
+    rendezvous = parse_dist_url(dist_url)
+    if rendezvous is None or launch.world_size == 1:
+        return launch
+    host, port = rendezvous
+    return LaunchConfig(launch.launcher, launch.rank, launch.local_rank, launch.world_size, host, port)
+
+
 # --------------------------------------------------------------------------------------------------
 # Process group
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +331,9 @@ def _env_from_initialised_group() -> DistEnv:
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
-def init_distributed(timeout_s: float = 1800, backend: str | None = None) -> DistEnv:
+def init_distributed(
+    timeout_s: float = 1800, backend: str | None = None, dist_url: str = "env://"
+) -> DistEnv:
     """Create the process group described by the environment (or none for a world of one).
 
     NCCL with one GPU per process (``cuda:<local_rank>`` becomes the current device) when CUDA is
@@ -325,12 +345,13 @@ def init_distributed(timeout_s: float = 1800, backend: str | None = None) -> Dis
             RENDEZVOUS_TIMEOUT_S)`` for all ranks to join.
         backend: ``None`` picks NCCL if CUDA is available, else gloo; ``"gloo"`` forces CPU (tests,
             debugging); ``"nccl"`` requires CUDA.
+        dist_url: ``--dist_url``: ``env://`` or ``tcp://HOST:PORT`` (:func:`apply_dist_url`).
 
     Returns:
         The rank, local rank, world size, device and backend of this process.
 
     Raises:
-        ValueError: for a partly set launch environment or an unknown backend.
+        ValueError: for a partly set launch environment, an unknown backend or a malformed ``dist_url``.
         RuntimeError: when NCCL is requested without CUDA, or the rendezvous fails.
     """
     if backend not in (None, "nccl", "gloo"):
@@ -338,7 +359,7 @@ def init_distributed(timeout_s: float = 1800, backend: str | None = None) -> Dis
     if dist.is_available() and dist.is_initialized():
         return _env_from_initialised_group()
 
-    launch = detect_launch_environment()
+    launch = apply_dist_url(detect_launch_environment(), dist_url)
     use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("init_distributed: backend 'nccl' requested but CUDA is not available.")

@@ -30,7 +30,7 @@ from cribo_utils.train.nn_loss_schedule import (
     uses_memory_bank,
 )
 from cribo_utils.train.optim import build_optimizer, get_params_groups
-from cribo_utils.train.parser import describe_preset, release_batch_note, validate_args
+from cribo_utils.train.parser import check_output_dir, describe_preset, release_batch_note, validate_args
 from cribo_utils.train.parts import TrainingParts, resolve_device, resolve_precision
 from cribo_utils.train.preemption import (
     EXIT_PREEMPTED,
@@ -196,8 +196,10 @@ def train_cribo(args: argparse.Namespace) -> dict[str, float]:
     env: distributed.DistEnv | None = None
     collective_failed = False
     try:
-        env = distributed.init_distributed(timeout_s=args.dist_timeout)
-        os.makedirs(args.output_dir, exist_ok=True)
+        env = distributed.init_distributed(
+            timeout_s=args.dist_timeout, dist_url=getattr(args, "dist_url", "env://")
+        )
+        check_output_dir(args.output_dir)
         setup_logging(args.output_dir, env.rank)
         validate_args(args, env.world_size)
         if args.check_memory:
@@ -346,9 +348,10 @@ def train_one_epoch(
     )
     if saved_at != iteration or epoch_copy is not None:  # never the same state twice: the backup stays older
         save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
-    epoch_record = {f"epoch_{key}": value for key, value in averages.items()}
+    # DINO's epoch record: every averaged metric as train_<name> (train_loss, train_lr, train_wd, the terms).
+    epoch_record = {f"train_{key}": value for key, value in averages.items()}
     metric_logger.log(
-        {"epoch": epoch, "iteration": iteration, **epoch_record, "epoch_skipped_files": skipped_files}
+        {"epoch": epoch, "iteration": iteration, **epoch_record, "train_skipped_files": skipped_files}
     )
     if skipped_files and distributed.is_main_process():
         logger.warning(

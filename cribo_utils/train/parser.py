@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cribo_utils.method.loss import OBJECTIVES
+from cribo_utils.runtime.flags import add_dist_url_flag, bool_argument
 from data.synthetic import SYNTHETIC_VIEWS, VIEW_FLAGS, add_scene_args
 from data.transforms import _check_range
 
@@ -111,16 +112,6 @@ PATH_KEYS = frozenset({"output_dir", "data_path", "imagenet1k_path", "coco_path"
 PLACEHOLDER_VALUES = (".", "", ["."])
 
 
-def bool_flag(value: str) -> bool:
-    """Parse a boolean flag written as on/off, true/false or 1/0."""
-    lowered = value.lower()
-    if lowered in {"on", "true", "1"}:
-        return True
-    if lowered in {"off", "false", "0"}:
-        return False
-    raise argparse.ArgumentTypeError(f"invalid value for a boolean flag: {value!r} (use true/false)")
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the training parser (``add_help=False`` so other scripts can reuse it as a parent)."""
     parser = argparse.ArgumentParser("CrIBo", add_help=False)
@@ -155,8 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--out_dim_c", default=65536, type=int, help="Output dimension of the object head.")
     group.add_argument(
         "--norm_last_layer",
-        default=False,
-        type=bool_flag,
+        **bool_argument(False),
         help="Freeze the weight-norm magnitude of the last layers (True is more stable; "
         "the released ViT-S runs use False, ViT-B True).",
     )
@@ -167,7 +157,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Base EMA momentum, raised to 1 with a cosine schedule. Use a lower value "
         "(0.99) for short runs with small batches.",
     )
-    group.add_argument("--use_bn_in_head", default=False, type=bool_flag, help="Batch norm in the head.")
+    group.add_argument("--use_bn_in_head", **bool_argument(False), help="Batch norm in the head.")
 
     group = parser.add_argument_group("Temperatures")
     group.add_argument(
@@ -207,8 +197,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("Optimisation")
     group.add_argument(
         "--use_fp16",
-        default=True,
-        type=bool_flag,
+        **bool_argument(True),
         help="Mixed precision on GPU (fp16 with a grad scaler). Ignored on CPU; see --precision for bf16.",
     )
     group.add_argument(
@@ -253,8 +242,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth of the student.")
     group.add_argument(
         "--grad_checkpointing",
-        default=False,
-        type=bool_flag,
+        **bool_argument(False),
         help="Recompute the student's ViT blocks in backward instead of storing their activations: "
         "about 40%% less peak memory for about 30%% more time per step (README, Benchmarks).",
     )
@@ -339,8 +327,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--n_iter", default=5, type=int, help="Clustering iterations.")
     group.add_argument(
         "--update_c",
-        default=True,
-        type=bool_flag,
+        **bool_argument(True),
         help="Update the Sinkhorn column marginal to the current cluster sizes.",
     )
     group.add_argument("--sinkhorn_lambda", default=20.0, type=float, help="Sinkhorn entropic weight.")
@@ -391,31 +378,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--synthetic_recolour_views",
-        default=False,
-        type=bool_flag,
+        **bool_argument(False),
         help="Synthetic scenes: cut the second global view from a rendering of the scene with new object "
         "colours (same layout, textures, background and noise), so the two views of an object cannot be "
         "matched by their colours.",
     )
     group.add_argument(
         "--synthetic_recolour_background",
-        default=False,
-        type=bool_flag,
+        **bool_argument(False),
         help="With --synthetic_recolour_views: redraw the background's colours in that rendering too, so "
         "the two views of a scene cannot be matched by the colour of their background either.",
     )
     group.add_argument(
         "--synthetic_retexture_views",
-        default=False,
-        type=bool_flag,
+        **bool_argument(False),
         help="With --synthetic_recolour_views: redraw each object's texture period, phase and orientation "
         "in that rendering too (the texture family, which is the class, stays), so the two views of an "
         "object cannot be matched by the details of its pattern either.",
     )
     group.add_argument(
         "--skip_bad_files",
-        default=True,
-        type=bool_flag,
+        **bool_argument(True),
         help="Skip unreadable images with a warning (false: stop at the first one).",
     )
     group.add_argument("--num_workers", default=7, type=int, help="Data-loading workers per process.")
@@ -464,7 +447,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Stop after this many iterations in total (0: train all epochs).",
     )
     group.add_argument("--log_freq", default=10, type=int, help="Iterations between log lines.")
-    group.add_argument("--tensorboard", default=False, type=bool_flag, help="Also log to TensorBoard.")
+    group.add_argument("--tensorboard", **bool_argument(False), help="Also log to TensorBoard.")
     group.add_argument(
         "--dist_timeout",
         default=1800,
@@ -474,12 +457,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--check_memory",
-        default=True,
-        type=bool_flag,
+        **bool_argument(True),
         help="Refuse to start when the estimated memory (bank, networks, optimiser, "
         "activations) exceeds what is free; false starts anyway.",
     )
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="Compute device.")
+    add_dist_url_flag(group)
     group.add_argument(
         "--local_rank",
         "--local-rank",
@@ -733,6 +716,24 @@ def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
             args.batch_size_per_gpu,
         )
     args.batch_size_per_gpu = args.batch_size // world_size
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create ``--output_dir`` and prove a file can be written there, before anything is built.
+
+    Raises:
+        ConfigError: one line naming the folder, the reason and the flag to change.
+    """
+    probe = Path(output_dir) / f".write_test.{os.getpid()}"
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"--output_dir {output_dir}: cannot write there ({error.strerror or error}); choose a writable "
+            "--output_dir"
+        ) from None
 
 
 def check_area_range(flag: str, values: Sequence[float]) -> None:

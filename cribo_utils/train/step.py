@@ -1,4 +1,4 @@
-"""One CrIBo optimisation step, in the order of method doc Sec. 1: schedules -> teacher forward -> joint
+"""One CrIBo optimisation step, in the order of docs/method.md, Sec. 1: schedules -> teacher forward -> joint
 clustering -> retrieval in the bank (before the update) -> bank push -> teacher heads -> student forward ->
 loss -> backward -> clip / freeze -> optimiser step -> EMA. The maths lives in the modules it calls."""
 

@@ -1,6 +1,6 @@
 """Dense nearest-neighbour retrieval evaluation ("Hummingbird", in-context scene understanding).
 
-Protocol: ``dense-nn-protocol.md``, Part A (Balažević et al., NeurIPS 2023; open-hummingbird-eval). The
+Protocol: docs/dense-nn-protocol.md, Part A (Balažević et al., NeurIPS 2023; open-hummingbird-eval). The
 backbone is frozen; no parameter is trained.
 
 1. **Memory** (A.3). ``augmentation_epochs`` passes over a fixed, seeded subset of the training images
@@ -41,7 +41,8 @@ the same batch whatever the world size. All randomness of an item is seeded from
 index), never from the rank or the loader order, and the memory is assembled on every rank in global
 item order; results are therefore identical for 1 and W processes.
 
-Memory layout: features are float32, (M / W, D) per rank inside its shard's index only; labels are kept
+Memory layout: features are float32 (``--memory_dtype fp16``: float16, products still in float32),
+(M / W, D) per rank inside its shard's index only; labels are kept
 on every rank (a neighbour may live on any shard) as at most L (class id, pixel count) pairs per patch
 (uint8 or int16), L being the largest number of classes in any stored patch, instead of a dense (M, C)
 float32 matrix: about 16 bytes per entry against 4 D for the features.
@@ -50,8 +51,9 @@ Modules: :mod:`.config` (the parameters and the CLI mapping), :mod:`.labels` (pa
 labels, rarity sampling), :mod:`.plan` (memory plan, training subset, RAM check), :mod:`.datasets`
 (seeded memory items, validation pairs), :mod:`.sharding` (per-rank batches, collectives' helpers),
 :mod:`.search` (faiss and per-rank local indexes, the memory), :mod:`.predict` (features, label transfer),
-:mod:`.memory` (extraction and assembly), :mod:`.scoring` (confusion matrix, the whole protocol) and
-:mod:`.runner` (``eval_dense_nn.py``).
+:mod:`.memory` (extraction and assembly), :mod:`.scoring` (confusion matrix, the whole protocol),
+:mod:`.protocols` (the named protocols and what they cost), :mod:`.cli` (the flags and their resolution)
+and :mod:`.runner` (``eval_dense_nn.py``).
 """
 
 from cribo_utils.eval.dense_nn.config import (
@@ -60,7 +62,6 @@ from cribo_utils.eval.dense_nn.config import (
     INDEX_KINDS,
     DenseNNConfig,
     config_from_args,
-    default_output_json,
     resolve_memory_ignore,
 )
 from cribo_utils.eval.dense_nn.datasets import (
@@ -134,7 +135,6 @@ __all__ = [
     "config_from_args",
     "dataset_classes",
     "default_nlist",
-    "default_output_json",
     "dense_feature_dim",
     "estimate_memory_bytes",
     "evaluate_dense_nn",

@@ -1,16 +1,19 @@
 """Configuration of the dense-NN evaluation: the protocol parameters, their checks and the CLI mapping.
 
-:class:`DenseNNConfig` holds every parameter of the protocol (dense-nn-protocol.md, Part A);
+:class:`DenseNNConfig` holds every parameter of the protocol (docs/dense-nn-protocol.md, Part A);
 :func:`config_from_args` builds it from the flags of ``eval_dense_nn.py``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 INDEX_KINDS = ("torch", "exact", "ivf")
+#: Storage of the memory features: float32, or float16 (half the RAM; similarities still computed in float32).
+MEMORY_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DATASETS = ("synthetic", "voc", "ade20k")
 # Default training / validation split names per dataset (open-hummingbird-eval's choices).
 DEFAULT_SPLITS: dict[str, tuple[str, str]] = {
@@ -35,6 +38,8 @@ class DenseNNConfig:
             or ``"ivf"`` (faiss IndexIVFFlat).
         nlist: IVF lists; None picks ``4 sqrt(M)`` (at most M / 39).
         nprobe: IVF lists searched per query (clamped to nlist).
+        memory_dtype: storage of the memory features, ``"fp32"`` or ``"fp16"`` (``--index torch``: half the
+            memory; faiss indexes copy them to float32).
         batch_size: images per forward pass and per search call (per process).
         num_workers: data-loading workers per process.
         seed: seed of the training subset, the crops, the jitter and the sampling noise.
@@ -58,6 +63,7 @@ class DenseNNConfig:
     index: str = "torch"
     nlist: int | None = None
     nprobe: int = 32
+    memory_dtype: str = "fp32"
     batch_size: int = 16
     num_workers: int = 4
     seed: int = 0
@@ -73,7 +79,7 @@ class DenseNNConfig:
         """Check the values before any work; errors name the flag and the fix."""
         if self.input_size <= 0 or self.input_size % patch_size:
             raise ValueError(
-                f"--input_size {self.input_size} must be a positive multiple of --patch_size "
+                f"--image_size {self.input_size} must be a positive multiple of --patch_size "
                 f"{patch_size} (a conv net's dense stride: 32 for its last stage) "
                 f"(e.g. {max(1, round(self.input_size / patch_size)) * patch_size})"
             )
@@ -82,7 +88,7 @@ class DenseNNConfig:
                 f"--memory_size {self.memory_size} must be positive (or omitted to keep every patch)"
             )
         if self.num_neighbours <= 0:
-            raise ValueError(f"--num_neighbours {self.num_neighbours} must be positive (30 in the protocol)")
+            raise ValueError(f"--nb_knn {self.num_neighbours} must be positive (30 in the protocol)")
         if self.temperature <= 0:
             raise ValueError(f"--temperature {self.temperature} must be positive (0.02 in the protocol)")
         if self.augmentation_epochs <= 0:
@@ -95,8 +101,10 @@ class DenseNNConfig:
             raise ValueError(f"--index {self.index!r} is not one of {', '.join(INDEX_KINDS)}")
         if self.nprobe <= 0 or (self.nlist is not None and self.nlist <= 0):
             raise ValueError(f"--nprobe {self.nprobe} and --nlist {self.nlist} must be positive")
+        if self.memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"--memory_dtype {self.memory_dtype!r} is not one of {', '.join(MEMORY_DTYPES)}")
         if self.batch_size <= 0:
-            raise ValueError(f"--batch_size {self.batch_size} must be positive")
+            raise ValueError(f"--batch_size_per_gpu {self.batch_size} must be positive")
 
 
 def resolve_memory_ignore(choice: str, dataset: str) -> bool:
@@ -110,33 +118,22 @@ def resolve_memory_ignore(choice: str, dataset: str) -> bool:
 
 
 def config_from_args(args: Any) -> DenseNNConfig:
-    """:class:`DenseNNConfig` from parsed flags (``input_size`` None: 512, or the synthetic image size)."""
-    input_size = args.input_size
-    if input_size is None:
-        input_size = args.synthetic_image_size if args.dataset == "synthetic" else 512
+    """:class:`DenseNNConfig` from the flags, once
+    :func:`cribo_utils.eval.dense_nn.cli.resolve_dense_args` has resolved them."""
     return DenseNNConfig(
-        input_size=input_size,
+        input_size=args.image_size,
         memory_size=args.memory_size or None,
-        num_neighbours=args.num_neighbours,
+        num_neighbours=args.nb_knn,
         temperature=args.temperature,
         augmentation_epochs=args.augmentation_epochs,
         train_fraction=args.train_fraction,
         index=args.index,
         nlist=args.nlist,
         nprobe=args.nprobe,
-        batch_size=args.batch_size,
+        memory_dtype=args.memory_dtype,
+        batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         seed=args.seed,
         ignore_to_background=resolve_memory_ignore(args.memory_ignore, args.dataset),
-        progress=not args.no_progress,
+        progress=args.progress,
     )
-
-
-def default_output_json(pretrained_weights: str | None) -> str:
-    """``<checkpoint dir>/eval_dense_nn.json`` (``output/<name>/`` for a released model's name or a URL), or
-    ``./eval_dense_nn.json`` for a random network."""
-    from cribo_utils.weights.remote_weights import results_directory
-
-    if pretrained_weights:
-        return os.path.abspath(results_directory(pretrained_weights) / "eval_dense_nn.json")
-    return os.path.abspath("eval_dense_nn.json")

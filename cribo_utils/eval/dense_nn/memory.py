@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cribo_utils.eval.dense_nn.config import DenseNNConfig
+from cribo_utils.eval.dense_nn.config import MEMORY_DTYPES, DenseNNConfig
 from cribo_utils.eval.dense_nn.datasets import MemoryItems, memory_transform
 from cribo_utils.eval.dense_nn.labels import PatchLabels, patch_class_counts, select_memory_patches
 from cribo_utils.eval.dense_nn.plan import (
@@ -62,13 +62,14 @@ def extract_memory_shard(
         cfg: protocol parameters.
         device: compute device.
     Returns:
-        The shard, on the CPU; row ``t * n + j`` is the j-th kept patch of the t-th local item.
+        The shard, on the CPU, features in ``cfg.memory_dtype``; row ``t * n + j`` is the j-th kept patch of
+        the t-th local item.
     """
     loader = _shard_loader(items, cfg, device)
     num_local = len(loader.dataset)  # type: ignore[arg-type]
     keep = plan.patches_kept_per_image
     dim = dense_feature_dim(backbone)
-    features = torch.empty(num_local * keep, dim, dtype=torch.float32)
+    features = torch.empty(num_local * keep, dim, dtype=MEMORY_DTYPES[cfg.memory_dtype])
     label_parts: list[PatchLabels] = []
     row = 0
     for images, masks, noise in _progress(loader, cfg, "dense-NN memory"):
@@ -179,7 +180,19 @@ def build_memory(
     side = cfg.input_size // patch_size
     num_images = training_subset_size(len(train_dataset), cfg.train_fraction)
     plan = plan_memory(num_images, cfg.augmentation_epochs, side * side, cfg.memory_size)
-    check_memory_fits(plan, dense_feature_dim(backbone), num_classes, patch_size, cfg.index, cfg.memory_size)
+    check_memory_fits(
+        plan,
+        dense_feature_dim(backbone),
+        num_classes,
+        patch_size,
+        cfg.index,
+        cfg.memory_size,
+        memory_dtype=cfg.memory_dtype,
+        index_on_gpu=device.type == "cuda",
+        nlist=cfg.nlist,
+        num_workers=cfg.num_workers,
+        queries_per_search=cfg.batch_size * side * side * distributed.get_world_size(),
+    )
     image_indices = training_subset(len(train_dataset), cfg.train_fraction, cfg.seed)
     items = MemoryItems(
         train_dataset, image_indices, cfg.augmentation_epochs, memory_transform(cfg), side * side, cfg.seed

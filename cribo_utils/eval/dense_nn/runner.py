@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
-from cribo_utils.eval.dense_nn.config import DEFAULT_SPLITS, config_from_args, default_output_json
+from cribo_utils.eval.cli import check_result_owner, check_writable
+from cribo_utils.eval.dense_nn.cli import protocol_record, resolve_dense_args
+from cribo_utils.eval.dense_nn.config import DEFAULT_SPLITS, config_from_args
 from cribo_utils.eval.dense_nn.scoring import dataset_classes, evaluate_dense_nn
 from cribo_utils.runtime import distributed
 
@@ -20,11 +21,6 @@ def build_datasets(args: Any) -> tuple[Any, Any]:
     default_train, default_val = DEFAULT_SPLITS[args.dataset]
     train_split = args.train_split or default_train
     val_split = args.val_split or default_val
-    if args.dataset != "synthetic" and not args.data_path:
-        raise ValueError(
-            f"--dataset {args.dataset} needs --data_path (see dense-nn-protocol.md A.7 for the "
-            "folder layouts)"
-        )
     from data.datasets import build_segmentation_dataset
 
     synthetic_kwargs = None
@@ -46,20 +42,24 @@ def build_datasets(args: Any) -> tuple[Any, Any]:
 def run_dense_nn(args: Any) -> dict[str, Any]:
     """Run the evaluation described by the flags of ``eval_dense_nn.py`` and write the JSON (rank 0).
 
+    Every check (flags, dataset layout, protocol, result folder) comes before any image is read.
+
     Returns:
         The result dict (on every rank).
     """
     import json
 
-    from cribo_utils.weights.checkpoint_formats import backbone_from_args
+    from cribo_utils.weights.checkpoint_formats import backbone_from_args, resolve_backbone_args
     from models import dense_stride
 
-    env = distributed.init_distributed()
+    output_json = check_writable(resolve_dense_args(args))
+    check_result_owner(output_json, args.pretrained_weights, args.checkpoint_key)
+    env = distributed.init_distributed(dist_url=args.dist_url)
+    resolve_backbone_args(args)
     cfg = config_from_args(args)
     # A ViT's patch grid has the stride --patch_size; a conv net's dense grid that of --dense_stage.
     cfg.validate(dense_stride(args.arch, args.patch_size, getattr(args, "dense_stage", 4)))
     torch.manual_seed(args.seed)
-    output_json = args.output_json or default_output_json(args.pretrained_weights)
     train_dataset, val_dataset = build_datasets(args)
     num_classes, class_names = dataset_classes(val_dataset)
     backbone = backbone_from_args(args).to(env.device)
@@ -68,8 +68,9 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
     )
     results.update(
         {
+            **protocol_record(args),
             "dataset": args.dataset,
-            "data_path": args.data_path,
+            "data_path": args.data_path if args.dataset != "synthetic" else None,
             "train_split": args.train_split or DEFAULT_SPLITS[args.dataset][0],
             "val_split": args.val_split or DEFAULT_SPLITS[args.dataset][1],
             "arch": args.arch,
@@ -87,8 +88,8 @@ def run_dense_nn(args: Any) -> dict[str, Any]:
             "object_colours": args.synthetic_object_colours,
             "level": args.synthetic_level,
         }
+    results["output_json"] = str(output_json)
     if distributed.is_main_process():
-        os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
         with open(output_json, "w") as handle:
             json.dump(results, handle, indent=2)
         logger.info("wrote %s", output_json)

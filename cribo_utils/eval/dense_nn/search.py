@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cribo_utils.eval.dense_nn.config import INDEX_KINDS, DenseNNConfig
+from cribo_utils.eval.dense_nn.config import INDEX_KINDS, MEMORY_DTYPES, DenseNNConfig
 from cribo_utils.eval.dense_nn.labels import PatchLabels
 from cribo_utils.eval.dense_nn.plan import MemoryPlan
 from cribo_utils.eval.dense_nn.sharding import _ASSEMBLY_CHUNK_ROWS, _comm_device
@@ -142,7 +142,7 @@ def _local_index(
     """This rank's index of its own shard: torch (on ``device``) or faiss (IVF: globally trained lists)."""
     dim = shard.features.shape[1]
     if cfg.index == "torch":
-        local: TorchShardIndex | PatchIndex = TorchShardIndex(dim, device)
+        local: TorchShardIndex | PatchIndex = TorchShardIndex(dim, device, MEMORY_DTYPES[cfg.memory_dtype])
     else:
         nlist = (cfg.nlist or default_nlist(sum(sizes))) if cfg.index == "ivf" else 1
         local = PatchIndex(dim, cfg.index, nlist, cfg.nprobe)
