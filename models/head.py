@@ -124,6 +124,27 @@ class CrIBoHead(nn.Module):
         """Object logits ``last_layer_c(bottleneck(x))``: (..., D) -> (..., out_dim_c)."""
         return self.project_c(self.bottleneck(x))
 
+    def forward_both(self, cls_tokens: Tensor, objects: Tensor) -> tuple[Tensor, Tensor]:
+        """``(forward(cls_tokens), forward_c(objects))`` with one trunk call over the rows of both.
+
+        The trunk acts on each row alone, so the logits are those of the two calls (bit for bit with the
+        CPU's BLAS, which computes a row the same whatever the number of rows; another BLAS may differ by
+        float round-off). The trunk's weight gradient then sums all rows in one product instead of adding
+        two, which moves it by float round-off. With BatchNorm in training mode a row depends on the batch
+        statistics, so then the two calls are made separately, as in the reference.
+
+        Args:
+            cls_tokens: (R, D) [CLS] tokens.
+            objects: (S, D) object representations.
+        Returns:
+            ``((R, out_dim), (S, out_dim_c))``.
+        """
+        if self.training and any(isinstance(module, nn.BatchNorm1d) for module in self.mlp.modules()):
+            return self.forward(cls_tokens), self.forward_c(objects)
+        bottleneck = self.bottleneck(torch.cat((cls_tokens, objects)))
+        rows = cls_tokens.shape[0]
+        return self.project(bottleneck[:rows]), self.project_c(bottleneck[rows:])
+
 
 def _build_trunk(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:
     if nlayers == 1:
