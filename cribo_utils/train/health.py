@@ -38,11 +38,15 @@ def check_finite_loss(
     Raises:
         NonFiniteLossError: naming the iteration, this rank's loss terms and a hint.
     """
-    bad = 0.0 if math.isfinite(float(losses["loss"])) else 1.0
+    values = {
+        key: float(value.detach()) if isinstance(value, torch.Tensor) else value
+        for key, value in losses.items()
+    }
+    bad = 0.0 if math.isfinite(values["loss"]) else 1.0
     if parts.env.world_size > 1:  # so that no rank waits in the gradient all-reduce for one that stopped
         bad = distributed.all_reduce_sum(torch.tensor([bad], device=parts.device)).item()
     if bad > 0:
-        terms = ", ".join(f"{key} {float(value):.4g}" for key, value in losses.items())
+        terms = ", ".join(f"{key} {value:.4g}" for key, value in values.items())
         world_size = parts.env.world_size
         where = f" on {int(bad)} of {world_size} processes" if world_size > 1 else ""
         raise NonFiniteLossError(
