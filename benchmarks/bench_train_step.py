@@ -172,6 +172,8 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
     ]
     if cfg.get("depth"):
         argv += ["--depth", str(cfg["depth"])]
+    if cfg.get("compile"):
+        argv += ["--compile", "true"]
     args = get_args_parser().parse_args(argv)
     args.dataset_type, args.data_path, args.preset = "synthetic", "", "none"
     for key in ("global_crops_scale", "pos_alpha"):
@@ -281,12 +283,13 @@ def bare_backbone_step(parts: Any, batch: Any, iteration: int, timer: Any) -> di
         images = torch.cat([crops[0], crops[1]]).to(parts.device, non_blocking=True)
     with timer("augment"):  # the data pipeline's part on the device: any method pays it, as the bare floor
         images = augment_on_device(args, images, views)
+    # forward_features, as the full step (and what --compile compiles); its patch tokens go unused
     with timer("teacher_forward"), torch.no_grad(), autocast(parts):
-        teacher_cls = parts.teacher.backbone(images)
+        teacher_cls, _ = parts.teacher.backbone.forward_features(images)
     with timer("teacher_heads"), torch.no_grad(), autocast(parts):
         teacher_out = parts.teacher.head(teacher_cls)
     with timer("student_forward"), autocast(parts):
-        student_out = parts.student.head(parts.student.backbone(images))
+        student_out = parts.student.head(parts.student.backbone.forward_features(images)[0])
     with timer("loss"):
         loss = image_level_loss(student_out, teacher_out, parts.loss.center, 0.1, args.teacher_temp)
         value = loss.item()
@@ -415,10 +418,14 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         peak_rss_stages[f"step_{i}"] = peak_rss_bytes()
     peak_rss = peak_rss_bytes()
     # One more step of each kind under the operator counter (after the timed ones, which it would slow).
-    op_counts = {
-        mode: count_step_ops(parts, batches[n_steps % len(batches)], iteration + k, mode)
-        for k, mode in enumerate(modes)
-    }
+    op_counts: dict[str, Any] = (
+        {mode: None for mode in modes}
+        if cfg.get("compile")
+        else {
+            mode: count_step_ops(parts, batches[n_steps % len(batches)], iteration + k, mode)
+            for k, mode in enumerate(modes)
+        }
+    )
     if cfg.get("count_only"):
         return {
             "modes": {mode: {"config": cfg, "mode": mode, "op_counts": op_counts[mode]} for mode in modes}
@@ -516,6 +523,13 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Count the operators dispatched per step only (after --warmup steps), no timed steps: the "
         "counts are deterministic, so they are honest on a loaded machine, unlike timings.",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="The training flag --compile (torch.compile of the backbones' forward passes and the "
+        "clustering; the bare step's backbones too). Use --warmup 2 or more: the first steps compile. "
+        "Operators are not counted (a dispatch-mode counter makes compiled code run eagerly).",
     )
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step (two views each).")
@@ -895,7 +909,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    options = get_parser().parse_args(argv)
+    parser = get_parser()
+    options = parser.parse_args(argv)
+    if options.count_only and options.compile:
+        parser.error("--count_only counts eager operators; drop --compile (compiled code is not counted)")
     if options.worker:
         emit_result(worker(json.loads(options.worker)))
         return {}
@@ -903,6 +920,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key: getattr(options, key)
         for key in (
             "depth",
+            "compile",
             "count_only",
             "patch_size",
             "batch_size",
@@ -965,7 +983,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             summary = summarise(config, runs, pair_ratios, pair_cpu_ratios)
             print_summary(summary)
         full, bare = summary.get("full"), summary.get("bare")
-        if full and bare:
+        if full and bare and not options.compile:
             full_counts = full if options.count_only else full["op_counts"]
             bare_counts = bare if options.count_only else bare["op_counts"]
             summary["method_op_counts"] = method_op_counts(full_counts, bare_counts)

@@ -34,8 +34,9 @@ on purpose.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -392,6 +393,63 @@ def _per_view_assignments(one_hot: Tensor, n_view1: int) -> tuple[Tensor, Tensor
     return assign1, assign2, valid
 
 
+def _cluster(
+    tokens1: Tensor,
+    tokens2: Tensor,
+    positions1: Tensor,
+    positions2: Tensor,
+    seed_indices: Tensor,
+    n_clusters: int,
+    alpha: float,
+    n_iter: int,
+    sinkhorn_lambda: float,
+    sinkhorn_iterations: int,
+    update_c: bool,
+    cost_normalization: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rounds of :func:`joint_cluster` on checked inputs: ``(labels, assign1, assign2, valid)``."""
+    batch_size, n_view1, _ = tokens1.shape
+    n_joint = n_view1 + tokens2.shape[1]
+    device = tokens1.device
+    tokens = F.normalize(torch.cat((tokens1, tokens2), dim=1).float(), dim=-1)
+    distances = masked_position_distances(torch.cat((positions1, positions2), dim=2))
+
+    # Before the first round only the seeds have a cluster; the others go to the dropped column K.
+    labels = torch.full((batch_size, n_joint), n_clusters, dtype=torch.long, device=device)
+    clusters = torch.arange(n_clusters, device=device)
+    labels.scatter_(1, seed_indices, clusters.expand(batch_size, n_clusters))
+    centroids = torch.gather(tokens, 1, seed_indices.unsqueeze(2).expand(-1, -1, tokens.shape[2]))
+    column_marginal = tokens.new_full((batch_size, n_clusters), 1.0 / n_clusters)
+
+    for round_index in range(n_iter):
+        similarity = torch.bmm(tokens, centroids.transpose(1, 2))
+        if alpha != 0:
+            positional = _positional_cost(distances, labels, n_clusters, extra_column=round_index == 0)
+            cost = positional.mul_(alpha).sub_(similarity)  # -S + alpha G
+        else:
+            cost = similarity.neg_()
+        cost = min_max_normalize(cost, cost_normalization)
+        plan = sinkhorn(cost, column_marginal, sinkhorn_lambda, sinkhorn_iterations)
+        labels = plan.argmax(dim=2)
+        # one one-hot for the marginal, the centroids and the assignments; the last round's marginal
+        # and centroids would be used by nothing
+        one_hot = _one_hot(labels, n_clusters, tokens.dtype, clusters)
+        if round_index == n_iter - 1:
+            break
+        if update_c:
+            column_marginal = _column_marginal(one_hot)
+        centroids = _centroids(tokens, one_hot)
+
+    assign1, assign2, valid = _per_view_assignments(one_hot, n_view1)
+    return labels, assign1, assign2, valid
+
+
+@functools.cache
+def _compiled_cluster() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """:func:`_cluster` through ``torch.compile`` (``--compile``), compiled at its first call."""
+    return torch.compile(_cluster)
+
+
 @torch.no_grad()
 def joint_cluster(
     tokens1: Tensor,
@@ -407,6 +465,7 @@ def joint_cluster(
     cost_normalization: str = "image",
     generator: torch.Generator | None = None,
     seed_indices: Tensor | None = None,
+    compiled: bool = False,
 ) -> ClusteringResult:
     """Cluster the joint patch tokens of two views of each image (CrIBo, method doc Sec. 4).
 
@@ -441,6 +500,8 @@ def joint_cluster(
         generator: optional generator for the seed draw (ignored when ``seed_indices`` is given).
         seed_indices: optional (B, K) long distinct seed indices into the joint tokens, e.g. from
             :func:`draw_seed_indices`; drawn with ``generator`` when omitted.
+        compiled: run the rounds through ``torch.compile`` (``--compile``): fused kernels, the same
+            clustering up to float round-off; the first call compiles.
 
     Returns:
         :class:`ClusteringResult` with ``assign1`` (B, N1, K), ``assign2`` (B, N2, K), ``valid`` (B, K),
@@ -458,37 +519,22 @@ def joint_cluster(
         _check_seed_indices(seed_indices, batch_size, n_joint, n_clusters)
         seed_indices = seed_indices.to(device)
 
+    cluster = _compiled_cluster() if compiled else _cluster
     with torch.autocast(device_type=device.type, enabled=False):
-        tokens = F.normalize(torch.cat((tokens1, tokens2), dim=1).float(), dim=-1)
-        distances = masked_position_distances(torch.cat((positions1, positions2), dim=2).to(device))
-
-        # Before the first round only the seeds have a cluster; the others go to the dropped column K.
-        labels = torch.full((batch_size, n_joint), n_clusters, dtype=torch.long, device=device)
-        clusters = torch.arange(n_clusters, device=device)
-        labels.scatter_(1, seed_indices, clusters.expand(batch_size, n_clusters))
-        centroids = torch.gather(tokens, 1, seed_indices.unsqueeze(2).expand(-1, -1, tokens.shape[2]))
-        column_marginal = tokens.new_full((batch_size, n_clusters), 1.0 / n_clusters)
-
-        for round_index in range(n_iter):
-            similarity = torch.bmm(tokens, centroids.transpose(1, 2))
-            if alpha != 0:
-                positional = _positional_cost(distances, labels, n_clusters, extra_column=round_index == 0)
-                cost = positional.mul_(alpha).sub_(similarity)  # -S + alpha G
-            else:
-                cost = similarity.neg_()
-            cost = min_max_normalize(cost, cost_normalization)
-            plan = sinkhorn(cost, column_marginal, sinkhorn_lambda, sinkhorn_iterations)
-            labels = plan.argmax(dim=2)
-            # one one-hot for the marginal, the centroids and the assignments; the last round's marginal
-            # and centroids would be used by nothing
-            one_hot = _one_hot(labels, n_clusters, tokens.dtype, clusters)
-            if round_index == n_iter - 1:
-                break
-            if update_c:
-                column_marginal = _column_marginal(one_hot)
-            centroids = _centroids(tokens, one_hot)
-
-        assign1, assign2, valid = _per_view_assignments(one_hot, n_view1)
+        labels, assign1, assign2, valid = cluster(
+            tokens1,
+            tokens2,
+            positions1.to(device),
+            positions2.to(device),
+            seed_indices,
+            n_clusters,
+            alpha,
+            n_iter,
+            sinkhorn_lambda,
+            sinkhorn_iterations,
+            update_c,
+            cost_normalization,
+        )
     counts = valid.sum(dim=1)
     if logger.isEnabledFor(logging.DEBUG):  # .item() synchronises a GPU: only when the line is printed
         logger.debug("joint_cluster: %.2f valid clusters per image", counts.float().mean().item())

@@ -101,6 +101,7 @@ def training_step(
             update_c=args.update_c,
             cost_normalization=args.cost_normalization,
             generator=cluster_generator,
+            compiled=getattr(args, "compile", False),
         )
         # The number of objects M sets every later shape: reading it back is one of the step's three waits
         # for the device (with the bank's counts and the metrics); every later gather uses this index.
