@@ -124,8 +124,8 @@ class CrIBoHead(nn.Module):
         """Object logits ``last_layer_c(bottleneck(x))``: (..., D) -> (..., out_dim_c)."""
         return self.project_c(self.bottleneck(x))
 
-    def forward_both(self, cls_tokens: Tensor, objects: Tensor) -> tuple[Tensor, Tensor]:
-        """``(forward(cls_tokens), forward_c(objects))`` with one trunk call over the rows of both.
+    def forward_both(self, cls_tokens: Tensor, *objects: Tensor) -> tuple[Tensor, Tensor]:
+        """``(forward(cls_tokens), forward_c(cat(objects)))`` with one trunk call over the rows of all.
 
         The trunk acts on each row alone, so the logits are those of the two calls (bit for bit with the
         CPU's BLAS, which computes a row the same whatever the number of rows; another BLAS may differ by
@@ -135,15 +135,17 @@ class CrIBoHead(nn.Module):
 
         Args:
             cls_tokens: (R, D) [CLS] tokens.
-            objects: (S, D) object representations.
+            objects: one or more (S_i, D) tensors of object representations, taken in order.
         Returns:
-            ``((R, out_dim), (S, out_dim_c))``.
+            ``((R, out_dim), (sum_i S_i, out_dim_c))``.
         """
         if self.training and any(isinstance(module, nn.BatchNorm1d) for module in self.mlp.modules()):
-            return self.forward(cls_tokens), self.forward_c(objects)
-        bottleneck = self.bottleneck(torch.cat((cls_tokens, objects)))
-        rows = cls_tokens.shape[0]
-        return self.project(bottleneck[:rows]), self.project_c(bottleneck[rows:])
+            return self.forward(cls_tokens), self.forward_c(torch.cat(objects))
+        bottleneck = self.bottleneck(torch.cat((cls_tokens, *objects)))
+        cls_part, object_part = bottleneck.split(
+            [cls_tokens.shape[0], bottleneck.shape[0] - cls_tokens.shape[0]]
+        )
+        return self.project(cls_part), self.project_c(object_part)
 
 
 def _build_trunk(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 
-def valid_object_index(valid: Tensor) -> Tensor:
+def valid_object_index(valid: Tensor, views: int = 1) -> Tensor:
     """Flat indices ``b * K + k`` of the valid clusters, ascending: the rows that ``objects[valid]`` keeps.
 
     Reading the number of valid clusters M back from the device is the one host synchronisation that the
@@ -20,11 +20,13 @@ def valid_object_index(valid: Tensor) -> Tensor:
 
     Args:
         valid: (B, K) bool valid-cluster mask.
+        views: number of views whose clusters are stacked, view after view (2 for
+            :func:`object_representations_both_views`).
 
     Returns:
-        (M,) long indices into the flattened (B * K) clusters.
+        (views * M,) long indices into the flattened (views * B * K) clusters.
     """
-    return valid.flatten().nonzero().squeeze(1)
+    return (valid.repeat(views, 1) if views > 1 else valid).flatten().nonzero().squeeze(1)
 
 
 def object_representations(
@@ -72,7 +74,7 @@ def object_representations_both_views(
         assign1: (B, N, K) column-normalised assignment of view 1.
         assign2: (B, N, K) that of view 2.
         valid: (B, K) bool valid-cluster mask.
-        valid_index: optional :func:`valid_object_index` of ``valid`` (no host synchronisation then).
+        valid_index: optional ``valid_object_index(valid, views=2)`` (no host synchronisation then).
 
     Returns:
         (2, M, D): row v - 1 holds view v's objects.
@@ -89,13 +91,12 @@ def object_representations_both_views(
         tokens1, tokens2 = tokens.split(batch_size)
         return torch.stack(
             (
-                object_representations(tokens1, assign1, valid, valid_index),
-                object_representations(tokens2, assign2, valid, valid_index),
+                object_representations(tokens1, assign1, valid),
+                object_representations(tokens2, assign2, valid),
             )
         )
     if valid_index is None:
-        valid_index = valid_object_index(valid)
-    both = torch.cat((valid_index, valid_index + valid.numel()))  # view 2's clusters follow view 1's
+        valid_index = valid_object_index(valid, views=2)
     assign = torch.cat((assign1, assign2)).to(tokens.dtype)
-    objects = torch.einsum("bnk,bnd->bkd", assign, tokens).flatten(0, 1).index_select(0, both)
-    return objects.view(2, valid_index.shape[0], tokens.shape[2])
+    objects = torch.einsum("bnk,bnd->bkd", assign, tokens).flatten(0, 1).index_select(0, valid_index)
+    return objects.view(2, valid_index.shape[0] // 2, tokens.shape[2])

@@ -66,8 +66,9 @@ class CrIBoNetwork(nn.Module):
             assign2: (B, N, K) same for view 2.
             valid: (B, K) bool, clusters present in both views.
             local_images: (LB, C, h, w) local crops, crop-major (crop 1 batch, crop 2 batch, ...), or None.
-            valid_index: optional (M,) flat indices of the valid clusters
-                (:func:`models.object_pooling.valid_object_index`), to skip reading M back from the device.
+            valid_index: optional (2M,) flat indices of the valid clusters of both views
+                (``models.object_pooling.valid_object_index(valid, views=2)``), to skip reading M back
+                from the device.
         Returns:
             ``(cls_logits, object_logits)`` of shapes ((2 + L)B, O) and (2, M, Oc), M = ``valid.sum()``.
         """
@@ -109,7 +110,7 @@ class CrIBoNetwork(nn.Module):
                 "CrIBoNetwork.head_outputs: objects and neighbours must all be (M, D) with the same M, got "
                 f"{[tuple(vector.shape) for vector in vectors]}"
             )
-        cls_logits, object_logits = self.head.forward_both(cls_tokens, torch.cat(vectors))
+        cls_logits, object_logits = self.head.forward_both(cls_tokens, *vectors)
         logits = rearrange(object_logits, "(v m) o -> v m o", v=len(vectors))
         neighbour_logits = None if neighbours is None else logits[2:]
         return cls_logits, logits[:2], neighbour_logits

@@ -197,7 +197,7 @@ def _nearest_neighbour_term(
     dot product. Rejected rows are zeroed first, so that even non-finite ones leak nowhere."""
     kept = torch.where(nn_masks[..., None], teacher_probs, 0.0)
     per_direction = torch.bmm(kept.reshape(2, 1, -1), flipped_log_probs.reshape(2, -1, 1)).view(2)
-    mask_sizes = nn_masks.sum(dim=1).clamp(min=1).to(per_direction.dtype)
+    mask_sizes = nn_masks.sum(dim=1, dtype=per_direction.dtype).clamp_(min=1)
     return (per_direction / mask_sizes).sum() * -0.5
 
 
@@ -363,11 +363,18 @@ class CrIBoLoss(nn.Module):
             kept = OBJECTIVES[self.objective]
             weighted = [value if name in kept else value * 0.0 for name, value in terms.items()]
             loss = weighted[0] + weighted[1] + weighted[2]
-            self.center.copy_(update_center(self.center, teacher_cls, self.center_momentum))
-            self.center_c.copy_(
-                update_center(self.center_c, teacher_obj.reshape(-1, self.out_dim_c), self.center_momentum)
-            )
+            self._update_centres(teacher_cls, teacher_obj.reshape(-1, self.out_dim_c))
         return {"loss": loss, "loss_img": loss_img, "loss_obj": loss_obj, "loss_nn": loss_nn}
+
+    @torch.no_grad()
+    def _update_centres(self, teacher_cls: torch.Tensor, teacher_obj: torch.Tensor) -> None:
+        """Both centres by :func:`update_center`; on one process, in place as ``C <- C + (1 - m) (mean - C)``
+        (``torch.lerp``: the same EMA up to float round-off, three operators a centre instead of six)."""
+        for center, outputs in ((self.center, teacher_cls), (self.center_c, teacher_obj)):
+            if get_world_size() > 1:
+                center.copy_(update_center(center, outputs, self.center_momentum))
+            elif outputs.shape[0] > 0:
+                center.lerp_(outputs.sum(dim=0, keepdim=True) / outputs.shape[0], 1.0 - self.center_momentum)
 
     def _object_terms(
         self,

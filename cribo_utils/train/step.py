@@ -105,7 +105,7 @@ def training_step(
         )
         # The number of objects M sets every later shape: reading it back is one of the step's three waits
         # for the device (with the bank's counts and the metrics); every later gather uses this index.
-        valid_index = valid_object_index(clusters.valid)
+        valid_index = valid_object_index(clusters.valid, views=2)
         objects1, objects2 = object_representations_both_views(
             tokens, clusters.assign1, clusters.assign2, clusters.valid, valid_index
         ).unbind()
@@ -139,8 +139,8 @@ def training_step(
         loss = losses["loss"]
         # One read of device values for the finite-loss check and every metric of the step.
         with torch.no_grad():
-            mask_sums = masks.sum(dim=1).float() if masks is not None else loss.new_zeros(2)
-            read = torch.cat((torch.stack(list(losses.values())), mask_sums)).tolist()
+            mask_sums = masks.sum(dim=1, dtype=loss.dtype) if masks is not None else loss.new_zeros(2)
+            read = torch.stack((*losses.values(), *mask_sums)).tolist()
         values = dict(zip(losses, read[: len(losses)], strict=True))
         check_finite_loss(parts, values, iteration, epoch)
 
