@@ -133,7 +133,13 @@ class CentroidMemoryBank(nn.Module):
         if self._host_copy is None:
             scalars = (self.slot_head, self.image_head, self.stored_images, self.stored_objects)
             values = torch.cat((torch.stack(scalars), self.image_count)).tolist()
-            self._host_copy = _HostBookkeeping(*values[:4], image_count=values[4:])
+            self._host_copy = _HostBookkeeping(
+                slot_head=values[0],
+                image_head=values[1],
+                stored_images=values[2],
+                stored_objects=values[3],
+                image_count=values[4:],
+            )
         return self._host_copy
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

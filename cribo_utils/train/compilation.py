@@ -22,4 +22,4 @@ def compile_backbones(*networks: nn.Module) -> None:
         backbone = network.backbone
         if hasattr(backbone, "forward_features"):
             # an instance attribute shadows the method; the module itself is not wrapped
-            backbone.forward_features = torch.compile(backbone.forward_features)  # type: ignore[method-assign]
+            backbone.forward_features = torch.compile(backbone.forward_features)  # type: ignore[method-assign,arg-type]
