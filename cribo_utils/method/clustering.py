@@ -381,10 +381,10 @@ def _per_view_assignments(one_hot: Tensor, n_view1: int) -> tuple[Tensor, Tensor
     steps 5-6); both views at once when they have the same number of tokens."""
     batch_size, n_joint, n_clusters = one_hot.shape
     if 2 * n_view1 == n_joint:
-        blocks = one_hot.view(batch_size, 2, n_view1, n_clusters)
-        sizes = blocks.sum(dim=2, keepdim=True)  # (B, 2, 1, K)
-        assign = blocks / sizes.clamp_min(1.0)
-        valid = (sizes > 0).all(dim=1).view(batch_size, n_clusters)
+        view_blocks = one_hot.view(batch_size, 2, n_view1, n_clusters)
+        view_sizes = view_blocks.sum(dim=2, keepdim=True)  # (B, 2, 1, K)
+        assign = view_blocks / view_sizes.clamp_min(1.0)
+        valid = (view_sizes > 0).all(dim=1).view(batch_size, n_clusters)
         return assign[:, 0], assign[:, 1], valid
     blocks = (one_hot[:, :n_view1], one_hot[:, n_view1:])
     sizes = [block.sum(dim=1, keepdim=True) for block in blocks]

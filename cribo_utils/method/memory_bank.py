@@ -358,6 +358,22 @@ class CentroidMemoryBank(nn.Module):
             for start in range(run_start, run_start + run_length, chunk_size)
         ]
 
+    def slot_range(self, start: int, stop: int) -> torch.Tensor:
+        """Both views of the slots ``[start, stop)``: a (2, stop - start, D) view of the storage, no copy."""
+        return self.centroids[:, start:stop]
+
+    def gather_views(self, indices: torch.Tensor) -> torch.Tensor:
+        """View 1's rows at ``indices[0]`` and view 2's at ``indices[1]``, in one gather.
+
+        Args:
+            indices: (2, n) long slot indices.
+
+        Returns:
+            (2, n, D) raw rows.
+        """
+        views = torch.arange(2, device=self.centroids.device).unsqueeze(1)
+        return self.centroids[views, indices.to(self.centroids.device)]
+
     def gather_slots(self, view: int, indices: torch.Tensor) -> torch.Tensor:
         """Raw representations of view ``view`` (1 or 2) at slot ``indices``.
 

@@ -72,7 +72,7 @@ def _chunked_argmax(queries: torch.Tensor, bank: CentroidMemoryBank, chunk_size:
     """
     best = index = None
     for start, stop in bank.chunk_ranges(max(1, chunk_size // 2)):
-        keys = bank.centroids[:, start:stop].to(device=queries.device, dtype=torch.float32)  # (2, n, D) view
+        keys = bank.slot_range(start, stop).to(device=queries.device, dtype=torch.float32)  # (2, n, D) view
         # <q, k / max(||k||, eps)> = <q, k> / max(||k||, eps) (F.normalize's eps): dividing the (2, M, n)
         # scores instead of normalising the keys never writes a copy of the bank.
         norms = torch.linalg.vector_norm(keys, dim=2).clamp_min_(1e-12)
@@ -127,12 +127,11 @@ def find_cycle_consistent_neighbours(
         index = _chunked_argmax(queries, bank, chunk_size)  # (2, M): j1, j2
 
         # Cycle: the neighbour's other-view slot must point back to the query among all current objects.
-        # back[v] is compared with the queries of view v: back[1] = q^2_{j1}, back[0] = q^1_{j2}.
-        views = torch.arange(2, device=bank.centroids.device).unsqueeze(1)
-        back = F.normalize(bank.centroids[views, index.flip(0).to(views.device)].to(device).float(), dim=2)
+        # back[v] is compared with the queries of view v: back[0] = q^1_{j2}, back[1] = q^2_{j1}.
+        back = F.normalize(bank.gather_views(index.flip(0)).to(device).float(), dim=2)
         points_back = torch.bmm(back, queries.transpose(1, 2)).argmax(dim=2)  # (2, M)
         masks = (points_back == torch.arange(num_objects, device=device)).flip(0)  # (m1, m2)
-        neighbours = bank.centroids[views, index.to(views.device)].to(device)  # q^1_{j1}, q^2_{j2}
+        neighbours = bank.gather_views(index).to(device)  # q^1_{j1}, q^2_{j2}
 
     return NeighbourResult(
         neighbours1=neighbours[0],

@@ -168,7 +168,7 @@ def training_step(
 
     # float32 quotients, as the tensors gave them before the metrics were read in one go
     num_objects = np.float32(objects1.shape[0])
-    accepted = np.float32(read[-2:]) / max(num_objects, np.float32(1.0))
+    accepted = np.array(read[-2:], dtype=np.float32) / max(num_objects, np.float32(1.0))
     metrics = dict(values)
     metrics.update(
         lr=float(parts.lr_schedule[iteration]),
