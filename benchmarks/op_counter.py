@@ -18,7 +18,9 @@ Three numbers per section:
   ``int(t)``, ``bool(t)``: ``aten._local_scalar_dense``), and operators whose output shape depends on the
   data (``nonzero``, ``masked_select``, indexing with a boolean mask, ``unique``). ``.tolist()`` and
   ``.numpy()`` of a CPU tensor read its memory without dispatching anything, so they are not counted on
-  the CPU (on a GPU they dispatch the copy to the host, ``aten._to_copy``).
+  the CPU (on a GPU they dispatch the copy to the host, ``aten._to_copy``). On a CPU run every tensor is
+  on the host, so reads of tensors that stay on the host by design (the photometric parameters) are
+  counted too, though they are no device reads on a GPU.
 """
 
 from __future__ import annotations
