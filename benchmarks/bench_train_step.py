@@ -4,6 +4,8 @@
     python benchmarks/bench_train_step.py --arch vit_tiny vit_small --precision fp32 bf16 --repeats 3
     python benchmarks/bench_train_step.py --arch vit_small --modes full bare    # peak RSS of each step alone
     python benchmarks/bench_train_step.py --arch vit_small --batch_size 64 --precision bf16 --device cuda
+    python benchmarks/bench_train_step.py --arch vit_tiny --depth 6 --image_size 96 --batch_size 4 \
+        --n_tokens 8 --queue_size 1024 --out_dim 64 --count_only      # the newcomer's run: operators only
 
 Two kinds of step are timed on the same views:
 
@@ -24,6 +26,15 @@ uint8 and both steps start with the batched photometric augmentation, timed as t
 with ``workers`` it is part of the data pipeline); the data pipeline is timed separately, per batch, in one
 process (``bench_data.py`` measures it in more detail). Peak RSS is the worker process's ``ru_maxrss`` (model,
 optimiser, bank, batches and Python/torch themselves); on GPU also ``torch.cuda.max_memory_allocated``.
+
+Operators dispatched per step: after the timed steps (or, with ``--count_only``, after ``--warmup``
+untimed steps and instead of any timing), one more step of each kind runs under a ``TorchDispatchMode``
+counter (``benchmarks/op_counter.py``, whose docstring says why a dispatch mode and not the profiler), per
+``StepTimer`` section: all ATen operators, those that run a kernel (not views) and those that wait for the
+device (``.item()``, ``nonzero``, boolean indexing). On a GPU each kernel is at least one launch, so this
+is the CPU-side measure of the launch overhead, deterministic and honest on a loaded machine. The method's
+own operators are the full step's minus the bare step's, section by section (the bare step runs the same
+backbones, [CLS] head, image loss and optimiser); their total leaves the optimiser out.
 
 Achieved FLOP/s count the backbone only, analytically: per image and ViT block, forward
 ``24 T D^2 + 4 T^2 D`` FLOPs (T = N + 1 tokens: qkv, proj and the 4x MLP are 12 T D^2 multiply-adds,
@@ -159,6 +170,10 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
         "--augment_on",
         cfg.get("augment_on", "device"),
     ]
+    if cfg.get("depth"):
+        argv += ["--depth", str(cfg["depth"])]
+    if cfg.get("compile"):
+        argv += ["--compile", "true"]
     args = get_args_parser().parse_args(argv)
     args.dataset_type, args.data_path, args.preset = "synthetic", "", "none"
     for key in ("global_crops_scale", "pos_alpha"):
@@ -268,12 +283,13 @@ def bare_backbone_step(parts: Any, batch: Any, iteration: int, timer: Any) -> di
         images = torch.cat([crops[0], crops[1]]).to(parts.device, non_blocking=True)
     with timer("augment"):  # the data pipeline's part on the device: any method pays it, as the bare floor
         images = augment_on_device(args, images, views)
+    # forward_features, as the full step (and what --compile compiles); its patch tokens go unused
     with timer("teacher_forward"), torch.no_grad(), autocast(parts):
-        teacher_cls = parts.teacher.backbone(images)
+        teacher_cls, _ = parts.teacher.backbone.forward_features(images)
     with timer("teacher_heads"), torch.no_grad(), autocast(parts):
         teacher_out = parts.teacher.head(teacher_cls)
     with timer("student_forward"), autocast(parts):
-        student_out = parts.student.head(parts.student.backbone(images))
+        student_out = parts.student.head(parts.student.backbone.forward_features(images)[0])
     with timer("loss"):
         loss = image_level_loss(student_out, teacher_out, parts.loss.center, 0.1, args.teacher_temp)
         value = loss.item()
@@ -292,6 +308,33 @@ def bare_backbone_step(parts: Any, batch: Any, iteration: int, timer: Any) -> di
         else:
             parts.optimizer.step()
     return {"loss": value}
+
+
+def count_step_ops(parts: Any, batch: Any, iteration: int, mode: str) -> dict[str, Any]:
+    """Operators dispatched by one step of ``mode`` (``full`` or ``bare``), per ``StepTimer`` section.
+
+    Returns:
+        ``{"ops" | "kernels" | "syncs": {section: count}, "total_ops" | "total_kernels" | "total_syncs":
+        int, "sync_operators": {section: {operator: count}}, "nn_active": whether the full step retrieved
+        (None for the bare step)}``: see ``benchmarks/op_counter.py``; operators
+        outside every section (learning-rate setting, metrics) are counted under ``outside_sections``.
+    """
+    from benchmarks.op_counter import CountingTimer, OpCounter
+    from cribo_utils.train import training_step
+
+    counter = OpCounter()
+    timer = CountingTimer(counter)
+    with counter:
+        if mode == "full":
+            metrics = training_step(parts, batch, iteration, 1, timer)
+        else:
+            metrics = bare_backbone_step(parts, batch, iteration, timer)
+    totals: dict[str, Any] = counter.totals()
+    totals["nn_active"] = metrics.get("nn_active")
+    for kind in ("ops", "kernels", "syncs"):
+        totals[f"total_{kind}"] = sum(totals[kind].values())
+    totals["sync_operators"] = {section: dict(ops) for section, ops in counter.syncs.items()}
+    return totals
 
 
 def worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -316,7 +359,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     args = make_args(cfg)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device, backend=None)
-    n_steps = cfg["warmup"] + cfg["steps"]
+    n_steps = cfg["warmup"] + (0 if cfg.get("count_only") else cfg["steps"])
     # Each of the (up to) 2 n_steps steps gets its own schedule entry inside epoch 1.
     parts = build_training_parts(
         args, env, dataset_size=args.batch_size_per_gpu * (2 * n_steps + 1), with_loader=False
@@ -373,6 +416,20 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
             for name, seconds in timer.times.items():
                 section_seconds[mode].setdefault(name, []).append(seconds)
         peak_rss_stages[f"step_{i}"] = peak_rss_bytes()
+    peak_rss = peak_rss_bytes()
+    # One more step of each kind under the operator counter (after the timed ones, which it would slow).
+    op_counts: dict[str, Any] = (
+        {mode: None for mode in modes}
+        if cfg.get("compile")
+        else {
+            mode: count_step_ops(parts, batches[n_steps % len(batches)], iteration + k, mode)
+            for k, mode in enumerate(modes)
+        }
+    )
+    if cfg.get("count_only"):
+        return {
+            "modes": {mode: {"config": cfg, "mode": mode, "op_counts": op_counts[mode]} for mode in modes}
+        }
 
     flops = training_step_flops(
         backbone.embed_dim, backbone.depth, args.image_size, args.patch_size, args.batch_size_per_gpu
@@ -386,7 +443,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         if data_seconds
         else None,
         "data_pipeline_cpu_s_per_batch": median(data_cpu_seconds) if data_cpu_seconds else None,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "peak_rss_process_modes": list(modes),
         "rss_after_import_bytes": rss_after_import,
         "peak_rss_by_stage_bytes": peak_rss_stages,
@@ -402,6 +459,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         results["modes"][mode] = {
             **shared,
             "mode": mode,
+            "op_counts": op_counts[mode],
             "step_seconds": step_seconds[mode],
             "median_step_s": step,
             # CPU time of all threads of the process: the work done, insensitive to other users' load.
@@ -452,6 +510,26 @@ def get_parser() -> argparse.ArgumentParser:
         default=["fp32"],
         choices=["fp32", "bf16", "fp16"],
         help="Autocast dtype of the forward passes (fp16 needs a GPU).",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="Transformer blocks of the ViT (the training flag --depth; 0: the architecture's 12). The "
+        "synthetic preset of main_cribo.py uses 6.",
+    )
+    parser.add_argument(
+        "--count_only",
+        action="store_true",
+        help="Count the operators dispatched per step only (after --warmup steps), no timed steps: the "
+        "counts are deterministic, so they are honest on a loaded machine, unlike timings.",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="The training flag --compile (torch.compile of the backbones' forward passes and the "
+        "clustering; the bare step's backbones too). Use --warmup 2 or more: the first steps compile. "
+        "Operators are not counted (a dispatch-mode counter makes compiled code run eagerly).",
     )
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=16, help="Images per step (two views each).")
@@ -547,6 +625,8 @@ def _median_index(values: list[float]) -> int:
 def _pick_run(runs: list[dict[str, Any]], index: int) -> dict[str, Any]:
     """Repeat ``index`` of ``runs``, with every repeat's median step and the largest peak RSS."""
     chosen = dict(runs[index])
+    if "median_step_s" not in chosen:  # --count_only: operator counts only
+        return chosen
     chosen["repeat_median_step_s"] = [run["median_step_s"] for run in runs]
     chosen["peak_rss_bytes"] = max(run["peak_rss_bytes"] for run in runs)
     return chosen
@@ -562,12 +642,17 @@ def summarise(
     full, bare = runs.get("full"), runs.get("bare")
     key = (config["arch"], config["image_size"])
     reference = REFERENCE_TOTAL.get((*key, config["precision"]))
-    default_setting = (config["batch_size"], config["n_tokens"], config["queue_size"], config["out_dim"]) == (
-        16,
-        32,
-        1024,
-        4096,
-    ) and config["device"] == "cpu"
+    default_setting = (
+        (config["batch_size"], config["n_tokens"], config["queue_size"], config["out_dim"])
+        == (
+            16,
+            32,
+            1024,
+            4096,
+        )
+        and config["device"] == "cpu"
+        and config.get("depth") in (0, None, 12)
+    )
     summary: dict[str, Any] = {
         "config": config,
         "full": full,
@@ -593,6 +678,84 @@ def summarise(
     return summary
 
 
+# Sections holding a backbone pass, and the optimiser: the parts of the step that the method's target on
+# operator counts leaves out (the method's own operators in them are still the full step's minus the bare's).
+BACKBONE_SECTIONS = ("teacher_forward", "student_forward", "backward")
+OUTSIDE_TARGET = ("optimizer",)
+
+
+def method_op_counts(full: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
+    """The method's own operators per section: the full step's count minus the bare step's.
+
+    The bare step runs the same backbones, [CLS] head, image loss and optimiser on the same views, so the
+    difference is what clustering, pooling, the object head, retrieval, the bank, the object and NN losses,
+    the EMA and the metrics add. ``total_*`` sums every section except the optimiser's.
+
+    Args:
+        full: ``count_step_ops`` of a full step.
+        bare: ``count_step_ops`` of a bare step.
+    Returns:
+        ``{"ops" | "kernels" | "syncs": {section: difference}, "total_ops" | ...: int}``.
+    """
+    result: dict[str, Any] = {}
+    for kind in ("ops", "kernels", "syncs"):
+        sections = list(dict.fromkeys([*full[kind], *bare[kind]]))
+        result[kind] = {
+            section: full[kind].get(section, 0) - bare[kind].get(section, 0) for section in sections
+        }
+        result[f"total_{kind}"] = sum(
+            value for section, value in result[kind].items() if section not in OUTSIDE_TARGET
+        )
+    return result
+
+
+def print_op_counts(
+    config: dict[str, Any], full: dict[str, Any], bare: dict[str, Any], method: dict[str, Any]
+) -> None:
+    """Operators (kernels: not views) and host syncs per section, full and bare step and their difference."""
+    sections = [key for key, _ in SECTIONS] + ["outside_sections"]
+    labels = dict(SECTIONS) | {"outside_sections": "outside sections (lr, metrics)"}
+    rows = [
+        [
+            labels[section],
+            *(counts[kind].get(section, 0) for counts in (full, bare, method) for kind in ("ops", "kernels")),
+            full["syncs"].get(section, 0),
+        ]
+        for section in sections
+        if section in full["ops"] or section in bare["ops"]
+    ]
+    rows.append(
+        [
+            "whole step",
+            *(counts[f"total_{kind}"] for counts in (full, bare) for kind in ("ops", "kernels")),
+            sum(v for k, v in method["ops"].items()),
+            sum(v for k, v in method["kernels"].items()),
+            full["total_syncs"],
+        ]
+    )
+    rows.append(
+        [
+            "method, optimiser excluded",
+            None,
+            None,
+            None,
+            None,
+            method["total_ops"],
+            method["total_kernels"],
+            None,
+        ]
+    )
+    depth = config.get("depth") or 12
+    title = (
+        f"operators dispatched per step: {config['arch']}/{config['patch_size']} depth {depth}, "
+        f"{config['image_size']} px, batch {config['batch_size']}, n_tokens {config['n_tokens']}, queue "
+        f"{config['queue_size']}, out_dim {config['out_dim']}, {config['precision']}, {config['device']}"
+    )
+    headers = ["part", "full ops", "full kernels", "bare ops", "bare kernels", "method ops", "method kernels"]
+    print(format_table([*headers, "full host syncs"], rows, title=title))
+    print(f"  retrieval ran in the counted full step: {bool(full.get('nn_active'))}\n")
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     config, full, bare = summary["config"], summary["full"], summary["bare"]
     reference_parts = (
@@ -600,8 +763,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         if "reference_step_s" in summary and config["precision"] == "fp32"
         else None
     )
+    depth = f", depth {config['depth']}" if config.get("depth") else ""
     title = (
-        f"{config['arch']}/{config['patch_size']} {config['image_size']} px, batch {config['batch_size']}, "
+        f"{config['arch']}/{config['patch_size']}{depth} "
+        f"{config['image_size']} px, batch {config['batch_size']}, "
         f"n_tokens {config['n_tokens']}, queue {config['queue_size']}, out_dim {config['out_dim']}, "
         f"{config['precision']}, {config['device']}, augment_on {config.get('augment_on', 'workers')}, "
         f"{config.get('source', 'synthetic')} images"
@@ -744,13 +909,19 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    options = get_parser().parse_args(argv)
+    parser = get_parser()
+    options = parser.parse_args(argv)
+    if options.count_only and options.compile:
+        parser.error("--count_only counts eager operators; drop --compile (compiled code is not counted)")
     if options.worker:
         emit_result(worker(json.loads(options.worker)))
         return {}
     base = {
         key: getattr(options, key)
         for key in (
+            "depth",
+            "compile",
+            "count_only",
             "patch_size",
             "batch_size",
             "n_tokens",
@@ -800,13 +971,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pair_cpu_ratios.extend(output.get("pair_cpu_ratios", []))
         # The repeat with the median full step; a paired run's bare step comes from the same process.
         indices = {
-            key: _median_index([r["median_step_s"] for r in results]) for key, results in measured.items()
+            key: 0 if options.count_only else _median_index([r["median_step_s"] for r in results])
+            for key, results in measured.items()
         }
         if "full" in measured and "bare" in measured:
             indices["bare"] = indices["full"]
         runs = {key: _pick_run(results, indices[key]) for key, results in measured.items()}
-        summary = summarise(config, runs, pair_ratios, pair_cpu_ratios)
-        print_summary(summary)
+        if options.count_only:
+            summary = {"config": config, **{key: run["op_counts"] for key, run in runs.items()}}
+        else:
+            summary = summarise(config, runs, pair_ratios, pair_cpu_ratios)
+            print_summary(summary)
+        full, bare = summary.get("full"), summary.get("bare")
+        if full and bare and not options.compile:
+            full_counts = full if options.count_only else full["op_counts"]
+            bare_counts = bare if options.count_only else bare["op_counts"]
+            summary["method_op_counts"] = method_op_counts(full_counts, bare_counts)
+            print_op_counts(config, full_counts, bare_counts, summary["method_op_counts"])
         summaries.append(summary)
     payload = {
         "benchmark": NAME,

@@ -1,4 +1,5 @@
-"""CrIBo projection head: one shared MLP trunk and two weight-normalised output layers (method doc Sec. 5).
+"""CrIBo projection head: one shared MLP trunk and two weight-normalised output layers
+(docs/method.md, Sec. 5).
 
 Parameter names follow DINO's ``DINOHead`` (legacy ``torch.nn.utils.weight_norm`` naming), so the
 released heads load with ``strict=True``::
@@ -65,7 +66,7 @@ class WeightNormLinear(nn.Module):
 
 
 class CrIBoHead(nn.Module):
-    """DINO head with a second output layer for objects (CrIBo method doc, Sec. 5).
+    """DINO head with a second output layer for objects (docs/method.md, Sec. 5).
 
     ``z = h(x) / ||h(x)||_2`` with the trunk
     ``h = Linear(D, 2048) - GELU - Linear(2048, 2048) - GELU - Linear(2048, 256)``
@@ -123,6 +124,29 @@ class CrIBoHead(nn.Module):
     def forward_c(self, x: Tensor) -> Tensor:
         """Object logits ``last_layer_c(bottleneck(x))``: (..., D) -> (..., out_dim_c)."""
         return self.project_c(self.bottleneck(x))
+
+    def forward_both(self, cls_tokens: Tensor, *objects: Tensor) -> tuple[Tensor, Tensor]:
+        """``(forward(cls_tokens), forward_c(cat(objects)))`` with one trunk call over the rows of all.
+
+        The trunk acts on each row alone, so the logits are those of the two calls (bit for bit with the
+        CPU's BLAS, which computes a row the same whatever the number of rows; another BLAS may differ by
+        float round-off). The trunk's weight gradient then sums all rows in one product instead of adding
+        two, which moves it by float round-off. With BatchNorm in training mode a row depends on the batch
+        statistics, so then the two calls are made separately, as in the reference.
+
+        Args:
+            cls_tokens: (R, D) [CLS] tokens.
+            objects: one or more (S_i, D) tensors of object representations, taken in order.
+        Returns:
+            ``((R, out_dim), (sum_i S_i, out_dim_c))``.
+        """
+        if self.training and any(isinstance(module, nn.BatchNorm1d) for module in self.mlp.modules()):
+            return self.forward(cls_tokens), self.forward_c(torch.cat(objects))
+        bottleneck = self.bottleneck(torch.cat((cls_tokens, *objects)))
+        cls_part, object_part = bottleneck.split(
+            [cls_tokens.shape[0], bottleneck.shape[0] - cls_tokens.shape[0]]
+        )
+        return self.project(cls_part), self.project_c(object_part)
 
 
 def _build_trunk(in_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, use_bn: bool) -> nn.Module:

@@ -1,6 +1,6 @@
 """Student/teacher networks (backbone + CrIBo head) and the teacher's exponential moving average.
 
-State-dict keys are ``backbone.*`` and ``head.*`` (method doc Sec. 10): 160 keys for a 12-block ViT
+State-dict keys are ``backbone.*`` and ``head.*`` (docs/method.md, Sec. 10): 160 keys for a 12-block ViT
 with the default head, plus ``module.`` on the DDP-wrapped student.
 """
 
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from models import build_backbone
 from models.head import CrIBoHead
-from models.object_pooling import object_representations
+from models.object_pooling import object_representations_both_views
 from models.vision_transformer import DropPath, VisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ DDP_PREFIX = "module."
 
 
 class CrIBoNetwork(nn.Module):
-    """A ViT backbone and a CrIBo head (method doc Sec. 1 and 5).
+    """A ViT backbone and a CrIBo head (docs/method.md, Sec. 1 and 5).
 
     The student runs through :meth:`forward` once per step (so DDP sees one forward using every
     parameter); the teacher's head is applied to already computed backbone outputs with
@@ -50,13 +50,15 @@ class CrIBoNetwork(nn.Module):
         assign2: Tensor,
         valid: Tensor,
         local_images: Tensor | None = None,
+        valid_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Student outputs for both views, pooled with the teacher's cluster assignment.
 
         ``s^v_{b,k} = sum_n A^v[b, n, k] * t^v[b, n]`` (mean of the student patch tokens of cluster k in
         view v, valid clusters only, image by image), then ``head.forward_c(s^v)``; the [CLS] tokens go
-        through ``head.forward``. The objects of both views share one trunk call. Local crops (DINO's
-        multi-crop) only give [CLS] logits, appended after those of the global views.
+        through ``head.forward``. The [CLS] tokens and the objects of both views share one trunk call
+        (:meth:`CrIBoHead.forward_both`). Local crops (DINO's multi-crop) only give [CLS] logits, appended
+        after those of the global views.
 
         Args:
             images: (2B, C, H, W), view-1 batch then view-2 batch.
@@ -64,6 +66,9 @@ class CrIBoNetwork(nn.Module):
             assign2: (B, N, K) same for view 2.
             valid: (B, K) bool, clusters present in both views.
             local_images: (LB, C, h, w) local crops, crop-major (crop 1 batch, crop 2 batch, ...), or None.
+            valid_index: optional (2M,) flat indices of the valid clusters of both views
+                (``models.object_pooling.valid_object_index(valid, views=2)``), to skip reading M back
+                from the device.
         Returns:
             ``(cls_logits, object_logits)`` of shapes ((2 + L)B, O) and (2, M, Oc), M = ``valid.sum()``.
         """
@@ -74,14 +79,12 @@ class CrIBoNetwork(nn.Module):
                 f"images in assign1), got {images.shape[0]}"
             )
         cls_tokens, patch_tokens = self.backbone.forward_features(images)
-        tokens1, tokens2 = patch_tokens.split(batch_size)
-        objects1 = object_representations(tokens1, assign1, valid)
-        objects2 = object_representations(tokens2, assign2, valid)
-        object_logits = self.head.forward_c(torch.cat((objects1, objects2)))
+        objects = object_representations_both_views(patch_tokens, assign1, assign2, valid, valid_index)
         if local_images is not None and local_images.shape[0] > 0:
             local_cls, _ = self.backbone.forward_features(local_images)
             cls_tokens = torch.cat((cls_tokens, local_cls))
-        return self.head(cls_tokens), rearrange(object_logits, "(v m) o -> v m o", v=2)
+        cls_logits, object_logits = self.head.forward_both(cls_tokens, objects.flatten(0, 1))
+        return cls_logits, rearrange(object_logits, "(v m) o -> v m o", v=2)
 
     def head_outputs(
         self,
@@ -92,7 +95,7 @@ class CrIBoNetwork(nn.Module):
         """Head projections of backbone-space vectors (the teacher side of the step).
 
         ``head.forward`` on the [CLS] tokens; ``head.forward_c`` on the objects of both views and,
-        when given, on the retrieved neighbours, all objects in one trunk call.
+        when given, on the retrieved neighbours; [CLS] tokens and objects in one trunk call.
 
         Args:
             cls_tokens: (2B, D) [CLS] tokens.
@@ -107,9 +110,10 @@ class CrIBoNetwork(nn.Module):
                 "CrIBoNetwork.head_outputs: objects and neighbours must all be (M, D) with the same M, got "
                 f"{[tuple(vector.shape) for vector in vectors]}"
             )
-        logits = rearrange(self.head.forward_c(torch.cat(vectors)), "(v m) o -> v m o", v=len(vectors))
+        cls_logits, object_logits = self.head.forward_both(cls_tokens, *vectors)
+        logits = rearrange(object_logits, "(v m) o -> v m o", v=len(vectors))
         neighbour_logits = None if neighbours is None else logits[2:]
-        return self.head(cls_tokens), logits[:2], neighbour_logits
+        return cls_logits, logits[:2], neighbour_logits
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,7 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
     """Exponential moving average of the student into the teacher, paired by parameter name.
 
     ``theta_t <- m * theta_t + (1 - m) * theta_s`` for every parameter, frozen ones included
-    (method doc Sec. 9). Names are compared after stripping one leading ``module.`` (DDP), so a
+    (docs/method.md, Sec. 9). Names are compared after stripping one leading ``module.`` (DDP), so a
     wrapped student pairs with a plain teacher. Buffers, where any exist (BatchNorm in the head),
     follow the same average when floating point and are copied otherwise (``num_batches_tracked``),
     because the teacher runs in eval mode and never updates its own statistics.
@@ -213,11 +217,17 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
     student_buffers, teacher_buffers = _paired(student.named_buffers(), teacher.named_buffers(), "buffer")
-    for source, target in zip(student_buffers, teacher_buffers, strict=True):
-        if target.is_floating_point():
-            target.mul_(momentum).add_(source, alpha=1.0 - momentum)
-        else:
-            target.copy_(source)
+    floating = [i for i, target in enumerate(teacher_buffers) if target.is_floating_point()]
+    if floating:
+        torch._foreach_mul_([teacher_buffers[i] for i in floating], momentum)
+        torch._foreach_add_(
+            [teacher_buffers[i] for i in floating],
+            [student_buffers[i] for i in floating],
+            alpha=1.0 - momentum,
+        )
+    others = [i for i in range(len(teacher_buffers)) if i not in floating]
+    if others:
+        torch._foreach_copy_([teacher_buffers[i] for i in others], [student_buffers[i] for i in others])
 
 
 def _strip_ddp_prefix(named: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
@@ -244,4 +254,5 @@ def _paired(
         raise ValueError(
             f"update_teacher: {kind} shapes differ between student and teacher for {mismatched[:5]}"
         )
-    return [student_by_name[n].detach() for n in names], [teacher_by_name[n] for n in names]
+    # No .detach(): the update runs under no_grad, and one view per tensor and step would be dispatched.
+    return [student_by_name[n] for n in names], [teacher_by_name[n] for n in names]

@@ -13,7 +13,7 @@ and dinov2, so their weights load with ``strict=True``::
     blocks.{i}.ls1.gamma / ls2.gamma                (D,) only with LayerScale (dinov2)
     norm.{weight,bias}
 
-Pre-norm blocks (CrIBo method doc, Sec. 3; Dosovitskiy et al. 2021; LayerScale: Touvron et al. 2021):
+Pre-norm blocks (docs/method.md, Sec. 3; Dosovitskiy et al. 2021; LayerScale: Touvron et al. 2021):
 
     x = x + DropPath(LS1(Attn(LN1(x))));   x = x + DropPath(LS2(MLP(LN2(x))))
     Attn(h) = Proj(concat_heads(softmax(q k^T / sqrt(d_head)) v)),   [q, k, v] = QKV(h)

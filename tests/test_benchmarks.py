@@ -131,6 +131,53 @@ def test_bench_train_step_smoke(tmp_path: Path) -> None:
     assert result["overhead_ratio_cpu_time"] == pytest.approx(cpu_ratio) and cpu_ratio > 0
     assert full["peak_rss_process_modes"] == ["full", "bare"]
     assert full["peak_rss_bytes"] > 0 and full["data_pipeline_s_per_batch"] > 0
+    # one more (untimed) step of each kind under the operator counter
+    assert full["op_counts"]["total_ops"] > bare["op_counts"]["total_ops"] > 0
+    assert result["method_op_counts"]["kernels"]["clustering"] > 0
+
+
+def test_bench_train_step_counts_operators_and_the_method_part_does_not_depend_on_depth(
+    tmp_path: Path,
+) -> None:
+    """--count_only counts one step of each kind per section; the full-minus-bare difference (the method's
+    own operators) is the same for 1 and 2 blocks, while the backbone sections grow with --depth."""
+    results = {}
+    for depth in (1, 2):
+        out = tmp_path / f"counts_{depth}.json"
+        argv = [*TINY_TRAIN_STEP, "--depth", str(depth), "--count_only", "--in_process", "--out", str(out)]
+        bench_train_step.main(argv)
+        results[depth] = json.loads(out.read_text())["results"][0]
+    for result in results.values():
+        full, bare, method = result["full"], result["bare"], result["method_op_counts"]
+        assert full["nn_active"] == 1.0 and "sections_median_s" not in full  # no timings
+        assert full["total_kernels"] == sum(full["kernels"].values()) < full["total_ops"]
+        assert {"clustering", "memory_bank", "ema"} <= set(full["ops"]) and "clustering" not in bare["ops"]
+        assert method["kernels"]["clustering"] == full["kernels"]["clustering"] > 0
+        assert method["total_kernels"] == sum(
+            value for section, value in method["kernels"].items() if section != "optimizer"
+        )
+    assert results[1]["method_op_counts"] == results[2]["method_op_counts"]
+    # The method's one wait for the device the counter sees: the nonzero that reads the number of objects
+    # (the bank's counts and the metrics are read with .tolist(), invisible on the CPU). The photometric
+    # augmentation's own reads are the data pipeline's.
+    syncs = {section: n for section, n in results[1]["full"]["syncs"].items() if section != "augment"}
+    assert syncs == {"clustering": 1}
+    assert results[1]["full"]["sync_operators"]["clustering"] == {"aten.nonzero": 1}
+    assert results[2]["bare"]["kernels"]["teacher_forward"] > results[1]["bare"]["kernels"]["teacher_forward"]
+
+
+def test_method_op_counts_by_hand() -> None:
+    full = {
+        "ops": {"clustering": 10, "loss": 7, "optimizer": 5},
+        "kernels": {"clustering": 8, "loss": 6, "optimizer": 5},
+        "syncs": {"loss": 1},
+    }
+    bare = {"ops": {"loss": 4, "optimizer": 3}, "kernels": {"loss": 4, "optimizer": 3}, "syncs": {}}
+    method = bench_train_step.method_op_counts(full, bare)
+    assert method["ops"] == {"clustering": 10, "loss": 3, "optimizer": 2}
+    assert method["kernels"] == {"clustering": 8, "loss": 2, "optimizer": 2}
+    assert method["syncs"] == {"loss": 1}
+    assert (method["total_ops"], method["total_kernels"], method["total_syncs"]) == (13, 10, 1)
 
 
 def test_bench_train_step_imagenet_like_source_times_both_pipelines(tmp_path: Path) -> None:

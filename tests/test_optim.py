@@ -75,3 +75,23 @@ def test_adamw_step_matches_the_decoupled_update_equation():
     expected_b = bias[:3] - lr * grad_b / (grad_b.abs() + eps)
     torch.testing.assert_close(model.weight.detach(), expected_w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(model.bias.detach(), expected_b, atol=1e-6, rtol=1e-5)
+
+
+def test_clipping_dispatches_the_same_few_operators_for_any_number_of_tensors():
+    """The clipping factors of all tensors form one vector: a fixed handful of operators, the per-tensor
+    formula g * min(1, clip / (||g|| + 1e-6)) bit for bit."""
+    from benchmarks.op_counter import OpCounter
+
+    counts = []
+    for depth in (2, 8):
+        model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(depth)))
+        for param in model.parameters():
+            param.grad = torch.randn_like(param) * 5
+        expected = [p.grad * torch.clamp(0.5 / (p.grad.norm() + 1e-6), max=1.0) for p in model.parameters()]
+        counter = OpCounter()
+        with counter:
+            clip_gradients(model, 0.5)
+        counts.append(counter.totals()["kernels"])
+        for param, grad in zip(model.parameters(), expected, strict=True):
+            assert torch.equal(param.grad, grad)
+    assert counts[0] == counts[1] and sum(counts[0].values()) <= 8

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from cribo_utils.train.flag_configs import network_config
-from models.student_teacher import CrIBoNetwork, build_student_teacher, update_teacher
+from models.student_teacher import CrIBoNetwork, NetworkConfig, build_student_teacher, update_teacher
 
 
 def _args(**overrides) -> SimpleNamespace:
@@ -319,3 +319,16 @@ def test_network_keys_are_backbone_and_head() -> None:
     student, _ = build_student_teacher(network_config(_args()))
     assert isinstance(student, CrIBoNetwork)
     assert {name.split(".")[0] for name in student.state_dict()} == {"backbone", "head"}
+
+
+def test_ema_dispatches_two_operators_whatever_the_number_of_tensors() -> None:
+    """The EMA is two multi-tensor operators (foreach multiply and add), with no per-tensor operator."""
+    from benchmarks.op_counter import OpCounter
+
+    student, teacher = build_student_teacher(
+        NetworkConfig(arch="vit_tiny", patch_size=16, out_dim=8, out_dim_c=8, image_size=32, depth=2)
+    )
+    counter = OpCounter()
+    with counter:
+        update_teacher(student, teacher, 0.9)
+    assert counter.totals()["ops"] == {"outside_sections": 2}

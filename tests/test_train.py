@@ -243,6 +243,23 @@ def test_grad_checkpointing_flag_trains_the_same_weights(tmp_path):
         torch.testing.assert_close(a["student"][name], b["student"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+def test_compile_flag_trains_the_same_weights_up_to_round_off(tmp_path):
+    """--compile (torch.compile of the backbones' forward passes and the clustering rounds; about a minute of
+    compilation on 2 CPU cores) trains the same weights as eager up to float round-off, through the NN loss
+    (iterations 5 and 6), with the same checkpoint keys."""
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    run(plain, "--max_iters", "6")
+    run(compiled, "--max_iters", "6", "--compile", "true")
+    a = torch.load(plain / "checkpoint.pth", weights_only=True)
+    b = torch.load(compiled / "checkpoint.pth", weights_only=True)
+    assert b["args"]["compile"] is True and a["args"]["compile"] is False
+    assert list(a["student"]) == list(b["student"]) and list(a["teacher"]) == list(b["teacher"])
+    for name in a["student"]:
+        torch.testing.assert_close(a["student"][name], b["student"][name], atol=1e-4, rtol=1e-3, msg=name)
+    assert torch.equal(a["cpv_queue_cpu"], b["cpv_queue_cpu"])  # the same objects per image
+
+
 # --------------------------------------------------------------------------------------------------
 # The cross-image NN loss starts once the bank has filled, and the log says when (issue 15)
 

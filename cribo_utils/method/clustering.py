@@ -34,8 +34,9 @@ on purpose.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,16 +182,24 @@ def positional_cost(
     if labels.shape != (batch_size, n_tokens):
         raise ValueError(f"positional_cost: labels {tuple(labels.shape)} != {(batch_size, n_tokens)}")
     # Label -1 ("no cluster") is routed to an extra column K, dropped below.
-    columns = torch.where(labels < 0, n_clusters, labels).unsqueeze(1).expand(batch_size, n_tokens, n_tokens)
-    nearest = distances.new_full((batch_size, n_tokens, n_clusters + 1), float("inf"))
-    nearest.scatter_reduce_(2, columns, distances, reduce="amin", include_self=True)
+    return _positional_cost(distances, torch.where(labels < 0, n_clusters, labels), n_clusters, True)
+
+
+def _positional_cost(distances: Tensor, columns: Tensor, n_clusters: int, extra_column: bool) -> Tensor:
+    """:func:`positional_cost` from the masked distances (B, P, P) and the labels (B, P) with -1 already
+    routed to column K (``extra_column``; labels in ``[0, K)`` need no extra column)."""
+    batch_size, n_tokens, _ = distances.shape
+    nearest = distances.new_full((batch_size, n_tokens, n_clusters + int(extra_column)), float("inf"))
+    index = columns.unsqueeze(1).expand(batch_size, n_tokens, n_tokens)
+    nearest.scatter_reduce_(2, index, distances, reduce="amin", include_self=True)
     raw = nearest[..., :n_clusters]
     is_empty = torch.isinf(raw)
     raw = raw.masked_fill(is_empty, 0.0)
     fallback = raw.mean(dim=(1, 2), keepdim=True)
     filled = torch.where(is_empty, fallback, raw)
     maximum = filled.amax(dim=(1, 2), keepdim=True)
-    return filled / torch.where(maximum > 0, maximum, torch.ones_like(maximum))
+    # All costs 0: 0 / tiny = 0. A positive maximum is a distance or a mean of distances, far above tiny.
+    return filled / maximum.clamp_min(torch.finfo(filled.dtype).tiny)
 
 
 def min_max_normalize(cost: Tensor, cost_normalization: str = "image") -> Tensor:
@@ -209,16 +218,16 @@ def min_max_normalize(cost: Tensor, cost_normalization: str = "image") -> Tensor
         (B, P, K) scaled cost.
     """
     if cost_normalization == "image":
-        low = cost.amin(dim=(1, 2), keepdim=True)
-        high = cost.amax(dim=(1, 2), keepdim=True)
+        low, high = (extreme.view(-1, 1, 1) for extreme in cost.flatten(1).aminmax(dim=1))
     elif cost_normalization == "batch":
-        low, high = cost.min(), cost.max()
+        low, high = cost.aminmax()
     else:
         raise ValueError(
             f"cost_normalization must be one of {COST_NORMALIZATIONS}, got {cost_normalization!r}"
         )
-    span = high - low
-    return (cost - low) / torch.where(span > 0, span, torch.ones_like(span))
+    # A constant cost: 0 / tiny = 0. A span between 0 and tiny (a float32 subnormal) cannot arise from
+    # costs of order 1.
+    return (cost - low) / (high - low).clamp_min(torch.finfo(cost.dtype).tiny)
 
 
 def sinkhorn(
@@ -245,24 +254,35 @@ def sinkhorn(
     Returns:
         (B, P, K) transport plan.
     """
+    kernel = torch.exp(cost * -sinkhorn_lambda)
+    if n_iterations == 0:
+        plan = kernel / kernel.sum(dim=(1, 2), keepdim=True)
+        return torch.nan_to_num(plan, nan=1e-8, posinf=float("inf"), neginf=float("-inf"))
+    # The scalings compose: after the rounds Pi = diag(u) Pi_0 diag(v), with u <- r / (Pi_0 v) and
+    # v <- c / (Pi_0^T u), two matrix-vector products a round instead of rescaling the (P, K) plan twice
+    # (the same plan up to float round-off). Computed with the marginals times P (rows 1, columns P c:
+    # both sum to P, so the scalings do not drift from round to round) and the plan divided by P; the
+    # division of Pi_0 by its sum is absorbed by the first u.
     n_tokens = cost.shape[1]
-    plan = torch.exp(-sinkhorn_lambda * cost)
-    plan = plan / plan.sum(dim=(1, 2), keepdim=True)
-    row_marginal = 1.0 / n_tokens
-    column_marginal = column_marginal.unsqueeze(1)
-    for _ in range(n_iterations):
-        plan = plan * (row_marginal / plan.sum(dim=2, keepdim=True))
-        plan = plan * (column_marginal / plan.sum(dim=1, keepdim=True))
-    return torch.where(torch.isnan(plan), torch.full_like(plan, 1e-8), plan)
+    columns = column_marginal.unsqueeze(2) * n_tokens  # (B, K, 1)
+    rows = kernel.sum(dim=2, keepdim=True).reciprocal_()  # u of the first round (v = 1)
+    scale = columns / torch.bmm(kernel.transpose(1, 2), rows)
+    for _ in range(n_iterations - 1):
+        rows = torch.bmm(kernel, scale).reciprocal_()
+        scale = columns / torch.bmm(kernel.transpose(1, 2), rows)
+    plan = kernel * rows * (scale / n_tokens).transpose(1, 2)
+    return torch.nan_to_num(plan, nan=1e-8, posinf=float("inf"), neginf=float("-inf"))
 
 
-def _one_hot(labels: Tensor, n_clusters: int, dtype: torch.dtype) -> Tensor:
+def _one_hot(labels: Tensor, n_clusters: int, dtype: torch.dtype, clusters: Tensor | None = None) -> Tensor:
     """``one_hot[b, n, k] = [labels[b, n] == k]`` as ``dtype``, shape (B, P, K).
 
     The same values as ``F.one_hot(labels, n_clusters)`` for labels in ``[0, K)``, without its range check,
     which reads the labels' min and max back to the host (two GPU synchronisations per call).
+    ``clusters``: ``arange(K)`` on the labels' device, when the caller has it already.
     """
-    clusters = torch.arange(n_clusters, device=labels.device)
+    if clusters is None:
+        clusters = torch.arange(n_clusters, device=labels.device)
     return (labels.unsqueeze(-1) == clusters).to(dtype)
 
 
@@ -279,8 +299,12 @@ def update_column_marginal(labels: Tensor, n_clusters: int) -> Tensor:
     Returns:
         (B, K) float32 column marginal.
     """
-    sizes = _one_hot(labels, n_clusters, torch.float32).sum(dim=1)
-    smoothed = sizes + 0.01
+    return _column_marginal(_one_hot(labels, n_clusters, torch.float32))
+
+
+def _column_marginal(one_hot: Tensor) -> Tensor:
+    """:func:`update_column_marginal` from the (B, P, K) one-hot of the labels."""
+    smoothed = one_hot.sum(dim=1) + 0.01
     return smoothed / smoothed.sum(dim=1, keepdim=True)
 
 
@@ -295,7 +319,11 @@ def update_centroids(tokens: Tensor, labels: Tensor, n_clusters: int) -> Tensor:
     Returns:
         (B, K, D) unit-norm centroids (zero vector for an empty cluster).
     """
-    one_hot = _one_hot(labels, n_clusters, tokens.dtype)
+    return _centroids(tokens, _one_hot(labels, n_clusters, tokens.dtype))
+
+
+def _centroids(tokens: Tensor, one_hot: Tensor) -> Tensor:
+    """:func:`update_centroids` from the (B, P, K) one-hot of the labels."""
     return F.normalize(torch.bmm(one_hot.transpose(1, 2), tokens), dim=-1)
 
 
@@ -348,14 +376,78 @@ def _check_seed_indices(seed_indices: Tensor, batch_size: int, n_joint: int, n_c
         raise ValueError("joint_cluster: seed_indices must be distinct within each image")
 
 
-def _per_view_assignments(labels: Tensor, n_view1: int, n_clusters: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Split the hard assignment into its view blocks, each column-normalised (Sec. 4, steps 5-6)."""
-    one_hot = _one_hot(labels, n_clusters, torch.float32)
+def _per_view_assignments(one_hot: Tensor, n_view1: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split the hard assignment (B, P, K) one-hot into its view blocks, each column-normalised (Sec. 4,
+    steps 5-6); both views at once when they have the same number of tokens."""
+    batch_size, n_joint, n_clusters = one_hot.shape
+    if 2 * n_view1 == n_joint:
+        view_blocks = one_hot.view(batch_size, 2, n_view1, n_clusters)
+        view_sizes = view_blocks.sum(dim=2, keepdim=True)  # (B, 2, 1, K)
+        assign = view_blocks / view_sizes.clamp_min(1.0)
+        valid = (view_sizes > 0).all(dim=1).view(batch_size, n_clusters)
+        return assign[:, 0], assign[:, 1], valid
     blocks = (one_hot[:, :n_view1], one_hot[:, n_view1:])
     sizes = [block.sum(dim=1, keepdim=True) for block in blocks]
     assign1, assign2 = (block / size.clamp_min(1.0) for block, size in zip(blocks, sizes, strict=True))
     valid = (sizes[0] > 0).squeeze(1) & (sizes[1] > 0).squeeze(1)
     return assign1, assign2, valid
+
+
+def _cluster(
+    tokens1: Tensor,
+    tokens2: Tensor,
+    positions1: Tensor,
+    positions2: Tensor,
+    seed_indices: Tensor,
+    n_clusters: int,
+    alpha: float,
+    n_iter: int,
+    sinkhorn_lambda: float,
+    sinkhorn_iterations: int,
+    update_c: bool,
+    cost_normalization: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rounds of :func:`joint_cluster` on checked inputs: ``(labels, assign1, assign2, valid)``."""
+    batch_size, n_view1, _ = tokens1.shape
+    n_joint = n_view1 + tokens2.shape[1]
+    device = tokens1.device
+    tokens = F.normalize(torch.cat((tokens1, tokens2), dim=1).float(), dim=-1)
+    distances = masked_position_distances(torch.cat((positions1, positions2), dim=2))
+
+    # Before the first round only the seeds have a cluster; the others go to the dropped column K.
+    labels = torch.full((batch_size, n_joint), n_clusters, dtype=torch.long, device=device)
+    clusters = torch.arange(n_clusters, device=device)
+    labels.scatter_(1, seed_indices, clusters.expand(batch_size, n_clusters))
+    centroids = torch.gather(tokens, 1, seed_indices.unsqueeze(2).expand(-1, -1, tokens.shape[2]))
+    column_marginal = tokens.new_full((batch_size, n_clusters), 1.0 / n_clusters)
+
+    for round_index in range(n_iter):
+        similarity = torch.bmm(tokens, centroids.transpose(1, 2))
+        if alpha != 0:
+            positional = _positional_cost(distances, labels, n_clusters, extra_column=round_index == 0)
+            cost = positional.mul_(alpha).sub_(similarity)  # -S + alpha G
+        else:
+            cost = similarity.neg_()
+        cost = min_max_normalize(cost, cost_normalization)
+        plan = sinkhorn(cost, column_marginal, sinkhorn_lambda, sinkhorn_iterations)
+        labels = plan.argmax(dim=2)
+        # one one-hot for the marginal, the centroids and the assignments; the last round's marginal
+        # and centroids would be used by nothing
+        one_hot = _one_hot(labels, n_clusters, tokens.dtype, clusters)
+        if round_index == n_iter - 1:
+            break
+        if update_c:
+            column_marginal = _column_marginal(one_hot)
+        centroids = _centroids(tokens, one_hot)
+
+    assign1, assign2, valid = _per_view_assignments(one_hot, n_view1)
+    return labels, assign1, assign2, valid
+
+
+@functools.cache
+def _compiled_cluster() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """:func:`_cluster` through ``torch.compile`` (``--compile``), compiled at its first call."""
+    return torch.compile(_cluster)
 
 
 @torch.no_grad()
@@ -373,6 +465,7 @@ def joint_cluster(
     cost_normalization: str = "image",
     generator: torch.Generator | None = None,
     seed_indices: Tensor | None = None,
+    compiled: bool = False,
 ) -> ClusteringResult:
     """Cluster the joint patch tokens of two views of each image (CrIBo, docs/method.md, Sec. 4).
 
@@ -407,6 +500,8 @@ def joint_cluster(
         generator: optional generator for the seed draw (ignored when ``seed_indices`` is given).
         seed_indices: optional (B, K) long distinct seed indices into the joint tokens, e.g. from
             :func:`draw_seed_indices`; drawn with ``generator`` when omitted.
+        compiled: run the rounds through ``torch.compile`` (``--compile``): fused kernels, the same
+            clustering up to float round-off; the first call compiles.
 
     Returns:
         :class:`ClusteringResult` with ``assign1`` (B, N1, K), ``assign2`` (B, N2, K), ``valid`` (B, K),
@@ -424,29 +519,22 @@ def joint_cluster(
         _check_seed_indices(seed_indices, batch_size, n_joint, n_clusters)
         seed_indices = seed_indices.to(device)
 
+    cluster = _compiled_cluster() if compiled else _cluster
     with torch.autocast(device_type=device.type, enabled=False):
-        tokens = F.normalize(torch.cat((tokens1, tokens2), dim=1).float(), dim=-1)
-        distances = masked_position_distances(torch.cat((positions1, positions2), dim=2).to(device))
-
-        clusters = torch.arange(n_clusters, device=device).expand(batch_size, n_clusters)
-        labels = torch.full((batch_size, n_joint), -1, dtype=torch.long, device=device)
-        labels.scatter_(1, seed_indices, clusters)
-        centroids = torch.gather(tokens, 1, seed_indices.unsqueeze(2).expand(-1, -1, tokens.shape[2]))
-        column_marginal = tokens.new_full((batch_size, n_clusters), 1.0 / n_clusters)
-
-        for _ in range(n_iter):
-            similarity = torch.bmm(tokens, centroids.transpose(1, 2))
-            cost = -similarity
-            if alpha != 0:
-                cost = cost + alpha * positional_cost(None, labels, n_clusters, distances=distances)
-            cost = min_max_normalize(cost, cost_normalization)
-            plan = sinkhorn(cost, column_marginal, sinkhorn_lambda, sinkhorn_iterations)
-            labels = plan.argmax(dim=2)
-            if update_c:
-                column_marginal = update_column_marginal(labels, n_clusters)
-            centroids = update_centroids(tokens, labels, n_clusters)
-
-        assign1, assign2, valid = _per_view_assignments(labels, n_view1, n_clusters)
+        labels, assign1, assign2, valid = cluster(
+            tokens1,
+            tokens2,
+            positions1.to(device),
+            positions2.to(device),
+            seed_indices,
+            n_clusters,
+            alpha,
+            n_iter,
+            sinkhorn_lambda,
+            sinkhorn_iterations,
+            update_c,
+            cost_normalization,
+        )
     counts = valid.sum(dim=1)
     if logger.isEnabledFor(logging.DEBUG):  # .item() synchronises a GPU: only when the line is printed
         logger.debug("joint_cluster: %.2f valid clusters per image", counts.float().mean().item())

@@ -33,14 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cribo_utils.method.schedules import teacher_temperature
-from cribo_utils.runtime.distributed import all_reduce_sum
+from cribo_utils.runtime.distributed import all_reduce_sum, get_world_size
 
 logger = logging.getLogger(__name__)
-
-
-def _cross_entropy_rows(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``H(t, q) = -sum_j t_j log q_j``: (R, O), (R, O) -> (R,)."""
-    return -(teacher_probs * student_log_probs).sum(dim=-1)
 
 
 def _zero_like_graph(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,15 +81,21 @@ def image_level_loss(
             f"image_level_loss: student {tuple(student_cls.shape)} and teacher {tuple(teacher_cls.shape)} "
             "must be ((2 + L)B, O) and (2B, O)."
         )
-    num_crops = student_cls.shape[0] // (teacher_cls.shape[0] // 2)
-    student_log_probs = F.log_softmax(student_cls.float() / student_temp, dim=-1).chunk(num_crops)
-    teacher_probs = F.softmax((teacher_cls.float() - center.float()) / teacher_temp, dim=-1).chunk(2)
-    total = student_cls.new_zeros((), dtype=torch.float32)
-    for v, targets in enumerate(teacher_probs):
-        for u, log_probs in enumerate(student_log_probs):
-            if u != v:
-                total = total + _cross_entropy_rows(targets, log_probs).mean()
-    return total / (2 * (num_crops - 1))
+    batch_size = teacher_cls.shape[0] // 2
+    num_crops = student_cls.shape[0] // batch_size
+    student_log_probs = F.log_softmax(student_cls.float() / student_temp, dim=-1)
+    teacher_probs = F.softmax((teacher_cls.float() - center.float()) / teacher_temp, dim=-1)
+    # sum_{v, u != v} sum_b <T_vb, log Q_ub> as dot products over whole blocks (a few operators, not one
+    # per pair): with L = 0 the student's views swapped; else all pairs <sum_v T_v, sum_u log Q_u> minus
+    # the pairs u = v.
+    if num_crops == 2:
+        cross = torch.dot(teacher_probs.flatten(), student_log_probs.view(2, -1).flip(0).flatten())
+    else:
+        all_pairs = torch.dot(
+            teacher_probs.view(2, -1).sum(dim=0), student_log_probs.view(num_crops, -1).sum(dim=0)
+        )
+        cross = all_pairs - torch.dot(teacher_probs.flatten(), student_log_probs[: 2 * batch_size].flatten())
+    return cross * (-1.0 / (batch_size * 2 * (num_crops - 1)))
 
 
 def cross_view_object_loss(
@@ -119,18 +120,10 @@ def cross_view_object_loss(
     Returns:
         Scalar float32 loss.
     """
-    if student_obj.shape != teacher_obj.shape or student_obj.ndim != 3 or student_obj.shape[0] != 2:
-        raise ValueError(
-            f"cross_view_object_loss: student {tuple(student_obj.shape)} and teacher "
-            f"{tuple(teacher_obj.shape)} must both be (2, M, Oc)."
-        )
-    if student_obj.shape[1] == 0:
-        return _zero_like_graph(student_obj.float())
+    _check_cross_view_inputs(student_obj, teacher_obj)
     student_log_probs = F.log_softmax(student_obj.float() / student_temp, dim=-1)
     teacher_probs = F.softmax((teacher_obj.float() - center_c.float()) / teacher_temp, dim=-1)
-    loss_12 = _cross_entropy_rows(teacher_probs[0], student_log_probs[1]).mean()
-    loss_21 = _cross_entropy_rows(teacher_probs[1], student_log_probs[0]).mean()
-    return 0.5 * (loss_12 + loss_21)
+    return _cross_view_term(teacher_probs, student_log_probs.flip(0))
 
 
 def nearest_neighbour_loss(
@@ -159,6 +152,21 @@ def nearest_neighbour_loss(
     Returns:
         Scalar float32 loss.
     """
+    _check_nn_inputs(student_obj, teacher_nn, nn_masks)
+    student_log_probs = F.log_softmax(student_obj.float() / student_temp, dim=-1)
+    teacher_probs = F.softmax((teacher_nn.float() - center_c.float()) / teacher_temp, dim=-1)
+    return _nearest_neighbour_term(teacher_probs, student_log_probs.flip(0), nn_masks)
+
+
+def _check_cross_view_inputs(student_obj: torch.Tensor, teacher_obj: torch.Tensor) -> None:
+    if student_obj.shape != teacher_obj.shape or student_obj.ndim != 3 or student_obj.shape[0] != 2:
+        raise ValueError(
+            f"cross_view_object_loss: student {tuple(student_obj.shape)} and teacher "
+            f"{tuple(teacher_obj.shape)} must both be (2, M, Oc)."
+        )
+
+
+def _check_nn_inputs(student_obj: torch.Tensor, teacher_nn: torch.Tensor, nn_masks: torch.Tensor) -> None:
     if student_obj.shape != teacher_nn.shape or student_obj.ndim != 3 or student_obj.shape[0] != 2:
         raise ValueError(
             f"nearest_neighbour_loss: student {tuple(student_obj.shape)} and teacher_nn "
@@ -169,15 +177,28 @@ def nearest_neighbour_loss(
             f"nearest_neighbour_loss: nn_masks must be a (2, {student_obj.shape[1]}) bool tensor, got "
             f"{tuple(nn_masks.shape)} {nn_masks.dtype}."
         )
-    student_log_probs = F.log_softmax(student_obj.float() / student_temp, dim=-1)
-    teacher_probs = F.softmax((teacher_nn.float() - center_c.float()) / teacher_temp, dim=-1)
-    teacher_probs = torch.where(
-        nn_masks[..., None], teacher_probs, torch.zeros((), device=teacher_probs.device)
-    )
-    # Direction 1 (neighbour found from view 1) is predicted from view 2, and vice versa.
-    per_object = _cross_entropy_rows(teacher_probs, student_log_probs.flip(0))  # (2, M)
-    mask_sizes = nn_masks.sum(dim=1).clamp(min=1).to(per_object.dtype)  # (2,)
-    return 0.5 * (per_object.sum(dim=1) / mask_sizes).sum()
+
+
+def _cross_view_term(teacher_probs: torch.Tensor, flipped_log_probs: torch.Tensor) -> torch.Tensor:
+    """``L_obj`` from ``U`` (2, M, Oc) and the student's log-probabilities with the views swapped:
+    ``-1 / (2M) sum_{v, i} <U^v_i, log R^{3-v}_i>``, one dot product; 0 (in the graph) when M = 0."""
+    num_objects = teacher_probs.shape[1]
+    if num_objects == 0:
+        return _zero_like_graph(flipped_log_probs)
+    return torch.dot(teacher_probs.flatten(), flipped_log_probs.flatten()) * (-0.5 / num_objects)
+
+
+def _nearest_neighbour_term(
+    teacher_probs: torch.Tensor, flipped_log_probs: torch.Tensor, nn_masks: torch.Tensor
+) -> torch.Tensor:
+    """``L_nn`` from ``V`` (2, M, Oc), the student's log-probabilities with the views swapped (direction 1,
+    the neighbour found from view 1, is predicted from view 2, and vice versa) and the masks (2, M):
+    ``-1/2 sum_v (sum_i m_vi <V^v_i, log R^{3-v}_i>) / max(|m_v|, 1)``, each direction's sum one batched
+    dot product. Rejected rows are zeroed first, so that even non-finite ones leak nowhere."""
+    kept = torch.where(nn_masks[..., None], teacher_probs, 0.0)
+    per_direction = torch.bmm(kept.reshape(2, 1, -1), flipped_log_probs.reshape(2, -1, 1)).view(2)
+    mask_sizes = nn_masks.sum(dim=1, dtype=per_direction.dtype).clamp_(min=1)
+    return (per_direction / mask_sizes).sum() * -0.5
 
 
 @torch.no_grad()
@@ -197,15 +218,20 @@ def update_center(center: torch.Tensor, teacher_output: torch.Tensor, momentum: 
         (1, O) float32 new centre (the caller copies it into its buffer).
     """
     teacher_output = teacher_output.detach().float().reshape(-1, center.shape[-1])
-    # One collective for the sum and the count; float32 counts are exact below 2^24 rows.
-    row_count = torch.tensor([float(teacher_output.shape[0])], device=teacher_output.device)
-    packed = torch.cat((teacher_output.sum(dim=0), row_count))
+    rows = teacher_output.shape[0]
+    if get_world_size() == 1:  # the row count is known here: nothing to read back from the device
+        if rows == 0:
+            return center.float().clone()
+        batch_center = (teacher_output.sum(dim=0) / rows).to(center.device)[None]
+        return center.float() * momentum + batch_center * (1.0 - momentum)
+    # One collective for the sum and the count; float32 counts are exact below 2^24 rows. No rank reads
+    # the total back: with no row anywhere the centre is kept by a select on the device.
+    packed = torch.cat((teacher_output.sum(dim=0), teacher_output.new_full((1,), float(rows))))
     packed = all_reduce_sum(packed)
     total_rows = packed[-1]
-    if total_rows == 0:
-        return center.float().clone()
     batch_center = (packed[:-1] / total_rows).to(center.device)[None]
-    return center.float() * momentum + batch_center * (1.0 - momentum)
+    updated = center.float() * momentum + batch_center * (1.0 - momentum)
+    return torch.where(total_rows.to(center.device) > 0, updated, center.float())
 
 
 # The loss terms of each training objective: CrIBo and its two ablations (``--objective``).
@@ -331,21 +357,46 @@ class CrIBoLoss(nn.Module):
             student_cls, teacher_cls = student_cls.float(), teacher_cls.float()
             student_obj, teacher_obj = student_obj.float(), teacher_obj.float()
             loss_img = image_level_loss(student_cls, teacher_cls, self.center, self.student_temp, temp)
-            loss_obj = cross_view_object_loss(
-                student_obj, teacher_obj, self.center_c, self.student_temp_c, temp_c
-            )
-            if teacher_nn is None:
-                loss_nn = torch.zeros((), device=student_cls.device)
-            else:
-                assert nn_masks is not None
-                loss_nn = nearest_neighbour_loss(
-                    student_obj, teacher_nn.float(), nn_masks, self.center_c, self.student_temp_c, temp_c
-                )
+            loss_obj, loss_nn = self._object_terms(student_obj, teacher_obj, teacher_nn, nn_masks, temp_c)
             terms = {"loss_img": loss_img, "loss_obj": loss_obj, "loss_nn": loss_nn}
             # Terms outside the objective enter with weight 0: no gradient, and DDP still sees every head.
-            loss = sum(value * float(name in OBJECTIVES[self.objective]) for name, value in terms.items())
-            self.center.copy_(update_center(self.center, teacher_cls, self.center_momentum))
-            self.center_c.copy_(
-                update_center(self.center_c, teacher_obj.reshape(-1, self.out_dim_c), self.center_momentum)
-            )
+            kept = OBJECTIVES[self.objective]
+            weighted = [value if name in kept else value * 0.0 for name, value in terms.items()]
+            loss = weighted[0] + weighted[1] + weighted[2]
+            self._update_centres(teacher_cls, teacher_obj.reshape(-1, self.out_dim_c))
         return {"loss": loss, "loss_img": loss_img, "loss_obj": loss_obj, "loss_nn": loss_nn}
+
+    @torch.no_grad()
+    def _update_centres(self, teacher_cls: torch.Tensor, teacher_obj: torch.Tensor) -> None:
+        """Both centres by :func:`update_center`; on one process, in place as ``C <- C + (1 - m) (mean - C)``
+        (``torch.lerp``: the same EMA up to float round-off, three operators a centre instead of six)."""
+        for center, outputs in ((self.center, teacher_cls), (self.center_c, teacher_obj)):
+            if get_world_size() > 1:
+                center.copy_(update_center(center, outputs, self.center_momentum))
+            elif outputs.shape[0] > 0:
+                center.lerp_(outputs.sum(dim=0, keepdim=True) / outputs.shape[0], 1.0 - self.center_momentum)
+
+    def _object_terms(
+        self,
+        student_obj: torch.Tensor,
+        teacher_obj: torch.Tensor,
+        teacher_nn: torch.Tensor | None,
+        nn_masks: torch.Tensor | None,
+        temp_c: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L_obj, L_nn)`` as :func:`cross_view_object_loss` and :func:`nearest_neighbour_loss` give them,
+        sharing the student's log-probabilities and one softmax over the current and neighbour logits."""
+        _check_cross_view_inputs(student_obj, teacher_obj)
+        flipped_log_probs = F.log_softmax(student_obj / self.student_temp_c, dim=-1).flip(0)
+        if teacher_nn is None:
+            teacher_probs = F.softmax((teacher_obj - self.center_c) / temp_c, dim=-1)
+            zero = torch.zeros((), device=student_obj.device)
+            return _cross_view_term(teacher_probs, flipped_log_probs), zero
+        assert nn_masks is not None
+        _check_nn_inputs(student_obj, teacher_nn, nn_masks)
+        logits = torch.cat((teacher_obj, teacher_nn.float()))
+        teacher_probs = F.softmax((logits - self.center_c) / temp_c, dim=-1)
+        return (
+            _cross_view_term(teacher_probs[:2], flipped_log_probs),
+            _nearest_neighbour_term(teacher_probs[2:], flipped_log_probs, nn_masks),
+        )

@@ -30,11 +30,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from cribo_utils.runtime.distributed import all_gather_varlen
+from cribo_utils.runtime.distributed import all_gather_varlen, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +77,27 @@ def _block_indices(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, counts, output_size=total) + within
 
 
+@dataclass
+class _HostBookkeeping:
+    """The bank's scalars and image counts as Python values: what the search and the push need to know,
+    without reading the device buffers at every step (each read would wait for the device)."""
+
+    slot_head: int
+    image_head: int
+    stored_images: int
+    stored_objects: int
+    image_count: list[int]
+
+
 class CentroidMemoryBank(nn.Module):
     """Per-view FIFO queue of teacher object representations of the last ``Q`` images.
 
     Buffers (all in ``state_dict``): ``centroids`` (2, K*Q, D) float32 object ring; ``image_start`` (Q,)
     and ``image_count`` (Q,) long image ring; scalars ``slot_head`` (next object slot to write),
     ``image_head`` (next image entry to write), ``stored_images`` (valid images, <= Q), ``stored_objects``
-    (valid objects, <= K*Q) and ``step`` (pushes so far; seeds the overflow subset).
+    (valid objects, <= K*Q) and ``step`` (pushes so far; seeds the overflow subset). The bank also keeps
+    the scalars and counts (not ``step``) on the host, read from the buffers once after construction or
+    loading and then updated with them, so that a step reads back only the counts it pushes.
 
     Args:
         queue_size: Q, number of images kept.
@@ -108,18 +123,38 @@ class CentroidMemoryBank(nn.Module):
         self.register_buffer("image_count", torch.zeros(queue_size, dtype=torch.long))
         for name in ("slot_head", "image_head", "stored_images", "stored_objects", "step"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        self._host_copy: _HostBookkeeping | None = None
 
     # ------------------------------------------------------------------ state
 
     @property
+    def _host(self) -> _HostBookkeeping:
+        """The host copy of the bookkeeping, read from the buffers in one go when there is none."""
+        if self._host_copy is None:
+            scalars = (self.slot_head, self.image_head, self.stored_images, self.stored_objects)
+            values = torch.cat((torch.stack(scalars), self.image_count)).tolist()
+            self._host_copy = _HostBookkeeping(
+                slot_head=values[0],
+                image_head=values[1],
+                stored_images=values[2],
+                stored_objects=values[3],
+                image_count=values[4:],
+            )
+        return self._host_copy
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_copy = None  # the buffers changed: read them again when needed
+
+    @property
     def num_images(self) -> int:
         """Number of stored images (<= Q)."""
-        return int(self.stored_images)
+        return self._host.stored_images
 
     @property
     def num_objects(self) -> int:
         """Number of valid object slots (sum of the stored images' counts, <= K*Q)."""
-        return int(self.stored_objects)
+        return self._host.stored_objects
 
     @property
     def is_full(self) -> bool:
@@ -141,10 +176,12 @@ class CentroidMemoryBank(nn.Module):
         self.image_count.zero_()
         for name in ("slot_head", "image_head", "stored_images", "stored_objects"):
             getattr(self, name).zero_()
+        self._host_copy = None
 
     # ------------------------------------------------------------------ push
 
-    def _check_push_inputs(self, c1: torch.Tensor, c2: torch.Tensor, counts: torch.Tensor) -> None:
+    def _check_push_inputs(self, c1: torch.Tensor, c2: torch.Tensor, counts: torch.Tensor) -> list[int]:
+        """Check the inputs of :meth:`push`; returns ``counts`` read back (the push's one read)."""
         if c1.ndim != 2 or c1.shape != c2.shape or c1.shape[1] != self.dim:
             raise ValueError(
                 f"CentroidMemoryBank.push: c1 {tuple(c1.shape)} and c2 {tuple(c2.shape)} must both be "
@@ -152,15 +189,17 @@ class CentroidMemoryBank(nn.Module):
             )
         if counts.ndim != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
             raise ValueError(f"CentroidMemoryBank.push: counts must be a (B,) integer tensor, got {counts}.")
-        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > self.n_tokens):
+        values = counts.tolist()
+        if values and (min(values) < 0 or max(values) > self.n_tokens):
             raise ValueError(
                 f"CentroidMemoryBank.push: counts must lie in [0, n_tokens={self.n_tokens}], got "
-                f"min {int(counts.min())}, max {int(counts.max())}."
+                f"min {min(values)}, max {max(values)}."
             )
-        if int(counts.sum()) != c1.shape[0]:
+        if sum(values) != c1.shape[0]:
             raise ValueError(
-                f"CentroidMemoryBank.push: sum(counts) = {int(counts.sum())} but c1 has {c1.shape[0]} rows."
+                f"CentroidMemoryBank.push: sum(counts) = {sum(values)} but c1 has {c1.shape[0]} rows."
             )
+        return values
 
     @torch.no_grad()
     def push(self, c1: torch.Tensor, c2: torch.Tensor, counts: torch.Tensor) -> None:
@@ -177,39 +216,60 @@ class CentroidMemoryBank(nn.Module):
             c2: (M, D) teacher view-2 representations, row i the same object as row i of ``c1``.
             counts: (B,) integer number of objects of each local image, ``sum(counts) == M``, each <= K.
         """
-        self._check_push_inputs(c1, c2, counts)
+        values = self._check_push_inputs(c1, c2, counts)
         device = self.centroids.device
         pairs = torch.stack((c1, c2), dim=1).to(device=device, dtype=self.centroids.dtype)  # (M, 2, D)
-        pairs = all_gather_varlen(pairs.contiguous())
-        counts = all_gather_varlen(counts.to(device=device, dtype=torch.long))
-        step = int(self.step)
+        counts = counts.to(device=device, dtype=torch.long)
+        if get_world_size() > 1:
+            pairs = all_gather_varlen(pairs.contiguous())
+            counts = all_gather_varlen(counts)
+            values = counts.tolist()
         self.step += 1
-        if counts.numel() == 0:
+        if not values:
             return
 
-        if counts.numel() > self.queue_size:
-            pairs, counts = self._overflow_subset(pairs, counts, step)
+        if len(values) > self.queue_size:
+            pairs, counts = self._overflow_subset(pairs, counts, int(self.step) - 1)
+            values = counts.tolist()
 
         # Ring order is oldest -> newest and "newest" is rank 0's first image, so enter the images reversed,
-        # each image's objects still in ascending cluster order.
-        counts = counts.flip(0)
-        object_order = _block_indices(_exclusive_cumsum(counts.flip(0)).flip(0), counts)
-        pairs = pairs[object_order]
+        # each image's objects still in ascending cluster order (a stable sort by descending image index).
+        n_images, n_objects = len(values), pairs.shape[0]
+        image_of_object = torch.repeat_interleave(
+            torch.arange(n_images, device=device), counts, output_size=n_objects
+        )
+        pairs = pairs[torch.argsort(image_of_object, descending=True, stable=True)]
+        counts, values = counts.flip(0), values[::-1]
 
-        n_images, n_objects = counts.numel(), pairs.shape[0]
-        slot_head, image_head = int(self.slot_head), int(self.image_head)
-        slots = (slot_head + torch.arange(n_objects, device=device)) % self.capacity
-        self.centroids[:, slots] = pairs.transpose(0, 1)
-        entries = (image_head + torch.arange(n_images, device=device)) % self.queue_size
+        host = self._host
+        slot_head, image_head = host.slot_head, host.image_head
+        self._write_ring(self.centroids, 1, slot_head, pairs.transpose(0, 1))
         # Overwritten entries that held a stored image are evicted; free entries always hold count 0.
-        evicted = int(self.image_count[entries].sum())
-        self.image_start[entries] = (slot_head + _exclusive_cumsum(counts)) % self.capacity
-        self.image_count[entries] = counts
+        entries = [(image_head + i) % self.queue_size for i in range(n_images)]
+        evicted = sum(host.image_count[entry] for entry in entries)
+        starts = (_exclusive_cumsum(counts) + slot_head) % self.capacity
+        self._write_ring(self.image_start, 0, image_head, starts)
+        self._write_ring(self.image_count, 0, image_head, counts)
+        for entry, count in zip(entries, values, strict=True):
+            host.image_count[entry] = count
 
-        self.slot_head.fill_((slot_head + n_objects) % self.capacity)
-        self.image_head.fill_((image_head + n_images) % self.queue_size)
-        self.stored_objects.fill_(self.num_objects - evicted + n_objects)
-        self.stored_images.fill_(min(self.queue_size, self.num_images + n_images))
+        host.slot_head = (slot_head + n_objects) % self.capacity
+        host.image_head = (image_head + n_images) % self.queue_size
+        host.stored_objects = host.stored_objects - evicted + n_objects
+        host.stored_images = min(self.queue_size, host.stored_images + n_images)
+        self.slot_head.fill_(host.slot_head)
+        self.image_head.fill_(host.image_head)
+        self.stored_objects.fill_(host.stored_objects)
+        self.stored_images.fill_(host.stored_images)
+
+    @staticmethod
+    def _write_ring(ring: torch.Tensor, dim: int, head: int, values: torch.Tensor) -> None:
+        """``ring[(head + i) % len] = values[i]`` along ``dim``: one slice copy, or two where it wraps."""
+        length, count = ring.shape[dim], values.shape[dim]
+        first = min(count, length - head)
+        ring.narrow(dim, head, first).copy_(values.narrow(dim, 0, first))
+        if first < count:
+            ring.narrow(dim, 0, count - first).copy_(values.narrow(dim, first, count - first))
 
     def _overflow_subset(
         self, pairs: torch.Tensor, counts: torch.Tensor, step: int
@@ -236,7 +296,7 @@ class CentroidMemoryBank(nn.Module):
     def _entries_newest_first(self) -> torch.Tensor:
         """(num_images,) image-ring entries from the newest to the oldest stored image."""
         n = self.num_images
-        return (int(self.image_head) - 1 - torch.arange(n, device=self.image_count.device)) % self.queue_size
+        return (self._host.image_head - 1 - torch.arange(n, device=self.image_count.device)) % self.queue_size
 
     def valid_slots(self) -> torch.Tensor:
         """(num_objects,) slot indices of the valid objects, newest image first, clusters ascending."""
@@ -269,21 +329,50 @@ class CentroidMemoryBank(nn.Module):
         Yields:
             ``BankChunk(slots (n,), view1 (n, D), view2 (n, D))``.
         """
+        for start, stop in self.chunk_ranges(chunk_size):
+            yield BankChunk(
+                slots=torch.arange(start, stop, device=self.centroids.device),
+                view1=self.centroids[0, start:stop],
+                view2=self.centroids[1, start:stop],
+            )
+
+    def chunk_ranges(self, chunk_size: int) -> list[tuple[int, int]]:
+        """The slot ranges ``[start, stop)`` of :meth:`iter_chunks`, in the same order (no tensor made).
+
+        Args:
+            chunk_size: maximum number of slots per range (>= 1).
+
+        Returns:
+            ``[(start, stop), ...]``, oldest slots first.
+        """
         if chunk_size < 1:
             raise ValueError(f"CentroidMemoryBank.iter_chunks: chunk_size must be >= 1, got {chunk_size}.")
         n_valid = self.num_objects
-        first = (int(self.slot_head) - n_valid) % self.capacity
+        first = (self._host.slot_head - n_valid) % self.capacity
         runs = [(first, min(n_valid, self.capacity - first))]
         if runs[0][1] < n_valid:
             runs.append((0, n_valid - runs[0][1]))
-        for run_start, run_length in runs:
-            for start in range(run_start, run_start + run_length, chunk_size):
-                stop = min(start + chunk_size, run_start + run_length)
-                yield BankChunk(
-                    slots=torch.arange(start, stop, device=self.centroids.device),
-                    view1=self.centroids[0, start:stop],
-                    view2=self.centroids[1, start:stop],
-                )
+        return [
+            (start, min(start + chunk_size, run_start + run_length))
+            for run_start, run_length in runs
+            for start in range(run_start, run_start + run_length, chunk_size)
+        ]
+
+    def slot_range(self, start: int, stop: int) -> torch.Tensor:
+        """Both views of the slots ``[start, stop)``: a (2, stop - start, D) view of the storage, no copy."""
+        return self.centroids[:, start:stop]
+
+    def gather_views(self, indices: torch.Tensor) -> torch.Tensor:
+        """View 1's rows at ``indices[0]`` and view 2's at ``indices[1]``, in one gather.
+
+        Args:
+            indices: (2, n) long slot indices.
+
+        Returns:
+            (2, n, D) raw rows.
+        """
+        views = torch.arange(2, device=self.centroids.device).unsqueeze(1)
+        return self.centroids[views, indices.to(self.centroids.device)]
 
     def gather_slots(self, view: int, indices: torch.Tensor) -> torch.Tensor:
         """Raw representations of view ``view`` (1 or 2) at slot ``indices``.
@@ -373,3 +462,4 @@ class CentroidMemoryBank(nn.Module):
         self.image_head.fill_(n_images % self.queue_size)
         self.stored_images.fill_(n_images)
         self.stored_objects.fill_(n_objects)
+        self._host_copy = None

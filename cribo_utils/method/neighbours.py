@@ -9,10 +9,11 @@ valid bank slots ``q^1_r``, ``q^2_r``:
 The back-search runs over all M current objects of this rank's batch. A retrieved object is accepted
 only if its own other view points back to the query's other view.
 
-The bank is searched chunk by chunk with a running arg-max, in float32, dividing each chunk's scores by
-the bank vectors' norms: no normalised copy of the bank (not even of a chunk) and no similarity matrix
-larger than (M, chunk_size) is ever built (the reference materialises (M, bank) in fp16 under autocast,
-where near-ties flip the top-1, docs/differences.md, difference 11).
+The bank is searched chunk by chunk with a running arg-max, both views in one batched product, in float32,
+dividing each chunk's scores by the bank vectors' norms: no normalised copy of the bank (not even of a
+chunk) and no similarity block of more than M * chunk_size scores is ever built (the reference
+materialises (M, bank) in fp16 under autocast, where near-ties flip the top-1,
+docs/differences.md, difference 11).
 """
 
 from __future__ import annotations
@@ -56,35 +57,38 @@ def _empty_result(num_objects: int, dim: int, device: torch.device) -> Neighbour
     return NeighbourResult(zeros, zeros.clone(), no_mask, no_mask.clone(), no_index, no_index.clone())
 
 
-def _chunked_argmax(
-    queries1: torch.Tensor, queries2: torch.Tensor, bank: CentroidMemoryBank, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 bank slot per query and view: ``j_v(i) = argmax_r <queries_v[i], q^v_r^>``.
+def _chunked_argmax(queries: torch.Tensor, bank: CentroidMemoryBank, chunk_size: int) -> torch.Tensor:
+    """Top-1 bank slot per query and view: ``j_v(i) = argmax_r <queries[v, i], q^v_r^>``.
+
+    Both views are searched together, one batched product per chunk of ``chunk_size / 2`` contiguous
+    slots, so that a chunk's scores (2, M, chunk_size / 2) take what one view's (M, chunk_size) took.
 
     Args:
-        queries1: (M, D) normalised float32 view-1 queries.
-        queries2: (M, D) normalised float32 view-2 queries.
+        queries: (2, M, D) normalised float32 queries, view 1 then view 2.
         bank: non-empty memory bank.
-        chunk_size: slots per chunk.
+        chunk_size: bank vectors per chunk, half from each view.
 
     Returns:
-        ``(j1, j2)``, (M,) long slot indices each. Exact ties keep the earlier slot in iteration order.
+        (2, M) long slot indices ``(j1, j2)``. Exact ties keep the earlier slot in iteration order.
     """
-    num_objects = queries1.shape[0]
-    best = [torch.full((num_objects,), -float("inf"), device=queries1.device) for _ in range(2)]
-    index = [torch.zeros(num_objects, dtype=torch.long, device=queries1.device) for _ in range(2)]
-    for chunk in bank.iter_chunks(chunk_size):
-        for v, (queries, keys) in enumerate(((queries1, chunk.view1), (queries2, chunk.view2))):
-            keys = keys.to(device=queries.device, dtype=torch.float32)  # a view: the bank is float32
-            # <q, k / max(||k||, eps)> = <q, k> / max(||k||, eps) (F.normalize's eps): dividing the
-            # (M, n) scores instead of normalising the keys never writes an (n, D) copy of the bank.
-            scores = (queries @ keys.T).div_(torch.linalg.vector_norm(keys, dim=1).clamp_min_(1e-12))
-            chunk_best, chunk_arg = scores.max(dim=1)
-            del scores  # free this block before the next one is allocated
-            better = chunk_best > best[v]
-            best[v] = torch.where(better, chunk_best, best[v])
-            index[v] = torch.where(better, chunk.slots.to(queries.device)[chunk_arg], index[v])
-    return index[0], index[1]
+    best = index = None
+    for start, stop in bank.chunk_ranges(max(1, chunk_size // 2)):
+        keys = bank.slot_range(start, stop).to(device=queries.device, dtype=torch.float32)  # (2, n, D) view
+        # <q, k / max(||k||, eps)> = <q, k> / max(||k||, eps) (F.normalize's eps): dividing the (2, M, n)
+        # scores instead of normalising the keys never writes a copy of the bank.
+        norms = torch.linalg.vector_norm(keys, dim=2).clamp_min_(1e-12)
+        scores = torch.bmm(queries, keys.transpose(1, 2)).div_(norms.unsqueeze(1))
+        chunk_best, chunk_arg = scores.max(dim=2)
+        del scores  # free this block before the next one is allocated
+        chunk_index = chunk_arg.add_(start) if start else chunk_arg
+        if best is None or index is None:
+            best, index = chunk_best, chunk_index
+        else:
+            better = chunk_best > best
+            best = torch.where(better, chunk_best, best)
+            index = torch.where(better, chunk_index, index)
+    assert index is not None, "_chunked_argmax: the bank is empty"
+    return index
 
 
 @torch.no_grad()
@@ -100,7 +104,8 @@ def find_cycle_consistent_neighbours(
         c1: (M, D) teacher view-1 object representations of this rank (any float dtype).
         c2: (M, D) teacher view-2 representations, row i the same object as row i of ``c1``.
         bank: the memory bank (searched over its valid slots only).
-        chunk_size: bank slots per similarity block; peak extra memory is about M * chunk_size floats.
+        chunk_size: bank vectors per similarity block (half from each view); peak extra memory is about
+            M * chunk_size floats.
 
     Returns:
         ``NeighbourResult``; with an empty bank, zero neighbours, all-False masks and index -1.
@@ -119,22 +124,21 @@ def find_cycle_consistent_neighbours(
         return _empty_result(num_objects, bank.dim, device)
 
     with torch.autocast(device_type=device.type, enabled=False):
-        queries1 = F.normalize(c1.float(), dim=1)
-        queries2 = F.normalize(c2.float(), dim=1)
-        j1, j2 = _chunked_argmax(queries1, queries2, bank, chunk_size)
+        queries = F.normalize(torch.stack((c1, c2)).float(), dim=2)  # (2, M, D)
+        index = _chunked_argmax(queries, bank, chunk_size)  # (2, M): j1, j2
 
         # Cycle: the neighbour's other-view slot must point back to the query among all current objects.
-        back1 = F.normalize(bank.gather_slots(2, j1).to(device).float(), dim=1)
-        back2 = F.normalize(bank.gather_slots(1, j2).to(device).float(), dim=1)
-        own = torch.arange(num_objects, device=device)
-        mask1 = (back1 @ queries2.T).argmax(dim=1) == own
-        mask2 = (back2 @ queries1.T).argmax(dim=1) == own
+        # back[v] is compared with the queries of view v: back[0] = q^1_{j2}, back[1] = q^2_{j1}.
+        back = F.normalize(bank.gather_views(index.flip(0)).to(device).float(), dim=2)
+        points_back = torch.bmm(back, queries.transpose(1, 2)).argmax(dim=2)  # (2, M)
+        masks = (points_back == torch.arange(num_objects, device=device)).flip(0)  # (m1, m2)
+        neighbours = bank.gather_views(index).to(device)  # q^1_{j1}, q^2_{j2}
 
     return NeighbourResult(
-        neighbours1=bank.gather_slots(1, j1).to(device),
-        neighbours2=bank.gather_slots(2, j2).to(device),
-        mask1=mask1,
-        mask2=mask2,
-        index1=j1,
-        index2=j2,
+        neighbours1=neighbours[0],
+        neighbours2=neighbours[1],
+        mask1=masks[0],
+        mask2=masks[1],
+        index1=index[0],
+        index2=index[1],
     )

@@ -1,6 +1,7 @@
 """Pretraining: the loop (:mod:`.engine`), one step (:mod:`.step`), what it holds (:mod:`.parts`), its data
 (:mod:`.loader`), its state on disk (:mod:`.state`), preemption (:mod:`.preemption`), the NaN guards
-(:mod:`.health`) and when the cross-image loss starts (:mod:`.nn_loss_schedule`)."""
+(:mod:`.health`), when the cross-image loss starts (:mod:`.nn_loss_schedule`) and ``--compile``
+(:mod:`.compilation`)."""
 
 from cribo_utils.train.engine import (
     TRAINING_ERRORS,

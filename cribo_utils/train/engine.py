@@ -20,6 +20,7 @@ from cribo_utils.runtime import distributed
 from cribo_utils.runtime.logger import MetricLogger, setup_logging
 from cribo_utils.runtime.progress import Progress, format_seconds
 from cribo_utils.train.checkpoint import CheckpointError, find_resume_checkpoint
+from cribo_utils.train.compilation import compile_backbones
 from cribo_utils.train.flag_configs import network_config, run_shape
 from cribo_utils.train.health import NonFiniteLossError
 from cribo_utils.train.loader import build_pretrain_loader
@@ -90,6 +91,8 @@ def build_training_parts(
     student, teacher = build_student_teacher(network_config(args))
     student.to(device)
     teacher.to(device)
+    if getattr(args, "compile", False):
+        compile_backbones(student, teacher)
     student_ddp: nn.Module = student
     if env.world_size > 1:
         student_ddp = nn.parallel.DistributedDataParallel(

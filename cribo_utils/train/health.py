@@ -4,6 +4,7 @@ checkpoint, with one message that says what to try."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,20 +26,29 @@ NON_FINITE_HINT = (
 
 
 def check_finite_loss(
-    parts: TrainingParts, losses: dict[str, torch.Tensor], iteration: int, epoch: int
+    parts: TrainingParts, losses: Mapping[str, torch.Tensor | float], iteration: int, epoch: int
 ) -> None:
     """Stop every rank together, before the backward pass, when any rank's loss is NaN or infinite.
 
+    Args:
+        parts: the training parts (world size, device).
+        losses: the loss terms, ``"loss"`` among them, as tensors or as values already read back.
+        iteration: the iteration, for the message.
+        epoch: the epoch, for the message.
     Raises:
         NonFiniteLossError: naming the iteration, this rank's loss terms and a hint.
     """
-    bad = torch.tensor([0.0 if math.isfinite(losses["loss"].item()) else 1.0])
+    values = {
+        key: float(value.detach()) if isinstance(value, torch.Tensor) else value
+        for key, value in losses.items()
+    }
+    bad = 0.0 if math.isfinite(values["loss"]) else 1.0
     if parts.env.world_size > 1:  # so that no rank waits in the gradient all-reduce for one that stopped
-        bad = distributed.all_reduce_sum(bad.to(parts.device)).cpu()
-    if bad.item() > 0:
-        terms = ", ".join(f"{key} {float(value.detach()):.4g}" for key, value in losses.items())
+        bad = distributed.all_reduce_sum(torch.tensor([bad], device=parts.device)).item()
+    if bad > 0:
+        terms = ", ".join(f"{key} {value:.4g}" for key, value in values.items())
         world_size = parts.env.world_size
-        where = f" on {int(bad.item())} of {world_size} processes" if world_size > 1 else ""
+        where = f" on {int(bad)} of {world_size} processes" if world_size > 1 else ""
         raise NonFiniteLossError(
             f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {terms}. " + NON_FINITE_HINT
         )

@@ -246,6 +246,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Recompute the student's ViT blocks in backward instead of storing their activations: "
         "about 40%% less peak memory for about 30%% more time per step (README, Benchmarks).",
     )
+    group.add_argument(
+        "--compile",
+        **bool_argument(False),
+        help="torch.compile the two backbones' forward passes and the clustering rounds (the same "
+        "training up to float round-off; the first steps compile, which takes minutes on a CPU).",
+    )
 
     group = parser.add_argument_group("Crops")
     group.add_argument(

@@ -9,9 +9,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
-from cribo_utils.method.clustering import joint_cluster, object_representations, positional_alpha
+from cribo_utils.method.clustering import joint_cluster, positional_alpha
 from cribo_utils.method.neighbours import find_cycle_consistent_neighbours
 from cribo_utils.train.health import check_finite_loss
 from cribo_utils.train.loader import augment_on_device
@@ -19,6 +20,7 @@ from cribo_utils.train.nn_loss_schedule import nn_loss_active, uses_memory_bank
 from cribo_utils.train.optim import cancel_gradients_last_layer, clip_gradients
 from cribo_utils.train.parts import TrainingParts, autocast
 from data.loading import mix_seed
+from models.object_pooling import object_representations_both_views, valid_object_index
 from models.student_teacher import update_teacher
 
 
@@ -83,7 +85,8 @@ def training_step(
         teacher_cls, teacher_tokens = parts.teacher.backbone.forward_features(images)
 
     with timer("clustering"), torch.no_grad():
-        tokens1, tokens2 = teacher_tokens.float().split(batch_size)
+        tokens = teacher_tokens.float()
+        tokens1, tokens2 = tokens.split(batch_size)
         alpha = positional_alpha(epoch, args.epochs, args.pos_alpha)
         clusters = joint_cluster(
             tokens1,
@@ -98,9 +101,14 @@ def training_step(
             update_c=args.update_c,
             cost_normalization=args.cost_normalization,
             generator=cluster_generator,
+            compiled=getattr(args, "compile", False),
         )
-        objects1 = object_representations(tokens1, clusters.assign1, clusters.valid)
-        objects2 = object_representations(tokens2, clusters.assign2, clusters.valid)
+        # The number of objects M sets every later shape: reading it back is one of the step's three waits
+        # for the device (with the bank's counts and the metrics); every later gather uses this index.
+        valid_index = valid_object_index(clusters.valid, views=2)
+        objects1, objects2 = object_representations_both_views(
+            tokens, clusters.assign1, clusters.assign2, clusters.valid, valid_index
+        ).unbind()
 
     use_nn = nn_loss_active(parts, epoch)
     with timer("memory_bank"), torch.no_grad():
@@ -120,7 +128,7 @@ def training_step(
 
     with timer("student_forward"), autocast(parts):
         student_cls_out, student_obj = parts.student_ddp(
-            images, clusters.assign1, clusters.assign2, clusters.valid, local_images
+            images, clusters.assign1, clusters.assign2, clusters.valid, local_images, valid_index=valid_index
         )
 
     with timer("loss"):
@@ -129,7 +137,12 @@ def training_step(
             student_cls_out, teacher_cls_out, student_obj, teacher_obj, teacher_nn, masks, epoch
         )
         loss = losses["loss"]
-        check_finite_loss(parts, losses, iteration, epoch)
+        # One read of device values for the finite-loss check and every metric of the step.
+        with torch.no_grad():
+            mask_sums = masks.sum(dim=1, dtype=loss.dtype) if masks is not None else loss.new_zeros(2)
+            read = torch.stack((*losses.values(), *mask_sums)).tolist()
+        values = dict(zip(losses, read[: len(losses)], strict=True))
+        check_finite_loss(parts, values, iteration, epoch)
 
     with timer("backward"):
         parts.optimizer.zero_grad(set_to_none=True)
@@ -153,19 +166,17 @@ def training_step(
     with timer("ema"), torch.no_grad():
         update_teacher(parts.student, parts.teacher, float(parts.momentum_schedule[iteration]))
 
-    num_objects = objects1.shape[0]
-    metrics = {key: float(value.detach()) for key, value in losses.items()}
+    # float32 quotients, as the tensors gave them before the metrics were read in one go
+    num_objects = np.float32(objects1.shape[0])
+    accepted = np.array(read[-2:], dtype=np.float32) / max(num_objects, np.float32(1.0))
+    metrics = dict(values)
     metrics.update(
         lr=float(parts.lr_schedule[iteration]),
         wd=float(parts.wd_schedule[iteration]),
         momentum=float(parts.momentum_schedule[iteration]),
-        clusters_per_image=float(clusters.counts.float().mean()),
-        nn_fraction=float(neighbours.mask1.float().sum() / max(num_objects, 1))
-        if neighbours is not None
-        else 0.0,
-        nn_fraction_2=float(neighbours.mask2.float().sum() / max(num_objects, 1))
-        if neighbours is not None
-        else 0.0,
+        clusters_per_image=float(num_objects / np.float32(batch_size)),
+        nn_fraction=float(accepted[0]) if neighbours is not None else 0.0,
+        nn_fraction_2=float(accepted[1]) if neighbours is not None else 0.0,
         nn_active=float(use_nn),
     )
     return metrics
