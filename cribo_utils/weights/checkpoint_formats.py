@@ -16,16 +16,15 @@ Supported layouts (detected from the top-level keys, see :func:`detect_checkpoin
 ``full`` covers the released CrIBo files (``vits16-coco.pth``, ``vits16-in.pth``, ``vitb16-in.pth``),
 DINO/iBOT/CrOC full training checkpoints and our own training checkpoints, whose teacher keys are
 ``backbone.*`` while the DDP-wrapped student's are ``module.backbone.*`` (docs/method.md, Sec. 10 and
-docs/differences.md, difference 19). Prefixes are therefore stripped per key and only as *leading*
-prefixes, never with a ``str.replace`` anywhere in the name. Projection-head entries (``head.*``; in a ``model`` file every
-entry outside ``backbone.*``: VICRegL's expander ``projector``, ``maps_projector`` and online
+docs/differences.md, difference 19). Prefixes are therefore stripped per key and only as *leading* prefixes,
+never with a ``str.replace`` anywhere in the name. Projection-head entries (``head.*``; in a ``model`` file
+every entry outside ``backbone.*``: VICRegL's expander ``projector``, ``maps_projector`` and online
 ``classifier``) and iBOT's training-only mask token (``masked_embed``) are dropped; every other key must
-match the model exactly: loading is ``strict=True`` and a mismatch raises an error that lists the
-missing, unexpected and mis-shaped keys (the reference helper loads with ``strict=False``, so a wrong
-layout silently loads nothing; docs/differences.md, difference 15). Before that, the weights' names and
-shapes are matched to an
-architecture (:mod:`cribo_utils.weights.architecture_detection`), so a wrong ``--arch`` or a Swin / timm-named
-file is reported in one line naming what the file holds.
+match the model exactly: loading is ``strict=True`` and a mismatch raises an error that lists the missing,
+unexpected and mis-shaped keys (the reference helper loads with ``strict=False``, so a wrong layout silently
+loads nothing; docs/differences.md, difference 15). Before that, the weights' names and shapes are matched
+to an architecture (:mod:`cribo_utils.weights.architecture_detection`), so a wrong ``--arch`` or a Swin /
+timm-named file is reported in one line naming what the file holds.
 
 Files are read with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (the ``args`` entry of
 the released files) is the only class allow-listed on top of torch's defaults. VICRegL's full ResNet
