@@ -72,9 +72,9 @@ def test_every_evaluation_command_parses_and_fits_the_model(name) -> None:
     argv = shlex.split(release.evaluate)
     assert argv[:2] == ["python", "eval_dense_nn.py"]
     args = eval_dense_nn.get_args_parser().parse_args(argv[2:])
-    assert args.pretrained_weights == name and args.dataset == "voc"
+    assert args.pretrained_weights == name and args.protocol == "voc"
     stride = dense_stride(release.arch, release.patch_size or 16)
-    assert (args.input_size or 512) % stride == 0
+    assert (args.image_size or 512) % stride == 0
 
 
 def test_the_readme_table_is_the_registry() -> None:
