@@ -30,6 +30,14 @@ Cross-image neighbours (cycle check of training, bank of ``--num_bank`` scenes, 
   foreground queries, before the check; ``chance_foreground``: what a random bank object would score;
 - ``background_share_of_accepted``: accepted pairs whose query is background.
 
+Object targets (checkpoints only: the teacher's object head and centre at the run's last epoch), over the
+foreground query objects of both views:
+
+- ``target_prototypes``: effective number of prototypes the targets use (1 = collapsed);
+- ``target_same_class`` / ``target_other_class``: how often two objects of different images get the same
+  arg-max prototype when they share the class / when they do not (equal: the targets carry no class, so
+  neither object loss can teach it, and a cross-image neighbour of another class gives the same target).
+
     python benchmarks/mechanism.py --checkpoints output/checkpoint.pth --random_seeds 3
 
 Settings (views, clustering, batch size) come from each checkpoint's stored training arguments; random
@@ -62,10 +70,12 @@ from cribo_utils.eval.mechanism import (  # noqa: E402
     cluster_purity,
     object_labels,
     patch_majority_labels,
+    target_statistics,
 )
 from cribo_utils.method.clustering import draw_seed_indices, joint_cluster, positional_alpha  # noqa: E402
 from cribo_utils.method.memory_bank import CentroidMemoryBank  # noqa: E402
 from cribo_utils.method.neighbours import find_cycle_consistent_neighbours  # noqa: E402
+from cribo_utils.method.schedules import teacher_temperature  # noqa: E402
 from cribo_utils.train.parser import resolve_args  # noqa: E402
 from cribo_utils.weights.checkpoint_formats import (  # noqa: E402
     build_pretrained_backbone,
@@ -376,6 +386,48 @@ def neighbour_metrics(
     return tally.summary(bank_objects.cls)
 
 
+@torch.no_grad()
+def object_target_metrics(
+    path: str, settings: argparse.Namespace, queries: ClusteredObjects
+) -> dict[str, float]:
+    """:func:`cribo_utils.eval.mechanism.target_statistics` of the teacher's object targets of a training
+    checkpoint (its head and object centre ``C_c`` at the last epoch's temperature), foreground objects."""
+    from models.head import CrIBoHead
+
+    checkpoint = load_checkpoint_file(path)
+    if "teacher" not in checkpoint or "dino_loss" not in checkpoint:
+        return {}
+    state = {
+        key[len("head.") :]: value for key, value in checkpoint["teacher"].items() if key.startswith("head.")
+    }
+    head = CrIBoHead(
+        queries.objects1.shape[1],
+        state["last_layer.weight_v"].shape[0],
+        state["last_layer_c.weight_v"].shape[0],
+        use_bn=settings.use_bn_in_head,
+        norm_last_layer=False,
+    )
+    head.load_state_dict(state)
+    temperature = teacher_temperature(
+        settings.warmup_teacher_temp_c,
+        settings.teacher_temp_c,
+        settings.warmup_teacher_temp_epochs,
+        settings.epochs - 1,
+    )
+    objects = torch.cat([queries.objects1, queries.objects2])
+    logits = head.forward_c(objects) - checkpoint["dino_loss"]["center_c"]
+    targets = torch.softmax(logits / temperature, dim=1)
+    foreground = torch.cat([queries.instance, queries.instance]) > 0
+    images = torch.cat([queries.image_of_object, queries.image_of_object])
+    classes = torch.cat([queries.cls, queries.cls])
+    stats = target_statistics(targets[foreground], classes[foreground], images[foreground])
+    return {
+        "target_prototypes": stats["prototypes"],
+        "target_same_class": stats["same_prototype_same_class"],
+        "target_other_class": stats["same_prototype_other_class"],
+    }
+
+
 def run_settings(args: argparse.Namespace, stored: dict[str, Any]) -> argparse.Namespace:
     """The preset's settings, then a checkpoint's stored ones, then this command's overrides."""
     settings = copy.copy(resolve_args([]))
@@ -423,6 +475,7 @@ def measure(
     settings: argparse.Namespace,
     args: argparse.Namespace,
     cache: dict[Any, tuple[Views, Views]],
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     alpha = positional_alpha(settings.epochs - 1, settings.epochs, settings.pos_alpha)
     if args.pos_alpha is not None:
@@ -442,6 +495,8 @@ def measure(
     }
     for batch_size in batch_sizes:
         result[f"batch_{batch_size}"] = neighbour_metrics(bank, queries, batch_size)
+    if checkpoint is not None:
+        result.update(object_target_metrics(checkpoint, settings, queries))
     return result
 
 
@@ -450,6 +505,10 @@ def _row(name: str, result: dict[str, Any], batch_sizes: list[int]) -> list[str]
         f"{result[key]:.2f}" for key in ("ari_instances", "ari_tiles", "purity", "objects_per_image")
     ]
     cells.append(f"{result['same_instance']:.2f}")
+    cells += [
+        f"{result.get(key, float('nan')):.2f}"
+        for key in ("target_prototypes", "target_same_class", "target_other_class")
+    ]
     for batch_size in batch_sizes:
         stats = result.get(f"batch_{batch_size}", {})
         cells += [
@@ -479,11 +538,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in args.checkpoints:
         settings = run_settings(args, stored_training_args(load_checkpoint_file(path), path))
         backbone = build_pretrained_backbone(settings.arch, settings.patch_size, path)
-        rows[path] = measure(backbone, settings, args, cache)
+        rows[path] = measure(backbone, settings, args, cache, checkpoint=path)
     batch_sizes = sorted(
         {int(key.split("_")[1]) for row in rows.values() for key in row if key.startswith("batch_")}
     )
-    header = ["network", "ARI inst", "ARI tiles", "purity", "objects", "same inst"]
+    header = [
+        "network",
+        "ARI inst",
+        "ARI tiles",
+        "purity",
+        "objects",
+        "same inst",
+        "prototypes",
+        "same cls",
+        "other cls",
+    ]
     for batch_size in batch_sizes:
         header += [
             f"acc@{batch_size}",

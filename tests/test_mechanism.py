@@ -176,3 +176,25 @@ def test_mechanism_benchmark_on_scenes_with_known_answers(tmp_path: Path) -> Non
         "acceptance",
         "precision",
     }
+
+
+def test_target_statistics_by_hand() -> None:
+    from cribo_utils.eval.mechanism import target_statistics
+
+    # four objects in four images: classes (1, 1, 2, 2); prototypes (0, 0, 1, 0)
+    targets = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.6, 0.4]])
+    stats = target_statistics(targets, torch.tensor([1, 1, 2, 2]), torch.arange(4))
+    mean = targets.double().mean(dim=0)
+    assert stats["prototypes"] == pytest.approx(float(torch.exp(-(mean * mean.log()).sum())))
+    # same-class pairs (ordered): (0,1),(1,0) share; (2,3),(3,2) do not -> 1/2
+    assert stats["same_prototype_same_class"] == pytest.approx(0.5)
+    # other-class pairs: (0,2),(1,2) differ, (0,3),(1,3) share, both orders -> 1/2
+    assert stats["same_prototype_other_class"] == pytest.approx(0.5)
+    collapsed = target_statistics(
+        torch.tensor([[1.0, 0.0]] * 3), torch.tensor([1, 2, 3]), torch.tensor([0, 0, 1])
+    )
+    assert collapsed["prototypes"] == pytest.approx(1.0)
+    assert (
+        collapsed["same_prototype_other_class"] == 1.0
+        and collapsed["same_prototype_same_class"] != collapsed["same_prototype_same_class"]
+    )  # NaN: no same-class pair in other images

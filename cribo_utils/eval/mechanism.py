@@ -224,3 +224,40 @@ class NeighbourTally:
             "chance_foreground": float((bank_share * query_share).sum()),
             "background_share_of_accepted": rate(self.accepted - self.accepted_foreground, self.accepted),
         }
+
+
+def target_statistics(targets: Tensor, classes: Tensor, images: Tensor) -> dict[str, float]:
+    """What the teacher's object targets say about the objects' classes.
+
+    The cross-view and cross-image object losses ask the student to predict the teacher's target
+    distribution ``U_i = softmax((h_t(c_i) - C_c) / tau_c)`` of an object; if every object gets the same
+    target, or targets ignore the class, neither loss can teach the class. With ``a_i = argmax U_i``:
+
+    * ``prototypes``: ``exp(H(mean_i U_i))``, the effective number of prototypes the targets use
+      (1 = collapsed onto one prototype, O = all used evenly);
+    * ``same_prototype_same_class`` / ``same_prototype_other_class``: the probability that two objects from
+      different images share their arg-max prototype, for pairs of the same class and of different classes.
+      Equal values mean the targets carry no class.
+
+    Args:
+        targets: (M, O) target distributions (rows sum to 1).
+        classes: (M,) long class of each object (pass foreground objects only to ask about object classes).
+        images: (M,) long image of each object (pairs within one image are left out).
+    Returns:
+        The three statistics (NaN where no pair of a kind exists).
+    """
+    mean = targets.double().mean(dim=0)
+    entropy = -(mean * mean.clamp_min(1e-30).log()).sum()
+    winners = targets.argmax(dim=1)
+    same_prototype = winners[:, None] == winners[None, :]
+    other_image = images[:, None] != images[None, :]
+    same_class = classes[:, None] == classes[None, :]
+
+    def share(pairs: Tensor) -> float:
+        return float(same_prototype[pairs].double().mean()) if pairs.any() else float("nan")
+
+    return {
+        "prototypes": float(entropy.exp()),
+        "same_prototype_same_class": share(other_image & same_class),
+        "same_prototype_other_class": share(other_image & ~same_class),
+    }
