@@ -19,6 +19,7 @@ retraining (a rerun resumes an interrupted one), so the command can be stopped a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -143,8 +144,23 @@ def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[s
             str(settings.batch_size_per_gpu),
         ]
     )
-    result = mechanism.measure(backbone, settings, mechanism_args, cache)
+    result = mechanism.measure(backbone, settings, mechanism_args, cache, checkpoint=str(path))
     result["dense_miou"] = dense_score(backbone, args.synthetic_seed)
+    return result
+
+
+def cached_score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[str, Any]:
+    """:func:`score`, kept next to the checkpoint (``ablation_score.json``) with the protocol it used and the
+    checkpoint's modification time, so a rerun rescores only what changed."""
+    protocol = {key: getattr(args, key) for key in ("synthetic_seed", "num_bank", "num_queries")}
+    protocol["checkpoint_mtime"] = path.stat().st_mtime
+    stored = path.parent / "ablation_score.json"
+    if stored.is_file():
+        saved = json.loads(stored.read_text())
+        if saved.get("protocol") == protocol:
+            return saved["score"]
+    result = score(path, args, cache)
+    write_json(str(stored), {"protocol": protocol, "score": result})
     return result
 
 
@@ -187,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     train_seconds[str(directory)] = train(directory, views, objective, seed, extra)
                 checkpoint = directory / "checkpoint.pth"
                 if checkpoint.is_file():
-                    runs[f"seed{seed}"] = score(checkpoint, args, cache)
+                    runs[f"seed{seed}"] = cached_score(checkpoint, args, cache)
             rows[f"{views}/{objective}"] = runs
     summary = {
         "command": "python benchmarks/ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
