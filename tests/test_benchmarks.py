@@ -38,6 +38,8 @@ SCRIPTS = (
     "feature_geometry",
     "learning_signal",
     "supervised_ceiling",
+    "mechanism",
+    "ablation",
 )
 
 
