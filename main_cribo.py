@@ -1,6 +1,6 @@
 """CrIBo pretraining.
 
-    python main_cribo.py                                   # synthetic scenes, CPU preset, ~8 min on 2 cores
+    python main_cribo.py                                   # synthetic scenes, CPU preset, ~7 min on 2 cores
     python main_cribo.py --config checkpoints/vits16-in_args.json --data_path /datasets/imagenet
     torchrun --nproc_per_node=8 main_cribo.py --config checkpoints/vits16-in_args.json --data_path ...
     sbatch run_slurm.sh --config checkpoints/vits16-coco_args.json --data_path /datasets/coco/train2017

@@ -1,7 +1,7 @@
 """A test that fails when learning breaks: the default CrIBo run must beat random initialisation.
 
 The run and its score are :mod:`benchmarks.learning_check`: the default training (``python main_cribo.py``:
-ViT-Tiny/16, 6 blocks, 96 px, 6 epochs of 2,048 easy synthetic scenes, about 9 minutes on two cores), scored
+ViT-Tiny/16, 6 blocks, 96 px, 6 epochs of 2,048 easy synthetic scenes, about 7 minutes on two cores), scored
 by dense-NN retrieval (memory of 32,000 patches from 1,000 scenes, 300 queries, 128 px, mean over three
 memory draws) on scenes that nothing trains or tunes on.
 
@@ -9,10 +9,11 @@ Margin. ``python benchmarks/learning_check.py --train_seeds --init_seeds 0 1 2 -
 output/checkpoint.pth output/seed1/checkpoint.pth output/seed2/checkpoint.pth`` (two threads, results in
 ``benchmarks/results/learning_check.json``; ``output`` is the default run, seed 0, and ``output/seedS`` is
 ``python main_cribo.py --seed S --output_dir output/seedS``) measured: random init 33.80 / 35.23 / 34.59
-(half-range 0.71), trained 57.89 / 58.15 / 53.19 (half-range 2.48); the worst trained seed beats the best
-random seed by 17.96. The test asks training seed 0 to beat the better of random seeds 0 and 1 by
-MARGIN = 12.5 points, five times the larger of the two spreads, which leaves 5.5 points for a training seed
-as bad as the worst measured one (seed 0 itself clears it by 10.2). A broken pipeline (no learning) fails by
+(half-range 0.71), trained 57.89 / 58.15 / 54.41 (half-range 1.87); the worst trained seed beats the best
+random seed by 19.18. The test asks training seed 0 to beat the better of random seeds 0 and 1 by
+MARGIN = 12.5 points, more than six times the larger of the two spreads (five times it was the rule of the
+first calibration, whose spread was 2.48), which leaves 6.7 points for a training seed as bad as the worst
+measured one (seed 0 itself clears it by 10.2). A broken pipeline (no learning) fails by
 the whole margin. The test guards learning as a whole, not each loss term: on these views the image-level
 loss alone (DINO) gains 20.6 points in the README's protocol, and the README's ablation rows measure what
 the object-level terms add. With the background colour shared between the views (the previous preset) the
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks import learning_check
 
-MARGIN = 12.5  # five times the larger seed half-range (2.48), see the docstring
+MARGIN = 12.5  # more than six times the larger seed half-range (1.87), see the docstring
 
 
 @pytest.fixture

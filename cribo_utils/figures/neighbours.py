@@ -211,5 +211,6 @@ def plot_neighbours(
         f"cycle-consistent: {accepted[0]:.0%} (view 1), {accepted[1]:.0%} (view 2)",
         wspace=0.08,
         hspace=0.35,
+        title_inches=0.85,  # the bank panels' two-line titles sit under the figure's title
     )
     return _save(figure, out_path, dpi)
