@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,8 @@ def dense_score(backbone: torch.nn.Module, scene_seed: int) -> float:
 
 def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[str, Any]:
     """Dense NN and the mechanism of one finished run's teacher."""
-    stored = stored_training_args(load_checkpoint_file(path), path)
+    checkpoint = load_checkpoint_file(path)
+    stored = stored_training_args(checkpoint, path)
     settings = mechanism.run_settings(mechanism.get_args_parser().parse_args([]), stored)
     backbone = build_pretrained_backbone(settings.arch, settings.patch_size, path)
     mechanism_args = mechanism.get_args_parser().parse_args(
@@ -144,7 +146,7 @@ def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[s
             str(settings.batch_size_per_gpu),
         ]
     )
-    result = mechanism.measure(backbone, settings, mechanism_args, cache, checkpoint=str(path))
+    result = mechanism.measure(backbone, settings, mechanism_args, cache, checkpoint=checkpoint)
     result["dense_miou"] = dense_score(backbone, args.synthetic_seed)
     return result
 
@@ -171,7 +173,7 @@ def _mean_half_range(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
-def table(rows: dict[str, dict[str, Any]], batch_key: str) -> str:
+def table(rows: dict[str, dict[str, Any]], batch_key: Callable[[dict[str, Any]], str]) -> str:
     header = ["views", "objective", "seeds", "dense NN mIoU", *MECHANISM_KEYS, *NEIGHBOUR_KEYS]
     lines = []
     for name, runs in rows.items():

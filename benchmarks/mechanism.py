@@ -388,13 +388,13 @@ def neighbour_metrics(
 
 @torch.no_grad()
 def object_target_metrics(
-    path: str, settings: argparse.Namespace, queries: ClusteredObjects
+    checkpoint: dict[str, Any], settings: argparse.Namespace, queries: ClusteredObjects
 ) -> dict[str, float]:
-    """:func:`cribo_utils.eval.mechanism.target_statistics` of the teacher's object targets of a training
-    checkpoint (its head and object centre ``C_c`` at the last epoch's temperature), foreground objects."""
+    """:func:`cribo_utils.eval.mechanism.target_statistics` of the teacher's object targets of a loaded
+    training checkpoint (its head and object centre ``C_c`` at the last epoch's temperature), foreground
+    objects."""
     from models.head import CrIBoHead
 
-    checkpoint = load_checkpoint_file(path)
     if "teacher" not in checkpoint or "dino_loss" not in checkpoint:
         return {}
     state = {
@@ -475,7 +475,7 @@ def measure(
     settings: argparse.Namespace,
     args: argparse.Namespace,
     cache: dict[Any, tuple[Views, Views]],
-    checkpoint: str | None = None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     alpha = positional_alpha(settings.epochs - 1, settings.epochs, settings.pos_alpha)
     if args.pos_alpha is not None:
@@ -536,9 +536,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         rows[f"random init {seed}"] = measure(backbone, settings, args, cache)
     for path in args.checkpoints:
-        settings = run_settings(args, stored_training_args(load_checkpoint_file(path), path))
+        checkpoint = load_checkpoint_file(path)
+        settings = run_settings(args, stored_training_args(checkpoint, path))
         backbone = build_pretrained_backbone(settings.arch, settings.patch_size, path)
-        rows[path] = measure(backbone, settings, args, cache, checkpoint=path)
+        rows[path] = measure(backbone, settings, args, cache, checkpoint=checkpoint)
     batch_sizes = sorted(
         {int(key.split("_")[1]) for row in rows.values() for key in row if key.startswith("batch_")}
     )
