@@ -18,7 +18,10 @@ Clusters (joint two-view clustering, ``--n_tokens`` K and the run's last ``pos_a
 - ``objects_per_image``: valid clusters (present in both views) per image; ``instances_per_image``:
   instances (background included) visible in both views;
 - ``same_instance``: objects whose two views have the same majority instance (the cross-view object loss
-  asks the student to match those two views, so this is the share of its targets that are right).
+  asks the student to match those two views, so this is the share of its targets that are right);
+- ``oracle_ari_instances``, ``oracle_ari_tiles``, ``oracle_purity``: the same for the clustering of
+  *instance-oracle* tokens (every patch's token is the one-hot of its instance, identical in both views)
+  with the same seeds and positional weight: the ceiling of the clustering itself, whatever the network.
 
 Cross-image neighbours (cycle check of training, bank of ``--num_bank`` scenes, queries in batches of each
 ``--batch_sizes``: the back-search runs over the objects of one batch, as in training):
@@ -29,6 +32,14 @@ Cross-image neighbours (cycle check of training, bank of ``--num_bank`` scenes, 
   object's patches) is the query's class; ``precision_foreground_before_check``: the same over all
   foreground queries, before the check; ``chance_foreground``: what a random bank object would score;
 - ``background_share_of_accepted``: accepted pairs whose query is background.
+
+Ceilings of retrieval (cosine nearest bank entry, no cycle check, foreground queries of both views):
+
+- ``mask_object_precision_foreground``: objects pooled over each view's instance masks (what a clustering
+  equal to the instances would give) retrieve a bank object of their class (``..._chance_...``: a random
+  bank object);
+- ``patch_precision_foreground``: single foreground patches retrieve a bank patch of their class: how much
+  class the features hold at all.
 
 Object targets (checkpoints only: the teacher's object head and centre at the run's last epoch), over the
 foreground query objects of both views:
@@ -68,8 +79,10 @@ from cribo_utils.eval.mechanism import (  # noqa: E402
     NeighbourTally,
     adjusted_rand_index,
     cluster_purity,
+    nearest_class_precision,
     object_labels,
     patch_majority_labels,
+    pool_by_labels,
     target_statistics,
 )
 from cribo_utils.method.clustering import draw_seed_indices, joint_cluster, positional_alpha  # noqa: E402
@@ -96,11 +109,20 @@ CLUSTER_KEYS = (
     "ari_instances",
     "ari_tiles",
     "ari_tiles_instances",
+    "oracle_ari_instances",
+    "oracle_ari_tiles",
+    "oracle_purity",
     "purity",
     "tile_purity",
     "objects_per_image",
     "instances_per_image",
     "same_instance",
+)
+CEILING_KEYS = (
+    "mask_object_precision_foreground",
+    "mask_object_chance_foreground",
+    "patch_precision_foreground",
+    "patch_chance_foreground",
 )
 NEIGHBOUR_KEYS = (
     "acceptance",
@@ -240,7 +262,12 @@ class ClusteredObjects:
         objects1, objects2: (M, D) teacher object representations per view, image by image.
         image_of_object: (M,) long image index of each object.
         instance, cls: (M,) long majority instance / class of each object over both views;
-        instance1, instance2: (M,) long majority instance per view.
+        instance1, instance2: (M,) long majority instance per view;
+        oracle: (B, 2N) the clustering of *instance-oracle* tokens (one-hot of every patch's instance, the
+            same in both views) with the same seeds and positional weight: what perfect features reach;
+        mask_objects, mask_classes: (M', D) teacher tokens pooled over each view's instance masks (the
+            objects of a clustering equal to the instances) and their classes;
+        patches, patch_classes: (2BN, D) every teacher patch token of both views and its class.
     """
 
     labels: Tensor
@@ -254,6 +281,11 @@ class ClusteredObjects:
     cls: Tensor
     instance1: Tensor
     instance2: Tensor
+    oracle: Tensor
+    mask_objects: Tensor
+    mask_classes: Tensor
+    patches: Tensor
+    patch_classes: Tensor
 
 
 @torch.no_grad()
@@ -278,7 +310,9 @@ def cluster_views(
         "update_c": settings.update_c,
         "cost_normalization": settings.cost_normalization,
     }
-    parts: dict[str, list[Tensor]] = {name: [] for name in ("labels", "tiles", "valid", "o1", "o2")}
+    names = ("labels", "tiles", "oracle", "valid", "o1", "o2", "masked", "masked_cls", "patches")
+    parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    n_instances = int(views.instances.max()) + 1
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
         images = torch.cat([views.images[0, start:stop], views.images[1, start:stop]])
@@ -304,8 +338,25 @@ def cluster_views(
             seed_indices=seeds[start:stop],
             **cluster_kwargs,
         )
+        instances1, instances2 = views.instances[0, start:stop], views.instances[1, start:stop]
+        oracle = joint_cluster(
+            torch.nn.functional.one_hot(instances1, n_instances).float(),
+            torch.nn.functional.one_hot(instances2, n_instances).float(),
+            positions1,
+            positions2,
+            alpha=alpha,
+            seed_indices=seeds[start:stop],
+            **cluster_kwargs,
+        )
+        for view, view_tokens in enumerate((tokens1, tokens2)):
+            view_instances = views.instances[view, start:stop]
+            view_classes = views.classes[view, start:stop].unsqueeze(-1).float()
+            parts["masked"].append(pool_by_labels(view_tokens, view_instances)[0])
+            parts["masked_cls"].append(pool_by_labels(view_classes, view_instances)[0].squeeze(-1))
+            parts["patches"].append(view_tokens.flatten(0, 1))
         parts["labels"].append(clusters.labels)
         parts["tiles"].append(tiles.labels)
+        parts["oracle"].append(oracle.labels)
         parts["valid"].append(clusters.valid)
         parts["o1"].append(object_representations(tokens1, clusters.assign1, clusters.valid))
         parts["o2"].append(object_representations(tokens2, clusters.assign2, clusters.valid))
@@ -338,22 +389,34 @@ def cluster_views(
         cls=classes.both,
         instance1=instances.view1,
         instance2=instances.view2,
+        oracle=torch.cat(parts["oracle"]),
+        mask_objects=torch.cat(parts["masked"]),
+        mask_classes=torch.cat(parts["masked_cls"]).round().long(),
+        patches=torch.cat(parts["patches"]),
+        patch_classes=torch.cat(
+            [
+                views.classes[view, start : start + chunk].flatten()
+                for start in range(0, count, chunk)
+                for view in range(2)
+            ]
+        ),
     )
 
 
 def cluster_metrics(clustered: ClusteredObjects, views: Views) -> dict[str, float]:
     """The cluster half of the table (means over images; ``same_instance`` over objects)."""
     instances = torch.cat([views.instances[0], views.instances[1]], dim=1)
-    n_tokens = views.instances.shape[-1]
     shared = [
         len(set(a.tolist()) & set(b.tolist()))
         for a, b in zip(views.instances[0], views.instances[1], strict=True)
     ]
-    del n_tokens
     return {
         "ari_instances": float(adjusted_rand_index(clustered.labels, instances).mean()),
         "ari_tiles": float(adjusted_rand_index(clustered.labels, clustered.tiles).mean()),
         "ari_tiles_instances": float(adjusted_rand_index(clustered.tiles, instances).mean()),
+        "oracle_ari_instances": float(adjusted_rand_index(clustered.oracle, instances).mean()),
+        "oracle_ari_tiles": float(adjusted_rand_index(clustered.oracle, clustered.tiles).mean()),
+        "oracle_purity": float(cluster_purity(clustered.oracle, instances).mean()),
         "purity": float(cluster_purity(clustered.labels, instances).mean()),
         "tile_purity": float(cluster_purity(clustered.tiles, instances).mean()),
         "objects_per_image": float(clustered.counts.double().mean()),
@@ -384,6 +447,25 @@ def neighbour_metrics(
         for mask, index in ((result.mask1, result.index1), (result.mask2, result.index2)):
             tally.add(mask, bank_objects.cls[index] == query_class, foreground, query_class)
     return tally.summary(bank_objects.cls)
+
+
+@torch.no_grad()
+def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[str, float]:
+    """Class precision of the nearest bank entry (cosine, no cycle check) for foreground objects pooled
+    over the instance masks, and for single foreground patches: what retrieval could reach with perfect
+    clusters, and what the features hold patch by patch."""
+    masks = nearest_class_precision(
+        queries.mask_objects, queries.mask_classes, bank.mask_objects, bank.mask_classes
+    )
+    patches = nearest_class_precision(
+        queries.patches, queries.patch_classes, bank.patches, bank.patch_classes, chunk=512
+    )
+    return {
+        "mask_object_precision_foreground": masks["precision"],
+        "mask_object_chance_foreground": masks["chance"],
+        "patch_precision_foreground": patches["precision"],
+        "patch_chance_foreground": patches["chance"],
+    }
 
 
 @torch.no_grad()
@@ -492,6 +574,7 @@ def measure(
             "batch_size_per_gpu": settings.batch_size_per_gpu,
         },
         **cluster_metrics(queries, query_views),
+        **ceiling_metrics(bank, queries),
     }
     for batch_size in batch_sizes:
         result[f"batch_{batch_size}"] = neighbour_metrics(bank, queries, batch_size)
@@ -509,6 +592,8 @@ def _row(name: str, result: dict[str, Any], batch_sizes: list[int]) -> list[str]
         f"{result.get(key, float('nan')):.2f}"
         for key in ("target_prototypes", "target_same_class", "target_other_class")
     ]
+    ceilings = ("mask_object_precision_foreground", "patch_precision_foreground")
+    cells += [f"{100 * result[key]:.1f}" for key in ceilings]
     for batch_size in batch_sizes:
         stats = result.get(f"batch_{batch_size}", {})
         cells += [
@@ -553,6 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prototypes",
         "same cls",
         "other cls",
+        "mask objects prec fg",
+        "patch prec fg",
     ]
     for batch_size in batch_sizes:
         header += [
@@ -566,8 +653,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"position-only tiles: ARI against instances {first['ari_tiles_instances']:.2f}, purity "
         f"{first['tile_purity']:.2f}; chance precision (foreground) "
-        f"{100 * first[f'batch_{batch_sizes[0]}']['chance_foreground']:.1f} %"
+        f"{100 * first[f'batch_{batch_sizes[0]}']['chance_foreground']:.1f} % (mask objects "
+        f"{100 * first['mask_object_chance_foreground']:.1f} %, patches "
+        f"{100 * first['patch_chance_foreground']:.1f} %)"
     )
+    for name, row in rows.items():
+        print(
+            f"instance-oracle tokens at the settings of {name}: ARI against instances "
+            f"{row['oracle_ari_instances']:.2f}, against tiles {row['oracle_ari_tiles']:.2f}, purity "
+            f"{row['oracle_purity']:.2f}"
+        )
     summary = {
         "protocol": vars(args),
         "rows": rows,

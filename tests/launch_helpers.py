@@ -56,8 +56,8 @@ def output_of(log_prefix: Path) -> tuple[str, str]:
 
 
 def step_records(output_dir: Path) -> list[dict[str, Any]]:
-    """The per-iteration records of ``log.txt`` (those with a ``loss``), in file order."""
-    path = output_dir / "log.txt"
+    """The per-iteration records of ``log_iterations.txt`` (those with a ``loss``), in file order."""
+    path = output_dir / "log_iterations.txt"
     if not path.exists():
         return []
     records = []
@@ -74,7 +74,8 @@ def step_records(output_dir: Path) -> list[dict[str, Any]]:
 def wait_for_steps(
     process: subprocess.Popen, output_dir: Path, after_iteration: int, timeout: float = 120.0
 ) -> list[dict[str, Any]]:
-    """Wait until ``log.txt`` holds a step record beyond ``after_iteration``; fail if the run exits first."""
+    """Wait until ``log_iterations.txt`` holds a step record beyond ``after_iteration``; fail if the run
+    exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         records = step_records(output_dir)

@@ -172,6 +172,10 @@ def test_mechanism_benchmark_on_scenes_with_known_answers(tmp_path: Path) -> Non
     )
     row = summary["rows"]["random init 0"]
     assert 0 < row["purity"] <= 1 and -1 <= row["ari_instances"] <= 1
+    # instance-oracle tokens: the clustering's ceiling is near-pure whatever the network
+    assert row["oracle_purity"] >= 0.9 and row["oracle_purity"] >= row["tile_purity"]
+    for key in mechanism.CEILING_KEYS:
+        assert 0 <= row[key] <= 1, key
     assert json.loads(out.read_text())["rows"]["random init 0"]["batch_4"].keys() >= {
         "acceptance",
         "precision",
@@ -198,3 +202,37 @@ def test_target_statistics_by_hand() -> None:
         collapsed["same_prototype_other_class"] == 1.0
         and collapsed["same_prototype_same_class"] != collapsed["same_prototype_same_class"]
     )  # NaN: no same-class pair in other images
+
+
+def test_pool_by_labels_against_a_loop() -> None:
+    from cribo_utils.eval.mechanism import pool_by_labels
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 10, 5, generator=generator)
+    labels = torch.randint(0, 4, (3, 10), generator=generator)
+    labels[1] = torch.where(labels[1] == 2, 0, labels[1])  # image 1 lacks label 2
+    objects, present = pool_by_labels(tokens, labels)
+    expected = [
+        tokens[b][labels[b] == label].mean(dim=0)
+        for b in range(3)
+        for label in range(4)
+        if (labels[b] == label).any()
+    ]
+    assert present.shape == (3, 4) and not present[1, 2] and int(present.sum()) == len(expected)
+    torch.testing.assert_close(objects, torch.stack(expected))
+
+
+def test_nearest_class_precision_by_hand() -> None:
+    from cribo_utils.eval.mechanism import nearest_class_precision
+
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    bank_classes = torch.tensor([1, 2, 0, 1])
+    # queries: near bank 0 (class 1, right), near bank 1 (class 2; query 1: wrong), near bank 3 (class 1:
+    # right, scale does not matter: cosine), a background query (skipped)
+    queries = torch.tensor([[2.0, 0.1], [0.1, 3.0], [0.0, -0.5], [1.0, 0.0]])
+    query_classes = torch.tensor([1, 1, 1, 0])
+    result = nearest_class_precision(queries, query_classes, bank, bank_classes, chunk=2)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["chance"] == pytest.approx(2 / 4)  # every foreground query is class 1; half the bank is
+    no_foreground = nearest_class_precision(queries, torch.zeros(4, dtype=torch.long), bank, bank_classes)
+    assert np.isnan(no_foreground["precision"]) and np.isnan(no_foreground["chance"])

@@ -279,9 +279,9 @@ def test_training_skips_unreadable_files_and_counts_them_per_epoch(tmp_path):
 
 
 def train_log(output_dir):
-    from cribo_utils.runtime.logger import read_log
+    from cribo_utils.runtime.logger import read_training_log
 
-    return read_log(str(output_dir / "log.txt"))
+    return read_training_log(output_dir)
 
 
 def test_unreadable_file_stops_the_run_when_skipping_is_off(tmp_path, monkeypatch):

@@ -80,9 +80,11 @@ def test_default_launcher_writes_checkpoint_log_and_args(tmp_path):
     assert checkpoint["epoch"] == 2 and checkpoint["iteration"] == 8
     assert checkpoint["centroids_queue_cpu"].shape == (2, 2 * 8, 192)
     assert (tmp_path / "checkpoint0001.pth").exists() and (tmp_path / "checkpoint.pth.backup").exists()
+    step_records = [json.loads(line) for line in open(tmp_path / "log_iterations.txt")]
+    assert len(step_records) == 8 and all("loss" in r for r in step_records)
+    # log.txt is DINO's: one record per epoch and nothing else, so a DINO plotting script reads every line
     records = [json.loads(line) for line in open(tmp_path / "log.txt")]
-    step_records = [r for r in records if "loss" in r]
-    assert len(step_records) == 8
+    assert len(records) == 2 and all("train_loss" in r and "loss" not in r for r in records)
     for key in (
         "loss",
         "loss_img",
@@ -209,7 +211,7 @@ def test_device_and_worker_pipelines_train_on_equivalent_views(tmp_path):
     records = {}
     for augment_on in ("device", "workers"):
         run(tmp_path / augment_on, "--max_iters", "2", "--augment_on", augment_on)
-        lines = (tmp_path / augment_on / "log.txt").read_text().splitlines()
+        lines = (tmp_path / augment_on / "log_iterations.txt").read_text().splitlines()
         records[augment_on] = [json.loads(line) for line in lines if '"loss"' in line]
     first_device, first_workers = records["device"][0], records["workers"][0]
     assert first_device["loss"] == pytest.approx(first_workers["loss"], rel=0.02)
@@ -225,7 +227,9 @@ def test_local_crops_enter_only_the_image_level_loss(tmp_path, augment_on):
         out = tmp_path / crops
         flags = ["--local_crops_number", crops, "--local_crops_size", "16", "--augment_on", augment_on]
         run(out, "--max_iters", "1", *flags)
-        records[crops] = next(json.loads(line) for line in open(out / "log.txt") if '"loss"' in line)
+        records[crops] = next(
+            json.loads(line) for line in open(out / "log_iterations.txt") if '"loss"' in line
+        )
     assert records["2"]["loss_obj"] == records["0"]["loss_obj"]
     assert records["2"]["clusters_per_image"] == records["0"]["clusters_per_image"]
     assert records["2"]["loss_img"] != records["0"]["loss_img"]
@@ -316,9 +320,9 @@ def test_start_up_line_warns_when_the_nn_loss_does_not_run():
 
 def test_log_says_when_the_nn_loss_starts_and_whether_it_ran_each_epoch(tmp_path):
     run(tmp_path, "--queue_size", "24", "--epochs", "3")  # full after 6 iterations of 4 images
-    records = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    records = [json.loads(line) for line in open(tmp_path / "log_iterations.txt")]
     active = [record["nn_active"] for record in records if "loss" in record]
-    assert active == [0.0] * 6 + [1.0] * 6  # log.txt iterations 1-6 off, 7-12 on
+    assert active == [0.0] * 6 + [1.0] * 6  # iterations 1-6 off, 7-12 on
     log = open(tmp_path / "logs" / "rank0.log").read()
     assert "cross-image NN loss: on from iteration 7/12 (epoch 2/3)" in log
     assert re.search(r"epoch 1/3 done: .* \| nn loss off \(the first epoch; bank 16/24 images\)\n", log)
@@ -342,7 +346,7 @@ def test_released_config_on_one_process_is_noted_at_start_up(tmp_path):
 @pytest.mark.parametrize("objective", ["cross_view", "image"])
 def test_ablation_objectives_never_fill_or_use_the_bank(tmp_path, objective):
     run(tmp_path, "--queue_size", "24", "--epochs", "3", "--objective", objective)
-    records = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    records = [json.loads(line) for line in open(tmp_path / "log_iterations.txt")]
     steps = [record for record in records if "loss" in record]
     assert len(steps) == 12 and all(r["nn_active"] == 0.0 and r["loss_nn"] == 0.0 for r in steps)
     if objective == "image":  # the object loss is reported but not in the total

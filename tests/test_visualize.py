@@ -452,6 +452,22 @@ def test_read_training_curves_reads_dinos_epoch_keys(tmp_path: Path) -> None:
     assert curves.steps["loss"][1].tolist() == [9.0] and "train_loss" not in curves.steps
 
 
+def test_read_training_curves_reads_the_iteration_log_beside_log_txt(tmp_path: Path) -> None:
+    """Runs write DINO's epoch records to log.txt and the iteration records to log_iterations.txt; the
+    folder and its log.txt both read the two, and a run stopped inside its first epoch (no log.txt yet)
+    still has curves."""
+    steps = [{"iteration": i, "epoch": 0, "loss": 10.0 - i} for i in range(1, 5)]
+    (tmp_path / "log_iterations.txt").write_text("".join(json.dumps(line) + "\n" for line in steps))
+    only_steps = viz.read_training_curves(tmp_path)
+    assert only_steps.steps["loss"][1].tolist() == [9.0, 8.0, 7.0, 6.0] and not only_steps.epochs
+    epoch = {"epoch": 0, "iteration": 4, "train_loss": 7.5, "train_lr": 1e-4}
+    (tmp_path / "log.txt").write_text(json.dumps(epoch) + "\n")
+    for where in (tmp_path, tmp_path / "log.txt"):
+        curves = viz.read_training_curves(where)
+        assert curves.steps["loss"][0].tolist() == [1, 2, 3, 4]
+        assert curves.epochs["loss"][0].tolist() == [4] and curves.epochs["loss"][1].tolist() == [7.5]
+
+
 def test_read_training_curves_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--log"):
         viz.read_training_curves(tmp_path / "missing.txt")

@@ -13,7 +13,9 @@ these functions measure both directly, at patch resolution:
 * :func:`object_labels`: per object (a cluster present in both views), the majority label of its member
   patches in each view and over both;
 * :class:`NeighbourTally`: per query object and direction, whether the cycle check accepted its
-  nearest bank object and whether that object has the query's class.
+  nearest bank object and whether that object has the query's class;
+* :func:`pool_by_labels` and :func:`nearest_class_precision`: the ceilings, i.e. what retrieval would reach
+  if the clusters were exactly the instances (objects pooled over the masks), or patch by patch.
 
 All functions are batched over images (no loop over images or tokens).
 """
@@ -260,4 +262,58 @@ def target_statistics(targets: Tensor, classes: Tensor, images: Tensor) -> dict[
         "prototypes": float(entropy.exp()),
         "same_prototype_same_class": share(other_image & same_class),
         "same_prototype_other_class": share(other_image & ~same_class),
+    }
+
+
+def pool_by_labels(tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean token of every label present in each image: the objects a clustering equal to ``labels`` makes.
+
+        o_{b,l} = (1 / |{n : labels[b, n] = l}|) * sum_{n : labels[b, n] = l} tokens[b, n]
+
+    Args:
+        tokens: (B, N, D) patch tokens.
+        labels: (B, N) long labels >= 0 (e.g. the instance of every patch).
+    Returns:
+        ``(objects, present)``: (M, D) float32 means, image by image and label ascending, for the
+        M = ``present.sum()`` (image, label) pairs with at least one patch; (B, L) bool ``present``.
+    """
+    one_hot = _one_hot(labels, int(labels.max()) + 1 if labels.numel() else 1).to(torch.float32)
+    counts = one_hot.sum(dim=1)
+    sums = torch.bmm(one_hot.transpose(1, 2), tokens.float())
+    present = counts > 0
+    return (sums / counts.clamp_min(1.0).unsqueeze(-1))[present], present
+
+
+def nearest_class_precision(
+    queries: Tensor, query_classes: Tensor, bank: Tensor, bank_classes: Tensor, chunk: int = 2048
+) -> dict[str, float]:
+    """How often the cosine nearest bank entry of a foreground query has the query's class (no cycle check).
+
+        precision = mean over queries q with class(q) > 0 of [class(argmax_r cos(q, bank_r)) = class(q)]
+        chance    = sum_c p_query(c) * p_bank(c)      (a bank entry drawn at random; background counts)
+
+    Args:
+        queries: (Q, D) features; query_classes: (Q,) long (0 = background, skipped as a query).
+        bank: (R, D) features; bank_classes: (R,) long.
+        chunk: queries per similarity block (memory ``chunk * R`` floats).
+    Returns:
+        ``precision`` and ``chance`` (NaN when there is no foreground query).
+    """
+    foreground = query_classes > 0
+    queries, query_classes = queries[foreground], query_classes[foreground]
+    if not len(queries):
+        return {"precision": float("nan"), "chance": float("nan")}
+    bank_unit = torch.nn.functional.normalize(bank.float(), dim=1)
+    nearest = torch.cat(
+        [
+            (torch.nn.functional.normalize(block.float(), dim=1) @ bank_unit.T).argmax(dim=1)
+            for block in queries.split(chunk)
+        ]
+    )
+    n_classes = int(max(int(bank_classes.max()), int(query_classes.max()))) + 1
+    bank_share = torch.bincount(bank_classes, minlength=n_classes).double() / len(bank_classes)
+    query_share = torch.bincount(query_classes, minlength=n_classes).double() / len(query_classes)
+    return {
+        "precision": float((bank_classes[nearest] == query_classes).double().mean()),
+        "chance": float((bank_share * query_share).sum()),
     }

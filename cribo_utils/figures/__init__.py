@@ -24,7 +24,8 @@ in its own module:
 4. ``attention`` (:func:`plot_attention`, :mod:`.attention`): the last block's [CLS] attention of every
    head and the first three principal components of the patch features as RGB (:func:`pca_rgb`).
 5. ``curves`` (:func:`plot_curves`, :mod:`.curves`): every loss term, the schedules, the cluster count
-   and the cycle-consistent fraction against the iteration, from a training ``log.txt``.
+   and the cycle-consistent fraction against the iteration, from a training run's ``log.txt`` and
+   ``log_iterations.txt``.
 
 Shared by them: :mod:`.drawing` (palettes, picture helpers, the panel grid), :mod:`.model` (the backbone
 and the image sources) and :mod:`.cli` (the command line, run by ``__main__``).

@@ -169,7 +169,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     curves = subparsers.add_parser("curves", parents=[common], help="training curves from log.txt")
     curves.add_argument(
-        "--log", required=True, type=str, help="log.txt of a training run, or its output folder."
+        "--log",
+        required=True,
+        type=str,
+        help="log.txt of a training run (log_iterations.txt beside it is read too), or its output folder.",
     )
     curves.add_argument(
         "--smooth", default=None, type=int, help="Moving-average window (default: automatic)."

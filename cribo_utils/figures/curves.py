@@ -46,30 +46,32 @@ class TrainingCurves:
 
 
 def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
-    """Parse a training ``log.txt`` (the JSON lines of :class:`cribo_utils.runtime.logger.MetricLogger`,
-    read by :func:`cribo_utils.runtime.logger.read_log`) into series.
+    """Parse a training run's logs (``log.txt`` and the ``log_iterations.txt`` beside it, the JSON lines of
+    :class:`cribo_utils.runtime.logger.MetricLogger`, read by
+    :func:`cribo_utils.runtime.logger.read_training_log`) into series.
 
     A record with ``train_``-prefixed keys (DINO's epoch record: ``train_loss``, ``train_lr``, ``train_wd``,
     ..., and ``epoch``; ``epoch_``-prefixed in logs of earlier versions) is a per-epoch average; every other
     record with an ``iteration`` is a per-iteration record. Non-numeric values are skipped.
 
     Args:
-        log_path: the ``log.txt`` file, or the training output folder holding it.
+        log_path: the ``log.txt`` file, or the training output folder holding it (any other file name is
+            read alone).
     Raises:
         FileNotFoundError: no log file there.
         ValueError: a line is not JSON, or no record has an ``iteration``.
     """
-    from cribo_utils.runtime.logger import read_log
+    from cribo_utils.runtime.logger import EPOCH_LOG, ITERATION_LOG, read_log, read_training_log
 
     path = Path(log_path)
     if path.is_dir():
-        path = path / "log.txt"
-    if not path.is_file():
+        path = path / EPOCH_LOG
+    if not path.is_file() and not (path.name == EPOCH_LOG and (path.parent / ITERATION_LOG).is_file()):
         raise FileNotFoundError(
             f"--log {str(path)!r}: no such file; pass the log.txt of a training run (or its --output_dir)"
         )
     try:
-        records = read_log(path)
+        records = read_training_log(path) if path.name == EPOCH_LOG else read_log(path)
     except ValueError as error:
         raise ValueError(f"--log {error}") from error
     steps: dict[str, list[tuple[float, float]]] = {}

@@ -1,4 +1,4 @@
-"""Logging set-up for launchers and the JSON-lines metric log (``log.txt``)."""
+"""Logging set-up for launchers and the JSON-lines metric logs (``log.txt``, ``log_iterations.txt``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ def setup_logging(output_dir: str | None, rank: int = 0, level: int = logging.IN
 
 
 class MetricLogger:
-    """Appends one JSON object per line to ``log.txt`` (the DINO/CrIBo format), on the main process only."""
+    """Appends one JSON object per line to a log file (the DINO/CrIBo format), on the main process only."""
 
     def __init__(self, path: str | None, enabled: bool = True, tensorboard_dir: str | None = None) -> None:
         self.path = path
@@ -63,6 +65,43 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+#: DINO's log: one record per epoch (``epoch``, ``train_loss``, ``train_lr``, ``train_wd``, every term).
+EPOCH_LOG = "log.txt"
+#: The per-iteration records (every ``--log_freq`` iterations), kept apart so that ``log.txt`` reads as
+#: DINO's does (earlier versions interleaved both in ``log.txt``; the readers here accept either).
+ITERATION_LOG = "log_iterations.txt"
+
+
+@dataclass
+class TrainingLogs:
+    """The two JSON-lines logs of a training run: :data:`EPOCH_LOG` and :data:`ITERATION_LOG`."""
+
+    epochs: MetricLogger
+    iterations: MetricLogger
+
+    def close(self) -> None:
+        self.epochs.close()
+        self.iterations.close()
+
+
+def read_training_log(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of a run's logs: :data:`EPOCH_LOG`, then :data:`ITERATION_LOG` if there is one.
+
+    ``output_dir`` is the run's folder or its ``log.txt``. Logs of earlier versions (iteration records
+    inside ``log.txt``) read the same. A run stopped before its first epoch ended has only the second.
+
+    Raises:
+        FileNotFoundError: neither file is there.
+    """
+    folder = Path(output_dir)
+    if folder.name == EPOCH_LOG and not folder.is_dir():
+        folder = folder.parent
+    paths = [folder / name for name in (EPOCH_LOG, ITERATION_LOG) if (folder / name).is_file()]
+    if not paths:
+        raise FileNotFoundError(f"{str(folder)!r} holds neither {EPOCH_LOG} nor {ITERATION_LOG}")
+    return [record for path in paths for record in read_log(path)]
 
 
 def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

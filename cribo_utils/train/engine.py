@@ -17,7 +17,7 @@ from cribo_utils.method.loss import CrIBoLoss
 from cribo_utils.method.memory_bank import CentroidMemoryBank
 from cribo_utils.method.schedules import cosine_schedule
 from cribo_utils.runtime import distributed
-from cribo_utils.runtime.logger import MetricLogger, setup_logging
+from cribo_utils.runtime.logger import EPOCH_LOG, ITERATION_LOG, MetricLogger, TrainingLogs, setup_logging
 from cribo_utils.runtime.progress import Progress, format_seconds
 from cribo_utils.train.checkpoint import CheckpointError, find_resume_checkpoint
 from cribo_utils.train.compilation import compile_backbones
@@ -249,10 +249,13 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
     total_iters = args.epochs * parts.iters_per_epoch
     if args.max_iters:
         total_iters = min(total_iters, args.max_iters)
-    metric_logger = MetricLogger(
-        os.path.join(args.output_dir, "log.txt"),
-        enabled=distributed.is_main_process(),
-        tensorboard_dir=os.path.join(args.output_dir, "tb") if args.tensorboard else None,
+    metric_logger = TrainingLogs(
+        epochs=MetricLogger(os.path.join(args.output_dir, EPOCH_LOG), enabled=distributed.is_main_process()),
+        iterations=MetricLogger(
+            os.path.join(args.output_dir, ITERATION_LOG),
+            enabled=distributed.is_main_process(),
+            tensorboard_dir=os.path.join(args.output_dir, "tb") if args.tensorboard else None,
+        ),
     )
     progress = Progress(
         total_iters,
@@ -297,7 +300,7 @@ def train_one_epoch(
     epoch: int,
     start_iteration: int,
     total_iters: int,
-    metric_logger: MetricLogger,
+    metric_logger: TrainingLogs,
     progress: Progress,
 ) -> dict[str, float]:
     """Run the iterations of ``epoch`` from ``start_iteration`` on; returns the epoch's averaged metrics.
@@ -335,7 +338,7 @@ def train_one_epoch(
             f"| nn {metrics['nn_fraction']:.2f}",
         )
         if iteration % args.log_freq == 0:
-            metric_logger.log({"iteration": iteration, "epoch": epoch, **metrics})
+            metric_logger.iterations.log({"iteration": iteration, "epoch": epoch, **metrics})
         preempted = stop_requested(parts.stop_signal, parts.env.world_size, parts.device)
         if preempted or (args.saveckp_freq_iters and iteration % args.saveckp_freq_iters == 0):
             save(parts, iteration // parts.iters_per_epoch, iteration)
@@ -353,7 +356,7 @@ def train_one_epoch(
         save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
     # DINO's epoch record: every averaged metric as train_<name> (train_loss, train_lr, train_wd, the terms).
     epoch_record = {f"train_{key}": value for key, value in averages.items()}
-    metric_logger.log(
+    metric_logger.epochs.log(
         {"epoch": epoch, "iteration": iteration, **epoch_record, "train_skipped_files": skipped_files}
     )
     if skipped_files and distributed.is_main_process():

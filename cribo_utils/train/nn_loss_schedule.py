@@ -69,8 +69,9 @@ def describe_nn_loss_start(
 ) -> tuple[str, bool]:
     """The start-up line saying from which iteration the cross-image loss runs, and whether it runs at all.
 
-    Iterations and epochs are counted from 1 here, as in ``log.txt`` (``iteration``: iterations done) and
-    the per-epoch lines. Returns ``(line, runs)``; ``runs`` is False when this run stops before the start.
+    Iterations and epochs are counted from 1 here, as in ``log_iterations.txt`` (``iteration``: iterations
+    done) and the per-epoch lines. Returns ``(line, runs)``; ``runs`` is False when this run stops before
+    the start.
     """
     global_batch = args.batch_size_per_gpu * world_size
     total_iters = args.epochs * iters_per_epoch
