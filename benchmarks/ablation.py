@@ -106,9 +106,19 @@ def train(directory: Path, views: str, objective: str, seed: int, extra: list[st
     return time.perf_counter() - began
 
 
-def dense_score(backbone: torch.nn.Module, scene_seed: int) -> float:
-    """Dense-NN mIoU (0-100), the README protocol (``learning_signal.py``), mean over three memory draws."""
-    splits = {"num_train": 5000, "num_val": 300, "seed": scene_seed, "level": "easy", "image_size": 128}
+def dense_score(
+    backbone: torch.nn.Module, scene_seed: int, object_colours: str = "random", level: str = "easy"
+) -> float:
+    """Dense-NN mIoU (0-100), the README protocol (``learning_signal.py``), mean over three memory draws,
+    on scenes of the run's colour mode and level (the protocol's are random colours, easy)."""
+    splits = {
+        "num_train": 5000,
+        "num_val": 300,
+        "seed": scene_seed,
+        "level": level,
+        "object_colours": object_colours,
+        "image_size": 128,
+    }
     train = SyntheticSegmentation("train", **splits)
     val = SyntheticSegmentation("val", **splits)
     scores = []
@@ -147,7 +157,9 @@ def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[s
         ]
     )
     result = mechanism.measure(backbone, settings, mechanism_args, cache, checkpoint=checkpoint)
-    result["dense_miou"] = dense_score(backbone, args.synthetic_seed)
+    result["dense_miou"] = dense_score(
+        backbone, args.synthetic_seed, settings.synthetic_object_colours, settings.synthetic_level
+    )
     return result
 
 

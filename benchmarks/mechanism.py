@@ -38,6 +38,11 @@ Ceilings of retrieval (cosine nearest bank entry, no cycle check, foreground que
 - ``mask_object_precision_foreground``: objects pooled over each view's instance masks (what a clustering
   equal to the instances would give) retrieve a bank object of their class (``..._chance_...``: a random
   bank object);
+- ``mask_object_precision_among_objects``: the same against the foreground bank objects only (chance: 1 /
+  classes when classes are balanced): is the class, not only "object or background", retrieved?
+- ``mask_object_colour_ratio``: mean colour distance (L1, normalised RGB) between a foreground query and
+  its nearest foreground bank object, over that to a random one (1: colour plays no part in the choice;
+  below 1: neighbours are chosen by colour);
 - ``patch_precision_foreground``: single foreground patches retrieve a bank patch of their class: how much
   class the features hold at all.
 
@@ -69,6 +74,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,6 +85,7 @@ from cribo_utils.eval.mechanism import (  # noqa: E402
     NeighbourTally,
     adjusted_rand_index,
     cluster_purity,
+    cosine_nearest,
     nearest_class_precision,
     object_labels,
     patch_majority_labels,
@@ -121,6 +128,8 @@ CLUSTER_KEYS = (
 CEILING_KEYS = (
     "mask_object_precision_foreground",
     "mask_object_chance_foreground",
+    "mask_object_precision_among_objects",
+    "mask_object_chance_among_objects",
     "patch_precision_foreground",
     "patch_chance_foreground",
 )
@@ -265,8 +274,9 @@ class ClusteredObjects:
         instance1, instance2: (M,) long majority instance per view;
         oracle: (B, 2N) the clustering of *instance-oracle* tokens (one-hot of every patch's instance, the
             same in both views) with the same seeds and positional weight: what perfect features reach;
-        mask_objects, mask_classes: (M', D) teacher tokens pooled over each view's instance masks (the
-            objects of a clustering equal to the instances) and their classes;
+        mask_objects, mask_classes, mask_colours: (M', D) teacher tokens pooled over each view's instance
+            masks (the objects of a clustering equal to the instances), their classes and (M', 3) the mean
+            colour of their pixels (normalised RGB);
         patches, patch_classes: (2BN, D) every teacher patch token of both views and its class.
     """
 
@@ -284,6 +294,7 @@ class ClusteredObjects:
     oracle: Tensor
     mask_objects: Tensor
     mask_classes: Tensor
+    mask_colours: Tensor
     patches: Tensor
     patch_classes: Tensor
 
@@ -310,7 +321,18 @@ def cluster_views(
         "update_c": settings.update_c,
         "cost_normalization": settings.cost_normalization,
     }
-    names = ("labels", "tiles", "oracle", "valid", "o1", "o2", "masked", "masked_cls", "patches")
+    names = (
+        "labels",
+        "tiles",
+        "oracle",
+        "valid",
+        "o1",
+        "o2",
+        "masked",
+        "masked_cls",
+        "masked_rgb",
+        "patches",
+    )
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     n_instances = int(views.instances.max()) + 1
     for start in range(0, count, chunk):
@@ -351,8 +373,12 @@ def cluster_views(
         for view, view_tokens in enumerate((tokens1, tokens2)):
             view_instances = views.instances[view, start:stop]
             view_classes = views.classes[view, start:stop].unsqueeze(-1).float()
+            patch_colours = F.avg_pool2d(views.images[view, start:stop], settings.patch_size)
             parts["masked"].append(pool_by_labels(view_tokens, view_instances)[0])
             parts["masked_cls"].append(pool_by_labels(view_classes, view_instances)[0].squeeze(-1))
+            parts["masked_rgb"].append(
+                pool_by_labels(patch_colours.flatten(2).transpose(1, 2), view_instances)[0]
+            )
             parts["patches"].append(view_tokens.flatten(0, 1))
         parts["labels"].append(clusters.labels)
         parts["tiles"].append(tiles.labels)
@@ -392,6 +418,7 @@ def cluster_views(
         oracle=torch.cat(parts["oracle"]),
         mask_objects=torch.cat(parts["masked"]),
         mask_classes=torch.cat(parts["masked_cls"]).round().long(),
+        mask_colours=torch.cat(parts["masked_rgb"]),
         patches=torch.cat(parts["patches"]),
         patch_classes=torch.cat(
             [
@@ -460,9 +487,26 @@ def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[s
     patches = nearest_class_precision(
         queries.patches, queries.patch_classes, bank.patches, bank.patch_classes, chunk=512
     )
+    in_bank = bank.mask_classes > 0
+    objects_only = nearest_class_precision(
+        queries.mask_objects, queries.mask_classes, bank.mask_objects[in_bank], bank.mask_classes[in_bank]
+    )
+    # Is the nearest foreground object chosen by colour? Mean colour distance to it, over the distance to a
+    # foreground bank object drawn at random (1: colour plays no part; below 1: neighbours share colours).
+    asking = queries.mask_classes > 0
+    nearest = cosine_nearest(queries.mask_objects[asking], bank.mask_objects[in_bank])
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.randint(int(in_bank.sum()), nearest.shape, generator=generator)
+    colours, bank_colours = queries.mask_colours[asking], bank.mask_colours[in_bank]
+    colour_ratio = (colours - bank_colours[nearest]).abs().sum(dim=1).mean() / (
+        (colours - bank_colours[drawn]).abs().sum(dim=1).mean()
+    )
     return {
         "mask_object_precision_foreground": masks["precision"],
         "mask_object_chance_foreground": masks["chance"],
+        "mask_object_precision_among_objects": objects_only["precision"],
+        "mask_object_chance_among_objects": objects_only["chance"],
+        "mask_object_colour_ratio": float(colour_ratio),
         "patch_precision_foreground": patches["precision"],
         "patch_chance_foreground": patches["chance"],
     }
@@ -592,8 +636,13 @@ def _row(name: str, result: dict[str, Any], batch_sizes: list[int]) -> list[str]
         f"{result.get(key, float('nan')):.2f}"
         for key in ("target_prototypes", "target_same_class", "target_other_class")
     ]
-    ceilings = ("mask_object_precision_foreground", "patch_precision_foreground")
+    ceilings = (
+        "mask_object_precision_foreground",
+        "mask_object_precision_among_objects",
+        "patch_precision_foreground",
+    )
     cells += [f"{100 * result[key]:.1f}" for key in ceilings]
+    cells.append(f"{result['mask_object_colour_ratio']:.2f}")
     for batch_size in batch_sizes:
         stats = result.get(f"batch_{batch_size}", {})
         cells += [
@@ -639,7 +688,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "same cls",
         "other cls",
         "mask objects prec fg",
+        "among objects",
         "patch prec fg",
+        "colour ratio",
     ]
     for batch_size in batch_sizes:
         header += [
@@ -654,7 +705,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"position-only tiles: ARI against instances {first['ari_tiles_instances']:.2f}, purity "
         f"{first['tile_purity']:.2f}; chance precision (foreground) "
         f"{100 * first[f'batch_{batch_sizes[0]}']['chance_foreground']:.1f} % (mask objects "
-        f"{100 * first['mask_object_chance_foreground']:.1f} %, patches "
+        f"{100 * first['mask_object_chance_foreground']:.1f} %, among objects "
+        f"{100 * first['mask_object_chance_among_objects']:.1f} %, patches "
         f"{100 * first['patch_chance_foreground']:.1f} %)"
     )
     for name, row in rows.items():

@@ -176,6 +176,7 @@ def test_mechanism_benchmark_on_scenes_with_known_answers(tmp_path: Path) -> Non
     assert row["oracle_purity"] >= 0.9 and row["oracle_purity"] >= row["tile_purity"]
     for key in mechanism.CEILING_KEYS:
         assert 0 <= row[key] <= 1, key
+    assert row["mask_object_colour_ratio"] > 0
     assert json.loads(out.read_text())["rows"]["random init 0"]["batch_4"].keys() >= {
         "acceptance",
         "precision",

@@ -284,6 +284,18 @@ def pool_by_labels(tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return (sums / counts.clamp_min(1.0).unsqueeze(-1))[present], present
 
 
+def cosine_nearest(queries: Tensor, bank: Tensor, chunk: int = 2048) -> Tensor:
+    """(Q,) long index of the bank row of largest cosine similarity to each query row, ``chunk`` queries at
+    a time (memory ``chunk * R`` floats)."""
+    bank_unit = torch.nn.functional.normalize(bank.float(), dim=1)
+    return torch.cat(
+        [
+            (torch.nn.functional.normalize(block.float(), dim=1) @ bank_unit.T).argmax(dim=1)
+            for block in queries.split(chunk)
+        ]
+    )
+
+
 def nearest_class_precision(
     queries: Tensor, query_classes: Tensor, bank: Tensor, bank_classes: Tensor, chunk: int = 2048
 ) -> dict[str, float]:
@@ -303,13 +315,7 @@ def nearest_class_precision(
     queries, query_classes = queries[foreground], query_classes[foreground]
     if not len(queries):
         return {"precision": float("nan"), "chance": float("nan")}
-    bank_unit = torch.nn.functional.normalize(bank.float(), dim=1)
-    nearest = torch.cat(
-        [
-            (torch.nn.functional.normalize(block.float(), dim=1) @ bank_unit.T).argmax(dim=1)
-            for block in queries.split(chunk)
-        ]
-    )
+    nearest = cosine_nearest(queries, bank, chunk)
     n_classes = int(max(int(bank_classes.max()), int(query_classes.max()))) + 1
     bank_share = torch.bincount(bank_classes, minlength=n_classes).double() / len(bank_classes)
     query_share = torch.bincount(query_classes, minlength=n_classes).double() / len(query_classes)
