@@ -332,6 +332,7 @@ def cluster_views(
         "masked_cls",
         "masked_rgb",
         "patches",
+        "patch_cls",
     )
     parts: dict[str, list[Tensor]] = {name: [] for name in names}
     n_instances = int(views.instances.max()) + 1
@@ -362,8 +363,8 @@ def cluster_views(
         )
         instances1, instances2 = views.instances[0, start:stop], views.instances[1, start:stop]
         oracle = joint_cluster(
-            torch.nn.functional.one_hot(instances1, n_instances).float(),
-            torch.nn.functional.one_hot(instances2, n_instances).float(),
+            F.one_hot(instances1, n_instances).float(),
+            F.one_hot(instances2, n_instances).float(),
             positions1,
             positions2,
             alpha=alpha,
@@ -380,6 +381,7 @@ def cluster_views(
                 pool_by_labels(patch_colours.flatten(2).transpose(1, 2), view_instances)[0]
             )
             parts["patches"].append(view_tokens.flatten(0, 1))
+            parts["patch_cls"].append(views.classes[view, start:stop].flatten())
         parts["labels"].append(clusters.labels)
         parts["tiles"].append(tiles.labels)
         parts["oracle"].append(oracle.labels)
@@ -420,13 +422,7 @@ def cluster_views(
         mask_classes=torch.cat(parts["masked_cls"]).round().long(),
         mask_colours=torch.cat(parts["masked_rgb"]),
         patches=torch.cat(parts["patches"]),
-        patch_classes=torch.cat(
-            [
-                views.classes[view, start : start + chunk].flatten()
-                for start in range(0, count, chunk)
-                for view in range(2)
-            ]
-        ),
+        patch_classes=torch.cat(parts["patch_cls"]),
     )
 
 

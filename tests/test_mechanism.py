@@ -237,3 +237,37 @@ def test_nearest_class_precision_by_hand() -> None:
     assert result["chance"] == pytest.approx(2 / 4)  # every foreground query is class 1; half the bank is
     no_foreground = nearest_class_precision(queries, torch.zeros(4, dtype=torch.long), bank, bank_classes)
     assert np.isnan(no_foreground["precision"]) and np.isnan(no_foreground["chance"])
+
+
+def test_ceiling_colour_ratio_and_precision_on_fabricated_objects() -> None:
+    """Objects whose features are their colours retrieve by colour (ratio near 0); features independent of
+    colour give a ratio near 1; features equal to the one-hot class retrieve the class every time."""
+    from types import SimpleNamespace
+
+    from benchmarks.mechanism import ceiling_metrics
+
+    generator = torch.Generator().manual_seed(0)
+
+    def objects(count: int, features: str) -> SimpleNamespace:
+        colours = torch.rand(count, 3, generator=generator)
+        classes = torch.randint(0, 5, (count,), generator=generator)  # 0 = background
+        one_hot = torch.nn.functional.one_hot(classes, 5).float()
+        # a large constant coordinate makes every norm nearly equal, so cosine ranks by colour distance
+        as_features = torch.cat([colours, torch.full((count, 1), 10.0)], dim=1)
+        table = {"colour": as_features, "random": torch.randn(count, 8, generator=generator), "class": one_hot}
+        return SimpleNamespace(
+            mask_objects=table[features],
+            mask_classes=classes,
+            mask_colours=colours,
+            patches=one_hot,
+            patch_classes=classes,
+        )
+
+    by_colour = ceiling_metrics(objects(2000, "colour"), objects(300, "colour"))
+    assert by_colour["mask_object_colour_ratio"] < 0.2
+    unrelated = ceiling_metrics(objects(2000, "random"), objects(300, "random"))
+    assert 0.85 < unrelated["mask_object_colour_ratio"] < 1.15
+    assert unrelated["mask_object_precision_among_objects"] == pytest.approx(0.25, abs=0.08)
+    by_class = ceiling_metrics(objects(2000, "class"), objects(300, "class"))
+    assert by_class["mask_object_precision_foreground"] == 1.0 == by_class["patch_precision_foreground"]
+    assert by_class["mask_object_chance_among_objects"] == pytest.approx(0.25, abs=0.03)
