@@ -84,6 +84,7 @@ from benchmarks.learning_signal import PROTOCOL_SEED  # noqa: E402
 from cribo_utils.eval.mechanism import (  # noqa: E402
     NeighbourTally,
     adjusted_rand_index,
+    class_match_chance,
     cluster_purity,
     cosine_nearest,
     nearest_class_precision,
@@ -483,13 +484,11 @@ def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[s
     patches = nearest_class_precision(
         queries.patches, queries.patch_classes, bank.patches, bank.patch_classes, chunk=512
     )
-    in_bank = bank.mask_classes > 0
-    objects_only = nearest_class_precision(
-        queries.mask_objects, queries.mask_classes, bank.mask_objects[in_bank], bank.mask_classes[in_bank]
-    )
-    # Is the nearest foreground object chosen by colour? Mean colour distance to it, over the distance to a
-    # foreground bank object drawn at random (1: colour plays no part; below 1: neighbours share colours).
-    asking = queries.mask_classes > 0
+    # Among the foreground objects only: the class, and is the nearest one chosen by colour? Mean colour
+    # distance to it, over the distance to a foreground bank object drawn at random (1: colour plays no
+    # part; below 1: neighbours share colours).
+    in_bank, asking = bank.mask_classes > 0, queries.mask_classes > 0
+    query_classes, bank_classes = queries.mask_classes[asking], bank.mask_classes[in_bank]
     nearest = cosine_nearest(queries.mask_objects[asking], bank.mask_objects[in_bank])
     generator = torch.Generator().manual_seed(0)
     drawn = torch.randint(int(in_bank.sum()), nearest.shape, generator=generator)
@@ -500,8 +499,10 @@ def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[s
     return {
         "mask_object_precision_foreground": masks["precision"],
         "mask_object_chance_foreground": masks["chance"],
-        "mask_object_precision_among_objects": objects_only["precision"],
-        "mask_object_chance_among_objects": objects_only["chance"],
+        "mask_object_precision_among_objects": float(
+            (bank_classes[nearest] == query_classes).double().mean()
+        ),
+        "mask_object_chance_among_objects": class_match_chance(query_classes, bank_classes),
         "mask_object_colour_ratio": float(colour_ratio),
         "patch_precision_foreground": patches["precision"],
         "patch_chance_foreground": patches["chance"],

@@ -254,7 +254,11 @@ def test_ceiling_colour_ratio_and_precision_on_fabricated_objects() -> None:
         one_hot = torch.nn.functional.one_hot(classes, 5).float()
         # a large constant coordinate makes every norm nearly equal, so cosine ranks by colour distance
         as_features = torch.cat([colours, torch.full((count, 1), 10.0)], dim=1)
-        table = {"colour": as_features, "random": torch.randn(count, 8, generator=generator), "class": one_hot}
+        table = {
+            "colour": as_features,
+            "random": torch.randn(count, 8, generator=generator),
+            "class": one_hot,
+        }
         return SimpleNamespace(
             mask_objects=table[features],
             mask_classes=classes,

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from models.object_pooling import object_representations
+
 
 def _one_hot(labels: Tensor, n_labels: int) -> Tensor:
     """(B, P) long in ``[0, n_labels)`` -> (B, P, n_labels) float64 one-hot."""
@@ -164,6 +166,21 @@ def object_labels(
     )
 
 
+def class_match_chance(query_classes: Tensor, bank_classes: Tensor) -> float:
+    """Probability that a bank entry drawn at random has the class of a query drawn at random:
+    ``sum_c p_query(c) * p_bank(c)`` (0 when either side is empty).
+
+    Args:
+        query_classes: (Q,) long classes >= 0; bank_classes: (R,) long classes >= 0.
+    """
+    if not query_classes.numel() or not bank_classes.numel():
+        return 0.0
+    n_classes = max(int(bank_classes.max()), int(query_classes.max())) + 1
+    bank_share = torch.bincount(bank_classes, minlength=n_classes).double() / bank_classes.numel()
+    query_share = torch.bincount(query_classes, minlength=n_classes).double() / query_classes.numel()
+    return float((bank_share * query_share).sum())
+
+
 @dataclass
 class NeighbourTally:
     """Running counts of cross-image neighbour outcomes, over queries and both search directions.
@@ -211,19 +228,14 @@ class NeighbourTally:
         def rate(numerator: int, denominator: int) -> float:
             return numerator / denominator if denominator else float("nan")
 
-        n_classes = (
-            int(max([int(bank_classes.max()), *self.query_classes])) + 1 if bank_classes.numel() else 1
-        )
-        bank_share = torch.bincount(bank_classes, minlength=n_classes).double() / max(bank_classes.numel(), 1)
-        query_counts = torch.bincount(torch.tensor(self.query_classes, dtype=torch.long), minlength=n_classes)
-        query_share = query_counts.double() / max(len(self.query_classes), 1)
+        query_classes = torch.tensor(self.query_classes, dtype=torch.long)
         return {
             "acceptance": rate(self.accepted, self.queries),
             "acceptance_foreground": rate(self.accepted_foreground, self.foreground),
             "precision": rate(self.correct_accepted, self.accepted),
             "precision_foreground": rate(self.correct_accepted_foreground, self.accepted_foreground),
             "precision_foreground_before_check": rate(self.correct_foreground, self.foreground),
-            "chance_foreground": float((bank_share * query_share).sum()),
+            "chance_foreground": class_match_chance(query_classes, bank_classes),
             "background_share_of_accepted": rate(self.accepted - self.accepted_foreground, self.accepted),
         }
 
@@ -278,10 +290,10 @@ def pool_by_labels(tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         M = ``present.sum()`` (image, label) pairs with at least one patch; (B, L) bool ``present``.
     """
     one_hot = _one_hot(labels, int(labels.max()) + 1 if labels.numel() else 1).to(torch.float32)
-    counts = one_hot.sum(dim=1)
-    sums = torch.bmm(one_hot.transpose(1, 2), tokens.float())
-    present = counts > 0
-    return (sums / counts.clamp_min(1.0).unsqueeze(-1))[present], present
+    counts = one_hot.sum(dim=1, keepdim=True)
+    present = counts.squeeze(1) > 0
+    # the training's pooling, with the column-normalised assignment of a clustering equal to ``labels``
+    return object_representations(tokens.float(), one_hot / counts.clamp_min(1.0), present), present
 
 
 def cosine_nearest(queries: Tensor, bank: Tensor, chunk: int = 2048) -> Tensor:
@@ -316,10 +328,7 @@ def nearest_class_precision(
     if not len(queries):
         return {"precision": float("nan"), "chance": float("nan")}
     nearest = cosine_nearest(queries, bank, chunk)
-    n_classes = int(max(int(bank_classes.max()), int(query_classes.max()))) + 1
-    bank_share = torch.bincount(bank_classes, minlength=n_classes).double() / len(bank_classes)
-    query_share = torch.bincount(query_classes, minlength=n_classes).double() / len(query_classes)
     return {
         "precision": float((bank_classes[nearest] == query_classes).double().mean()),
-        "chance": float((bank_share * query_share).sum()),
+        "chance": class_match_chance(query_classes, bank_classes),
     }

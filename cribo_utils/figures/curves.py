@@ -61,17 +61,17 @@ def read_training_curves(log_path: str | os.PathLike[str]) -> TrainingCurves:
         FileNotFoundError: no log file there.
         ValueError: a line is not JSON, or no record has an ``iteration``.
     """
-    from cribo_utils.runtime.logger import EPOCH_LOG, ITERATION_LOG, read_log, read_training_log
+    from cribo_utils.runtime.logger import EPOCH_LOG, read_log, read_training_log
 
     path = Path(log_path)
     if path.is_dir():
         path = path / EPOCH_LOG
-    if not path.is_file() and not (path.name == EPOCH_LOG and (path.parent / ITERATION_LOG).is_file()):
-        raise FileNotFoundError(
-            f"--log {str(path)!r}: no such file; pass the log.txt of a training run (or its --output_dir)"
-        )
     try:
         records = read_training_log(path) if path.name == EPOCH_LOG else read_log(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"--log {str(path)!r}: no such file; pass the log.txt of a training run (or its --output_dir)"
+        ) from error
     except ValueError as error:
         raise ValueError(f"--log {error}") from error
     steps: dict[str, list[tuple[float, float]]] = {}

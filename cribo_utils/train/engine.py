@@ -249,7 +249,7 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
     total_iters = args.epochs * parts.iters_per_epoch
     if args.max_iters:
         total_iters = min(total_iters, args.max_iters)
-    metric_logger = TrainingLogs(
+    logs = TrainingLogs(
         epochs=MetricLogger(os.path.join(args.output_dir, EPOCH_LOG), enabled=distributed.is_main_process()),
         iterations=MetricLogger(
             os.path.join(args.output_dir, ITERATION_LOG),
@@ -271,7 +271,7 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
         while iteration < total_iters:
             epoch = iteration // parts.iters_per_epoch
             try:
-                epoch_metrics = train_one_epoch(parts, epoch, iteration, total_iters, metric_logger, progress)
+                epoch_metrics = train_one_epoch(parts, epoch, iteration, total_iters, logs, progress)
             except Preempted as stop:
                 logger.warning(
                     "preemption signal %s: checkpoint written at iteration %d; exiting with code %d "
@@ -280,12 +280,12 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
                     stop.iteration,
                     EXIT_PREEMPTED,
                 )
-                metric_logger.close()
+                logs.close()
                 sys.exit(EXIT_PREEMPTED)
             iteration = min((epoch + 1) * parts.iters_per_epoch, total_iters)
     finally:
         progress.close()
-    metric_logger.close()
+    logs.close()
     logger.info(
         "training finished after %d iterations (%s)",
         iteration,
@@ -300,7 +300,7 @@ def train_one_epoch(
     epoch: int,
     start_iteration: int,
     total_iters: int,
-    metric_logger: TrainingLogs,
+    logs: TrainingLogs,
     progress: Progress,
 ) -> dict[str, float]:
     """Run the iterations of ``epoch`` from ``start_iteration`` on; returns the epoch's averaged metrics.
@@ -338,7 +338,7 @@ def train_one_epoch(
             f"| nn {metrics['nn_fraction']:.2f}",
         )
         if iteration % args.log_freq == 0:
-            metric_logger.iterations.log({"iteration": iteration, "epoch": epoch, **metrics})
+            logs.iterations.log({"iteration": iteration, "epoch": epoch, **metrics})
         preempted = stop_requested(parts.stop_signal, parts.env.world_size, parts.device)
         if preempted or (args.saveckp_freq_iters and iteration % args.saveckp_freq_iters == 0):
             save(parts, iteration // parts.iters_per_epoch, iteration)
@@ -356,7 +356,7 @@ def train_one_epoch(
         save(parts, iteration // parts.iters_per_epoch, iteration, epoch_copy)
     # DINO's epoch record: every averaged metric as train_<name> (train_loss, train_lr, train_wd, the terms).
     epoch_record = {f"train_{key}": value for key, value in averages.items()}
-    metric_logger.epochs.log(
+    logs.epochs.log(
         {"epoch": epoch, "iteration": iteration, **epoch_record, "train_skipped_files": skipped_files}
     )
     if skipped_files and distributed.is_main_process():
