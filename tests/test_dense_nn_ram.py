@@ -105,3 +105,16 @@ def test_fp16_storage_halves_the_features_and_the_protocols_state_their_estimate
     assert "M = 10,240,000" in statement and "k = 30" in statement and "512 px" in statement
     # The whole estimate of the VOC protocol with ViT-S/16: 10.24 M x 384 fp32 features dominate.
     assert 15.0 * 2**30 < protocol_ram(voc, 384)["process"] < 25 * 2**30
+
+
+def test_the_readme_and_the_protocol_notes_state_the_estimate_the_code_gives() -> None:
+    voc = PROTOCOLS["voc"]
+    gib = {dim: protocol_ram(voc, dim)["process"] / 2**30 for dim in (384, 768)}
+    gpu = {dim: protocol_ram(voc, dim, index_on_gpu=True)["gpu"] / 2**30 for dim in (384, 768)}
+    readme = (REPO / "README.md").read_text()
+    for name in ("voc", "ade20k"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` ("))
+        assert f"| {gib[384]:.1f} / {gib[768]:.1f} GiB | {gpu[384]:.1f} / {gpu[768]:.1f} GiB |" in row, row
+    notes = " ".join((REPO / "docs" / "dense-nn-protocol.md").read_text().split())
+    assert f"it gives {gib[384]:.1f} GiB with ViT-S/16 and {gib[768]:.1f} GiB with ViT-B/16" in notes
+    assert f"holds {gpu[384]:.1f} / {gpu[768]:.1f} GiB of GPU memory" in notes

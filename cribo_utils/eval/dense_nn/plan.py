@@ -121,8 +121,9 @@ def estimate_memory_bytes(
       ``4 * M * L * 4``);
     - ``search``: ``torch``: one similarity block B
       (:data:`cribo_utils.eval.sharded_search.SIMILARITY_BLOCK_BYTES`) and 15 % more for the buffers of the
-      product and of the top-k, plus for fp16 the block's memory rows in float32, ``B D / max(Q, D)`` for Q
-      queries per search (B when Q is not given), counted twice (two such copies were seen to coexist);
+      product and of the top-k, plus the block's memory rows in float32, ``B D / max(Q, D)`` for Q queries per
+      search (B when Q is not given): once for the BLAS's packed copy of that operand (some CPUs' BLAS
+      kernels pack it, others do not), and once more for fp16, whose rows are first upcast into a copy;
       faiss: its own blocks of 4096 x 1024 products (16 MiB);
     - ``runtime``: :data:`RUNTIME_BYTES` plus :data:`WORKER_BYTES` per data-loading worker.
 
@@ -149,8 +150,9 @@ def estimate_memory_bytes(
     labels_peak = 3 * label_bytes + (4 * size * width * 4 if world_size > 1 else 0)
     runtime = RUNTIME_BYTES + num_workers * WORKER_BYTES
     search = SIMILARITY_BLOCK_BYTES * 23 // 20 if index == "torch" else _FAISS_BLOCK_BYTES
-    if index == "torch" and memory_dtype == "fp16":
-        search += 2 * SIMILARITY_BLOCK_BYTES * dim // max(queries_per_search or dim, dim)
+    if index == "torch":
+        block_rows_copies = 2 if memory_dtype == "fp16" else 1
+        search += block_rows_copies * SIMILARITY_BLOCK_BYTES * dim // max(queries_per_search or dim, dim)
     process = feature_bytes + index_bytes + labels_peak + search + runtime
     gpu = feature_bytes + label_bytes + search if index == "torch" and index_on_gpu else 0
     return {
