@@ -44,7 +44,13 @@ Ceilings of retrieval (cosine nearest bank entry, no cycle check, foreground que
   its nearest foreground bank object, over that to a random one (1: colour plays no part in the choice;
   below 1: neighbours are chosen by colour);
 - ``patch_precision_foreground``: single foreground patches retrieve a bank patch of their class: how much
-  class the features hold at all.
+  class the features hold at all; ``patch_precision_among_foreground``: against the foreground bank patches
+  only (the chance of the objects' figure, ``patch_chance_among_foreground``);
+- ``patch_linear_probe_foreground`` and ``mask_object_linear_probe``: test accuracy of a logistic regression
+  fitted on the bank's foreground patches / mask objects and scored on the queries' (``..._train``: on the
+  bank itself; ``linear_probe_chance``: the most frequent class). Nearest-neighbour precision well above a
+  probe at chance means the class is in the features only locally (near-duplicate patches), not as a
+  direction that survives averaging a whole object.
 
 Object targets (checkpoints only: the teacher's object head and centre at the run's last epoch), over the
 foreground query objects of both views:
@@ -87,6 +93,7 @@ from cribo_utils.eval.mechanism import (  # noqa: E402
     class_match_chance,
     cluster_purity,
     cosine_nearest,
+    linear_probe_accuracy,
     nearest_class_precision,
     object_labels,
     patch_majority_labels,
@@ -477,7 +484,9 @@ def neighbour_metrics(
 def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[str, float]:
     """Class precision of the nearest bank entry (cosine, no cycle check) for foreground objects pooled
     over the instance masks, and for single foreground patches: what retrieval could reach with perfect
-    clusters, and what the features hold patch by patch."""
+    clusters, and what the features hold patch by patch. Among foreground entries only (chance 25 % with
+    four balanced classes), the same for patches, and a linear probe (fitted on the bank, scored on the
+    queries) of patches and of mask objects: whether the class is linearly in the features at all."""
     masks = nearest_class_precision(
         queries.mask_objects, queries.mask_classes, bank.mask_objects, bank.mask_classes
     )
@@ -496,6 +505,16 @@ def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[s
     colour_ratio = (colours - bank_colours[nearest]).abs().sum(dim=1).mean() / (
         (colours - bank_colours[drawn]).abs().sum(dim=1).mean()
     )
+    patch_in_bank, patch_asking = bank.patch_classes > 0, queries.patch_classes > 0
+    bank_patches, bank_patch_classes = bank.patches[patch_in_bank], bank.patch_classes[patch_in_bank]
+    query_patches, query_patch_classes = queries.patches[patch_asking], queries.patch_classes[patch_asking]
+    patches_among = nearest_class_precision(
+        query_patches, query_patch_classes, bank_patches, bank_patch_classes, chunk=512
+    )
+    patch_probe = linear_probe_accuracy(bank_patches, bank_patch_classes, query_patches, query_patch_classes)
+    object_probe = linear_probe_accuracy(
+        bank.mask_objects[in_bank], bank_classes, queries.mask_objects[asking], query_classes
+    )
     return {
         "mask_object_precision_foreground": masks["precision"],
         "mask_object_chance_foreground": masks["chance"],
@@ -506,6 +525,13 @@ def ceiling_metrics(bank: ClusteredObjects, queries: ClusteredObjects) -> dict[s
         "mask_object_colour_ratio": float(colour_ratio),
         "patch_precision_foreground": patches["precision"],
         "patch_chance_foreground": patches["chance"],
+        "patch_precision_among_foreground": patches_among["precision"],
+        "patch_chance_among_foreground": patches_among["chance"],
+        "patch_linear_probe_foreground": patch_probe["test"],
+        "patch_linear_probe_foreground_train": patch_probe["train"],
+        "mask_object_linear_probe": object_probe["test"],
+        "mask_object_linear_probe_train": object_probe["train"],
+        "linear_probe_chance": object_probe["chance"],
     }
 
 
@@ -637,8 +663,11 @@ def _row(name: str, result: dict[str, Any], batch_sizes: list[int]) -> list[str]
         "mask_object_precision_foreground",
         "mask_object_precision_among_objects",
         "patch_precision_foreground",
+        "patch_precision_among_foreground",
+        "patch_linear_probe_foreground",
+        "mask_object_linear_probe",
     )
-    cells += [f"{100 * result[key]:.1f}" for key in ceilings]
+    cells += [f"{100 * result.get(key, float('nan')):.1f}" for key in ceilings]
     cells.append(f"{result['mask_object_colour_ratio']:.2f}")
     for batch_size in batch_sizes:
         stats = result.get(f"batch_{batch_size}", {})
@@ -687,6 +716,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mask objects prec fg",
         "among objects",
         "patch prec fg",
+        "patches among fg",
+        "patch linear fg",
+        "object linear fg",
         "colour ratio",
     ]
     for batch_size in batch_sizes:
@@ -704,7 +736,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{100 * first[f'batch_{batch_sizes[0]}']['chance_foreground']:.1f} % (mask objects "
         f"{100 * first['mask_object_chance_foreground']:.1f} %, among objects "
         f"{100 * first['mask_object_chance_among_objects']:.1f} %, patches "
-        f"{100 * first['patch_chance_foreground']:.1f} %)"
+        f"{100 * first['patch_chance_foreground']:.1f} %, patches among foreground "
+        f"{100 * first['patch_chance_among_foreground']:.1f} %, linear probes "
+        f"{100 * first['linear_probe_chance']:.1f} %)"
     )
     for name, row in rows.items():
         print(

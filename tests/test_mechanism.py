@@ -275,3 +275,47 @@ def test_ceiling_colour_ratio_and_precision_on_fabricated_objects() -> None:
     by_class = ceiling_metrics(objects(2000, "class"), objects(300, "class"))
     assert by_class["mask_object_precision_foreground"] == 1.0 == by_class["patch_precision_foreground"]
     assert by_class["mask_object_chance_among_objects"] == pytest.approx(0.25, abs=0.03)
+    # the one-hot class is linear: both probes read it; random features hold no class: chance
+    assert by_class["mask_object_linear_probe"] == 1.0 == by_class["patch_linear_probe_foreground"]
+    assert by_class["patch_precision_among_foreground"] == 1.0
+    assert by_class["patch_chance_among_foreground"] == pytest.approx(0.25, abs=0.03)
+    assert unrelated["mask_object_linear_probe"] == pytest.approx(0.25, abs=0.08)
+    assert unrelated["linear_probe_chance"] == pytest.approx(0.25, abs=0.08)
+
+
+def _xor_classes(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes given by the sign of x0 * x1 (not linear), and one linear class bit in x2, plus noise."""
+    features = torch.randn(count, 6, generator=generator)
+    xor = ((features[:, 0] > 0) ^ (features[:, 1] > 0)).long()
+    return features, xor
+
+
+def test_linear_probe_reads_a_linear_class_and_not_a_nonlinear_one() -> None:
+    """A class that is a half-space is read (train and test near 1); the XOR of two signs is a class that
+    nearest neighbours find and no linear probe can (about 0.5): the case the probe exists to tell apart."""
+    from cribo_utils.eval.mechanism import cosine_nearest, linear_probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    train, xor_train = _xor_classes(4000, generator)
+    test, xor_test = _xor_classes(1000, generator)
+    linear_train, linear_test = (train[:, 2] > 0.3).long() + 1, (test[:, 2] > 0.3).long() + 1
+    linear = linear_probe_accuracy(train, linear_train, test, linear_test)
+    assert linear["test"] > 0.97 and linear["train"] > 0.97
+    assert linear["chance"] == pytest.approx(float((linear_test == 1).double().mean()))
+    nonlinear = linear_probe_accuracy(train, xor_train, test, xor_test)
+    assert 0.4 < nonlinear["test"] < 0.6 and nonlinear["train"] < 0.6
+    # nearest neighbours in the two coordinates that carry it read the XOR class
+    nearest = cosine_nearest(test[:, :2], train[:, :2])
+    assert float((xor_train[nearest] == xor_test).double().mean()) > 0.9
+
+
+def test_linear_probe_scores_test_classes_unseen_in_training_as_wrong_and_handles_empty_sets() -> None:
+    from cribo_utils.eval.mechanism import linear_probe_accuracy
+
+    train = torch.tensor([[1.0, 0.0], [2.0, 0.1], [-1.0, 0.0], [-2.0, -0.1]])
+    classes = torch.tensor([3, 3, 5, 5])
+    test = torch.tensor([[1.5, 0.0], [-1.5, 0.0], [1.0, 1.0]])
+    result = linear_probe_accuracy(train, classes, test, torch.tensor([3, 5, 7]))
+    assert result["test"] == pytest.approx(2 / 3) and result["train"] == 1.0
+    empty = linear_probe_accuracy(train[:0], classes[:0], test, torch.tensor([3, 5, 7]))
+    assert all(np.isnan(value) for value in empty.values())

@@ -15,7 +15,9 @@ these functions measure both directly, at patch resolution:
 * :class:`NeighbourTally`: per query object and direction, whether the cycle check accepted its
   nearest bank object and whether that object has the query's class;
 * :func:`pool_by_labels` and :func:`nearest_class_precision`: the ceilings, i.e. what retrieval would reach
-  if the clusters were exactly the instances (objects pooled over the masks), or patch by patch.
+  if the clusters were exactly the instances (objects pooled over the masks), or patch by patch;
+* :func:`linear_probe_accuracy`: whether a class is in the features linearly at all (a logistic regression
+  fitted on one set, scored on another).
 
 All functions are batched over images (no loop over images or tokens).
 """
@@ -331,4 +333,57 @@ def nearest_class_precision(
     return {
         "precision": float((bank_classes[nearest] == query_classes).double().mean()),
         "chance": class_match_chance(query_classes, bank_classes),
+    }
+
+
+def linear_probe_accuracy(
+    train: Tensor,
+    train_classes: Tensor,
+    test: Tensor,
+    test_classes: Tensor,
+    weight_decay: float = 1e-4,
+    max_iterations: int = 300,
+) -> dict[str, float]:
+    """Accuracy of a multinomial logistic regression fitted on ``train`` and scored on ``test``: whether the
+    class is *linearly* present in the features at all (retrieval by cosine needs it to dominate them).
+
+    Features are standardised with the training mean m and deviation s; the fit minimises, by L-BFGS (strong
+    Wolfe line search, deterministic, full batch),
+
+        L(W, b) = -(1/n) sum_i log softmax(W^T x_i + b)[y_i] + weight_decay * ||W||^2,   x_i = (f_i - m) / s
+
+    over the classes seen in ``train``; a test entry of another class counts as wrong.
+
+    Args:
+        train, test: (n, D), (t, D) features; train_classes, test_classes: (n,), (t,) long.
+    Returns:
+        ``test`` and ``train`` accuracy (fractions; NaN when a set is empty) and ``chance`` (the share of the
+        test set in the most frequent training class: what a constant guess scores).
+    """
+    if not len(train) or not len(test):
+        return {"test": float("nan"), "train": float("nan"), "chance": float("nan")}
+    classes, targets = torch.unique(train_classes, return_inverse=True)
+    mean, scale = train.float().mean(dim=0), train.float().std(dim=0).clamp_min(1e-6)
+    inputs, test_inputs = (train.float() - mean) / scale, (test.float() - mean) / scale
+    weight = torch.zeros(inputs.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(inputs @ weight + bias, targets)
+        loss = loss + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        test_accuracy = (classes[(test_inputs @ weight + bias).argmax(dim=1)] == test_classes).double().mean()
+        train_accuracy = (classes[(inputs @ weight + bias).argmax(dim=1)] == train_classes).double().mean()
+    most_frequent = classes[torch.bincount(targets).argmax()]
+    return {
+        "test": float(test_accuracy),
+        "train": float(train_accuracy),
+        "chance": float((test_classes == most_frequent).double().mean()),
     }
