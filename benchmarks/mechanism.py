@@ -463,10 +463,16 @@ def neighbour_metrics(
     n_bank_images = int(bank_objects.counts.numel())
     bank = CentroidMemoryBank(n_bank_images, int(bank_objects.valid.shape[1]), bank_objects.objects1.shape[1])
     bank.push(bank_objects.objects1, bank_objects.objects2, bank_objects.counts)
+    # The retrieval returns bank *slots*; the ring stores a push's images in reverse, so slot s is not object
+    # row s. One push lists its objects in push order (``valid_slots``, newest image first): check that,
+    # then map every slot back to its object row.
     slots = bank.valid_slots()
-    # One push fills slots 0 .. M-1 in object order; check it rather than assume it.
-    if not torch.equal(slots.sort().values, torch.arange(bank_objects.objects1.shape[0])):
-        raise RuntimeError("memory bank slots do not follow the push order")
+    if not torch.equal(bank.view(1), bank_objects.objects1) or not torch.equal(
+        bank.view(2), bank_objects.objects2
+    ):
+        raise RuntimeError("the memory bank does not list one push's objects in push order")
+    bank_classes = torch.full((bank.capacity,), -1, dtype=torch.long)  # by slot; -1: a free slot
+    bank_classes[slots] = bank_objects.cls
     tally = NeighbourTally()
     n_queries = int(queries.counts.numel())
     for start in range(0, n_queries - batch_size + 1, batch_size):
@@ -476,7 +482,7 @@ def neighbour_metrics(
         foreground = queries.instance[in_batch] > 0
         query_class = queries.cls[in_batch]
         for mask, index in ((result.mask1, result.index1), (result.mask2, result.index2)):
-            tally.add(mask, bank_objects.cls[index] == query_class, foreground, query_class)
+            tally.add(mask, bank_classes[index] == query_class, foreground, query_class)
     return tally.summary(bank_objects.cls)
 
 

@@ -319,3 +319,35 @@ def test_linear_probe_scores_test_classes_unseen_in_training_as_wrong_and_handle
     assert result["test"] == pytest.approx(2 / 3) and result["train"] == 1.0
     empty = linear_probe_accuracy(train[:0], classes[:0], test, torch.tensor([3, 5, 7]))
     assert all(np.isnan(value) for value in empty.values())
+
+
+def test_neighbour_metrics_read_the_class_of_the_retrieved_bank_object_not_of_its_slot_number() -> None:
+    """Objects whose features are their class (one-hot, plus a little noise) retrieve a bank object of
+    their class every time: precision before the check is 1. The bank stores a push's images in reverse
+    slot order, so reading the class of object row ``slot`` instead of the object in that slot scores
+    near chance; images with different object counts make that permutation no identity."""
+    from types import SimpleNamespace
+
+    from benchmarks.mechanism import neighbour_metrics
+
+    generator = torch.Generator().manual_seed(0)
+
+    def objects(images: int) -> SimpleNamespace:
+        counts = torch.randint(1, 5, (images,), generator=generator)
+        classes = torch.randint(0, 5, (int(counts.sum()),), generator=generator)
+        features = torch.nn.functional.one_hot(classes, 5).float()
+        noise = lambda: 0.05 * torch.rand(features.shape, generator=generator)  # noqa: E731
+        return SimpleNamespace(
+            objects1=features + noise(),
+            objects2=features + noise(),
+            counts=counts,
+            valid=torch.ones(images, 4, dtype=torch.bool),
+            image_of_object=torch.repeat_interleave(torch.arange(images), counts),
+            instance=(classes > 0).long(),
+            cls=classes,
+        )
+
+    result = neighbour_metrics(objects(64), objects(32), batch_size=4)
+    assert result["precision_foreground_before_check"] == 1.0
+    assert result["precision_foreground"] == 1.0 and result["precision"] == 1.0
+    assert result["chance_foreground"] == pytest.approx(0.2, abs=0.1)
