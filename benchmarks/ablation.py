@@ -165,9 +165,11 @@ def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[s
 
 def cached_score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[str, Any]:
     """:func:`score`, kept next to the checkpoint (``ablation_score.json``) with the protocol it used and the
-    checkpoint's modification time, so a rerun rescores only what changed."""
+    checkpoint's modification time and the mechanism's scoring version, so a rerun rescores only what
+    changed."""
     protocol = {key: getattr(args, key) for key in ("synthetic_seed", "num_bank", "num_queries")}
     protocol["checkpoint_mtime"] = path.stat().st_mtime
+    protocol["scoring_version"] = mechanism.SCORING_VERSION
     stored = path.parent / "ablation_score.json"
     if stored.is_file():
         saved = json.loads(stored.read_text())

@@ -54,7 +54,7 @@ def _fake_scores(monkeypatch) -> list[Path]:
     return calls
 
 
-def test_scores_are_cached_next_to_the_checkpoint_until_it_or_the_protocol_changes(
+def test_scores_are_cached_next_to_the_checkpoint_until_it_the_protocol_or_the_scoring_changes(
     monkeypatch, tmp_path
 ) -> None:
     calls = _fake_scores(monkeypatch)
@@ -72,6 +72,9 @@ def test_scores_are_cached_next_to_the_checkpoint_until_it_or_the_protocol_chang
     os.utime(checkpoint, (stat.st_atime, stat.st_mtime + 10))  # a resumed run wrote a new checkpoint
     ablation.cached_score(checkpoint, other_protocol, {})
     assert len(calls) == 3
+    monkeypatch.setattr(ablation.mechanism, "SCORING_VERSION", ablation.mechanism.SCORING_VERSION + 1)
+    ablation.cached_score(checkpoint, other_protocol, {})  # the benchmark's numbers changed: rescored
+    assert len(calls) == 4
 
 
 def test_skip_training_scores_the_finished_runs_only(monkeypatch, tmp_path, capsys) -> None:
