@@ -138,8 +138,11 @@ def dense_score(
     return statistics.mean(scores)
 
 
-def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[str, Any]:
-    """Dense NN and the mechanism of one finished run's teacher."""
+def score(
+    path: Path, args: argparse.Namespace, cache: dict[Any, Any], dense_miou: float | None = None
+) -> dict[str, Any]:
+    """Dense NN and the mechanism of one finished run's teacher (``dense_miou``: a dense score of this
+    checkpoint on this protocol already measured, kept instead of measured again)."""
     checkpoint = load_checkpoint_file(path)
     stored = stored_training_args(checkpoint, path)
     settings = mechanism.run_settings(mechanism.get_args_parser().parse_args([]), stored)
@@ -157,16 +160,19 @@ def score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[s
         ]
     )
     result = mechanism.measure(backbone, settings, mechanism_args, cache, checkpoint=checkpoint)
-    result["dense_miou"] = dense_score(
-        backbone, args.synthetic_seed, settings.synthetic_object_colours, settings.synthetic_level
-    )
+    if dense_miou is None:
+        dense_miou = dense_score(
+            backbone, args.synthetic_seed, settings.synthetic_object_colours, settings.synthetic_level
+        )
+    result["dense_miou"] = dense_miou
     return result
 
 
 def cached_score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) -> dict[str, Any]:
     """:func:`score`, kept next to the checkpoint (``ablation_score.json``) with the protocol it used and the
     checkpoint's modification time and the mechanism's scoring version, so a rerun rescores only what
-    changed."""
+    changed (when only the scoring version changed, the stored dense score, which does not depend on it, is
+    kept)."""
     protocol = {key: getattr(args, key) for key in ("synthetic_seed", "num_bank", "num_queries")}
     protocol["checkpoint_mtime"] = path.stat().st_mtime
     protocol["scoring_version"] = mechanism.SCORING_VERSION
@@ -175,6 +181,13 @@ def cached_score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) ->
         saved = json.loads(stored.read_text())
         if saved.get("protocol") == protocol:
             return saved["score"]
+        def without_version(stored_protocol: dict[str, Any]) -> dict[str, Any]:
+            return {key: value for key, value in stored_protocol.items() if key != "scoring_version"}
+
+        if without_version(saved.get("protocol", {})) == without_version(protocol):
+            result = score(path, args, cache, dense_miou=saved["score"]["dense_miou"])
+            write_json(str(stored), {"protocol": protocol, "score": result})
+            return result
     result = score(path, args, cache)
     write_json(str(stored), {"protocol": protocol, "score": result})
     return result

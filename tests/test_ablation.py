@@ -40,12 +40,12 @@ def test_each_row_trains_the_default_command_with_its_views_objective_and_seed(m
 def _fake_scores(monkeypatch) -> list[Path]:
     calls: list[Path] = []
 
-    def fake_score(path, args, cache):
+    def fake_score(path, args, cache, dense_miou=None):
         calls.append(path)
         seed = int(path.parent.name.removeprefix("seed"))
-        neighbours = {key: 0.1 * seed for key in ablation.NEIGHBOUR_KEYS}
+        neighbours = {key: 0.1 * seed + len(calls) for key in ablation.NEIGHBOUR_KEYS}
         return {
-            "dense_miou": 50.0 + seed,
+            "dense_miou": 50.0 + seed + len(calls) if dense_miou is None else dense_miou,
             **dict.fromkeys(ablation.MECHANISM_KEYS, 0.5),
             "batch_4": neighbours,
         }
@@ -72,9 +72,13 @@ def test_scores_are_cached_next_to_the_checkpoint_until_it_the_protocol_or_the_s
     os.utime(checkpoint, (stat.st_atime, stat.st_mtime + 10))  # a resumed run wrote a new checkpoint
     ablation.cached_score(checkpoint, other_protocol, {})
     assert len(calls) == 3
+    third = ablation.cached_score(checkpoint, other_protocol, {})
     monkeypatch.setattr(ablation.mechanism, "SCORING_VERSION", ablation.mechanism.SCORING_VERSION + 1)
-    ablation.cached_score(checkpoint, other_protocol, {})  # the benchmark's numbers changed: rescored
+    fourth = ablation.cached_score(checkpoint, other_protocol, {})  # the mechanism's numbers changed
     assert len(calls) == 4
+    assert fourth["batch_4"] != third["batch_4"]  # rescored ...
+    assert fourth["dense_miou"] == third["dense_miou"]  # ... but the dense score, independent of it, kept
+    assert json.loads((checkpoint.parent / "ablation_score.json").read_text())["score"] == fourth
 
 
 def test_skip_training_scores_the_finished_runs_only(monkeypatch, tmp_path, capsys) -> None:
@@ -105,4 +109,4 @@ def test_skip_training_scores_the_finished_runs_only(monkeypatch, tmp_path, caps
     assert set(summary["rows"]["redrawn/cribo"]) == {"seed0", "seed2"}
     assert json.loads(out.read_text())["rows"] == summary["rows"]
     printed = capsys.readouterr().out
-    assert "51.00 ± 1.00" in printed  # dense NN of seeds 0 and 2: 50 and 52
+    assert "52.50 ± 1.50" in printed  # dense NN of seeds 0 and 2 (first and second score): 51 and 54
