@@ -181,6 +181,7 @@ def cached_score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) ->
         saved = json.loads(stored.read_text())
         if saved.get("protocol") == protocol:
             return saved["score"]
+
         def without_version(stored_protocol: dict[str, Any]) -> dict[str, Any]:
             return {key: value for key, value in stored_protocol.items() if key != "scoring_version"}
 
