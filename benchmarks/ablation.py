@@ -177,19 +177,16 @@ def cached_score(path: Path, args: argparse.Namespace, cache: dict[Any, Any]) ->
     protocol["checkpoint_mtime"] = path.stat().st_mtime
     protocol["scoring_version"] = mechanism.SCORING_VERSION
     stored = path.parent / "ablation_score.json"
+    kept_dense = None
     if stored.is_file():
         saved = json.loads(stored.read_text())
-        if saved.get("protocol") == protocol:
+        saved_protocol = dict(saved.get("protocol", {}))
+        if saved_protocol == protocol:
             return saved["score"]
-
-        def without_version(stored_protocol: dict[str, Any]) -> dict[str, Any]:
-            return {key: value for key, value in stored_protocol.items() if key != "scoring_version"}
-
-        if without_version(saved.get("protocol", {})) == without_version(protocol):
-            result = score(path, args, cache, dense_miou=saved["score"]["dense_miou"])
-            write_json(str(stored), {"protocol": protocol, "score": result})
-            return result
-    result = score(path, args, cache)
+        saved_protocol["scoring_version"] = protocol["scoring_version"]
+        if saved_protocol == protocol:  # only the mechanism's scoring changed
+            kept_dense = saved["score"]["dense_miou"]
+    result = score(path, args, cache, dense_miou=kept_dense)
     write_json(str(stored), {"protocol": protocol, "score": result})
     return result
 

@@ -284,7 +284,7 @@ def test_ceiling_colour_ratio_and_precision_on_fabricated_objects() -> None:
 
 
 def _xor_classes(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two classes given by the sign of x0 * x1 (not linear), and one linear class bit in x2, plus noise."""
+    """Six Gaussian features and two classes given by the sign of x0 * x1 (not linear in the features)."""
     features = torch.randn(count, 6, generator=generator)
     xor = ((features[:, 0] > 0) ^ (features[:, 1] > 0)).long()
     return features, xor

@@ -363,8 +363,9 @@ def linear_probe_accuracy(
     if not len(train) or not len(test):
         return {"test": float("nan"), "train": float("nan"), "chance": float("nan")}
     classes, targets = torch.unique(train_classes, return_inverse=True)
-    mean, scale = train.float().mean(dim=0), train.float().std(dim=0).clamp_min(1e-6)
-    inputs, test_inputs = (train.float() - mean) / scale, (test.float() - mean) / scale
+    train = train.float()
+    mean, scale = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+    inputs, test_inputs = (train - mean) / scale, (test.float() - mean) / scale
     weight = torch.zeros(inputs.shape[1], len(classes), requires_grad=True)
     bias = torch.zeros(len(classes), requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, line_search_fn="strong_wolfe")
