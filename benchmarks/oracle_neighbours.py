@@ -148,6 +148,11 @@ def install(capacity: int, n_classes: int, patch: Any = setattr) -> OracleQueue:
         args: argparse.Namespace, images: torch.Tensor, views: Any, **kwargs: Any
     ) -> Any:
         if kwargs.get("first", 0) == 0:
+            if len(views) < 4:
+                raise ValueError(
+                    "oracle_neighbours: the batch carries no label maps; the oracle reads the synthetic "
+                    "scenes' masks (--augment_on device, no dataset named in --train_flags)"
+                )
             state["label_maps"] = views[3][0]  # view 1's (B, S, S) class map
             state["patch_size"] = args.patch_size
         return augment(args, images, views, **kwargs)
