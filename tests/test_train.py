@@ -18,6 +18,7 @@ from cribo_utils import train
 from cribo_utils.method.memory_bank import CentroidMemoryBank
 from cribo_utils.train.checkpoint import without_prefix
 from cribo_utils.train.parser import ConfigError
+from cribo_utils.weights.errors import CheckpointFormatError
 
 TINY = [
     "--depth",
@@ -203,6 +204,35 @@ def test_start_checkpoint_path_seeds_from_released_layout(tmp_path):
     # with lr 0 the student is unchanged, so it must equal the released student
     for name, value in without_prefix(ours["student"], "module.").items():
         torch.testing.assert_close(without_prefix(seeded["student"], "module.")[name], value)
+
+
+def test_init_backbone_loads_both_backbones_and_leaves_the_heads_fresh(tmp_path):
+    source = tmp_path / "source"
+    run(source, "--max_iters", "2", "--lr", "0.01")
+    fresh = tmp_path / "fresh"
+    run(fresh, "--max_iters", "1", "--lr", "0")
+    target = tmp_path / "target"
+    run(target, "--max_iters", "1", "--lr", "0", "--init_backbone", str(source / "teacher_backbone.pth"))
+    backbone = torch.load(source / "teacher_backbone.pth", weights_only=True)
+    seeded = torch.load(target / "checkpoint.pth", weights_only=True)
+    untouched = torch.load(fresh / "checkpoint.pth", weights_only=True)
+    for network in ("student", "teacher"):  # lr 0 and momentum: both backbones still equal the file's
+        weights = without_prefix(seeded[network], "module.")
+        assert any(name.startswith("head.") for name in weights)
+        for name, value in weights.items():
+            if name.startswith("backbone."):
+                torch.testing.assert_close(value, backbone[name.removeprefix("backbone.")])
+            else:  # the heads are those of a fresh run of the same seed
+                torch.testing.assert_close(value, without_prefix(untouched[network], "module.")[name])
+    key = "backbone.pos_embed"
+    assert not torch.equal(seeded["teacher"][key], untouched["teacher"][key])  # the file's, not a fresh draw
+
+
+def test_init_backbone_errors_name_the_flag_and_the_file(tmp_path):
+    with pytest.raises(SystemExit, match="give one of them"):
+        run(tmp_path / "both", "--init_backbone", "a.pth", "--start_checkpoint_path", "b.pth")
+    with pytest.raises(CheckpointFormatError, match="--init_backbone .*missing.pth"):
+        run(tmp_path / "missing", "--max_iters", "1", "--init_backbone", str(tmp_path / "missing.pth"))
 
 
 def test_device_and_worker_pipelines_train_on_equivalent_views(tmp_path):

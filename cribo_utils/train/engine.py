@@ -43,6 +43,7 @@ from cribo_utils.train.preemption import (
 from cribo_utils.train.resources import check_memory
 from cribo_utils.train.state import (
     args_as_plain_dict,
+    load_initial_backbones,
     restore_state,
     save,
     seed_from_released_checkpoint,
@@ -65,8 +66,8 @@ TRAINING_ERRORS: tuple[type[BaseException], ...] = (
     DatasetLayoutError,
     UnreadableSampleError,
     distributed.CollectiveFailure,
-    CheckpointFormatError,  # --start_checkpoint_path: a file of another layout
-    DownloadError,  # --start_checkpoint_path: a released model's name or URL that could not be fetched
+    CheckpointFormatError,  # --start_checkpoint_path / --init_backbone: a file of another layout (or none)
+    DownloadError,  # --start_checkpoint_path / --init_backbone: a name or URL that could not be fetched
 )
 
 
@@ -243,8 +244,12 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
         checkpoint, path = resumed
         _, start_iteration = restore_state(parts, checkpoint)
         logger.info("resumed from %s at iteration %d", path, start_iteration)
+        if getattr(args, "init_backbone", ""):
+            logger.info("--init_backbone %s: not loaded again on resume", args.init_backbone)
     elif args.start_checkpoint_path:
         seed_from_released_checkpoint(parts, args.start_checkpoint_path)
+    elif getattr(args, "init_backbone", ""):
+        load_initial_backbones(parts, args.init_backbone)
 
     total_iters = args.epochs * parts.iters_per_epoch
     if args.max_iters:

@@ -445,6 +445,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=str,
         help="Seed a fresh run (empty output_dir) from this full checkpoint.",
     )
+    group.add_argument(
+        "--init_backbone",
+        default="",
+        type=str,
+        help="Start a fresh run with the student's and the teacher's backbones loaded from this checkpoint "
+        "(a file, released name or URL, any layout --pretrained_weights of the evaluations reads: e.g. "
+        "dino_vits16, or a backbone.pth); heads, centres, bank and optimiser start fresh. On resume the "
+        "run's own checkpoint is loaded instead. Not with --start_checkpoint_path.",
+    )
     group.add_argument("--seed", default=0, type=int, help="Random seed (the rank is added per process).")
     group.add_argument(
         "--max_iters",
@@ -576,6 +585,11 @@ def resolve_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     values["global_crops_scale"] = tuple(values["global_crops_scale"])
     values["local_crops_scale"] = tuple(values["local_crops_scale"])
     values["pos_alpha"] = tuple(values["pos_alpha"])
+    if values.get("init_backbone") and values.get("start_checkpoint_path"):
+        raise ConfigError(
+            "--init_backbone loads a backbone into a fresh run, --start_checkpoint_path a whole training "
+            "state: give one of them"
+        )
     return argparse.Namespace(**values)
 
 

@@ -76,6 +76,20 @@ def seed_from_released_checkpoint(parts: TrainingParts, path: str) -> None:
     logger.info("initialised student and teacher from %s", path)
 
 
+def load_initial_backbones(parts: TrainingParts, path: str) -> None:
+    """``--init_backbone``: load one backbone checkpoint (any layout the evaluations read) into the student's
+    and the teacher's backbones, strictly; heads, centres, bank and optimiser keep their fresh state."""
+    from cribo_utils.weights.checkpoint_formats import load_backbone
+    from cribo_utils.weights.errors import CheckpointFormatError
+
+    for network in (parts.student, parts.teacher):
+        try:
+            load_backbone(network.backbone, path)
+        except FileNotFoundError as error:
+            raise CheckpointFormatError(f"--init_backbone {path}: {error}") from error
+    logger.info("initialised the student's and the teacher's backbones from %s", path)
+
+
 def state_digest(parts: TrainingParts) -> dict[str, str]:
     """SHA-256 of the teacher weights, the loss centres and the memory bank: equal on every rank after
     a correct data-parallel run (logged by every rank at the end of training)."""
