@@ -82,11 +82,11 @@ def load_initial_backbones(parts: TrainingParts, path: str) -> None:
     from cribo_utils.weights.checkpoint_formats import load_backbone
     from cribo_utils.weights.errors import CheckpointFormatError
 
-    for network in (parts.student, parts.teacher):
-        try:
-            load_backbone(network.backbone, path)
-        except FileNotFoundError as error:
-            raise CheckpointFormatError(f"--init_backbone {path}: {error}") from error
+    try:
+        load_backbone(parts.student.backbone, path)  # read once (a name or URL is fetched once)
+    except FileNotFoundError as error:
+        raise CheckpointFormatError(f"--init_backbone {path}: {error}") from error
+    parts.teacher.backbone.load_state_dict(parts.student.backbone.state_dict(), strict=True)
     logger.info("initialised the student's and the teacher's backbones from %s", path)
 
 
