@@ -37,36 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import ablation  # noqa: E402
 from benchmarks.harness import machine_info, write_json  # noqa: E402
+from cribo_utils.eval.mechanism import object_labels, patch_majority_labels  # noqa: E402
 from cribo_utils.method.neighbours import NeighbourResult  # noqa: E402
 from data.scene_render import render_scene  # noqa: E402
-
-
-def patch_classes(label_maps: torch.Tensor, patch_size: int, n_classes: int) -> torch.Tensor:
-    """(B, N) majority label of each patch's pixels (ties to the smaller label), tokens row-major.
-
-    Args:
-        label_maps: (B, H, W) integer labels in ``[0, n_classes)``, H and W multiples of ``patch_size``.
-    """
-    batch, height, width = label_maps.shape
-    counts = F.one_hot(label_maps.long(), n_classes).view(
-        batch, height // patch_size, patch_size, width // patch_size, patch_size, n_classes
-    )
-    return counts.sum(dim=(2, 4)).view(batch, -1, n_classes).argmax(dim=-1)
-
-
-def object_classes(
-    patch_labels: torch.Tensor, assign: torch.Tensor, valid: torch.Tensor, n_classes: int
-) -> torch.Tensor:
-    """(M,) majority patch label of each valid cluster in one view, valid clusters in ``b * K + k`` order.
-
-    Args:
-        patch_labels: (B, N) labels of the view's patches.
-        assign: (B, N, K) the view's block of the hard assignment (non-zero on a cluster's members).
-        valid: (B, K) bool valid clusters (the objects of the step).
-    """
-    members = (assign > 0).to(torch.float32)
-    histogram = torch.bmm(members.transpose(1, 2), F.one_hot(patch_labels, n_classes).to(torch.float32))
-    return histogram.argmax(dim=-1).flatten()[valid.flatten()]
 
 
 class OracleQueue:
@@ -118,7 +91,7 @@ class _PictureWithMask:
     mask: Any
 
 
-def install(capacity: int, n_classes: int, patch: Any = setattr) -> OracleQueue:
+def install(capacity: int, patch: Any = setattr) -> OracleQueue:
     """Patch the training step (retrieval) and the synthetic data (masks travel with the views) with
     ``patch(owner, name, value)`` (``setattr``; a test passes pytest's ``monkeypatch.setattr`` to undo it)."""
     from cribo_utils.train import step
@@ -153,7 +126,7 @@ def install(capacity: int, n_classes: int, patch: Any = setattr) -> OracleQueue:
                     "oracle_neighbours: the batch carries no label maps; the oracle reads the synthetic "
                     "scenes' masks (--augment_on device, no dataset named in --train_flags)"
                 )
-            state["label_maps"] = views[3][0]  # view 1's (B, S, S) class map
+            state["label_maps"] = views[3][:2]  # the two global views' (B, S, S) class maps
             state["patch_size"] = args.patch_size
         return augment(args, images, views, **kwargs)
 
@@ -164,8 +137,15 @@ def install(capacity: int, n_classes: int, patch: Any = setattr) -> OracleQueue:
     def pool_then_retrieve(*args: Any, **kwargs: Any) -> torch.Tensor:
         objects = pool(*args, **kwargs)
         clusters = state["clusters"]
-        labels = patch_classes(state["label_maps"].to(objects.device), state["patch_size"], n_classes)
-        classes = object_classes(labels, clusters.assign1, clusters.valid, n_classes)
+        labels1, labels2 = (
+            patch_majority_labels(maps.to(objects.device), state["patch_size"])
+            for maps in state["label_maps"]
+        )
+        n_view1 = labels1.shape[1]
+        clusters1, clusters2 = clusters.labels[:, :n_view1], clusters.labels[:, n_view1:]
+        classes = object_labels(  # an object's class: the majority class of its view-1 patches
+            clusters1, clusters2, labels1, labels2, clusters.valid, clusters.valid.shape[1]
+        ).view1
         state["neighbours"] = queue.retrieve(objects[0], objects[1], classes)  # before this step's objects
         queue.push(objects[0], objects[1], classes)
         return objects
@@ -200,14 +180,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     import main_cribo
-    from data.scene_spec import scene_level
 
     torch.multiprocessing.set_start_method("fork", force=True)  # the data workers inherit the patches
     directory = ablation.run_dir(args.root, args.views, "cribo", args.seed)
     flags = ["--synthetic_views", args.views, "--objective", "cribo", "--seed", str(args.seed)]
     flags += ["--output_dir", str(directory), "--log_freq", "100", *args.train_flags.split()]
-    level = main_cribo.resolve_args(flags).synthetic_level
-    install(args.queue_objects, n_classes=1 + len(scene_level(level).classes))
+    install(args.queue_objects)
     began = time.perf_counter()
     main_cribo.main(flags)
     train_seconds = time.perf_counter() - began

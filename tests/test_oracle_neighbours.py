@@ -1,6 +1,6 @@
-"""benchmarks/oracle_neighbours.py: the classes it gives patches and objects, its same-class retrieval against
-slow references, and a tiny training run through its patches in which every accepted neighbour has the
-query's class."""
+"""benchmarks/oracle_neighbours.py: its same-class retrieval against a slow reference, and a tiny training run
+through its patches in which every accepted neighbour has the query's class (the patch and object classes are
+``cribo_utils.eval.mechanism``'s, tested in test_mechanism.py)."""
 
 from __future__ import annotations
 
@@ -9,32 +9,6 @@ import json
 import torch
 
 from benchmarks import oracle_neighbours as oracle
-
-
-def test_patch_classes_are_the_majority_label_of_each_patch() -> None:
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 4, (2, 8, 12), generator=generator)
-    labels[0, :4, :4] = 3  # one patch entirely of class 3
-    got = oracle.patch_classes(labels, patch_size=4, n_classes=4)
-    assert got.shape == (2, 6)
-    for b in range(2):
-        for row in range(2):
-            for col in range(3):
-                block = labels[b, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].flatten()
-                counts = torch.bincount(block, minlength=4)
-                assert got[b, 3 * row + col] == int(torch.argmax(counts))  # ties: the smaller label
-    assert got[0, 0] == 3
-
-
-def test_object_classes_are_the_majority_patch_label_of_each_valid_cluster() -> None:
-    patch_labels = torch.tensor([[0, 2, 2, 1, 0, 0], [3, 3, 3, 3, 1, 1]])
-    clusters = torch.tensor([[0, 0, 0, 1, 1, 2], [2, 2, 0, 0, 1, 1]])  # cluster of each patch, K = 3
-    assign = torch.nn.functional.one_hot(clusters, 3).float()
-    assign = assign / assign.sum(dim=1, keepdim=True).clamp_min(1)  # column-normalised, as the step's
-    valid = torch.tensor([[True, True, False], [True, True, True]])
-    got = oracle.object_classes(patch_labels, assign, valid, n_classes=4)
-    # image 0: cluster 0 = {0, 2, 2} -> 2, cluster 1 = {1, 0} -> 0 (tie to the smaller); image 1: 3, 1, 3
-    assert got.tolist() == [2, 0, 3, 1, 3]
 
 
 def _slow_retrieval(current: torch.Tensor, stored: torch.Tensor, classes, stored_classes) -> list[int | None]:
@@ -88,7 +62,7 @@ def test_push_keeps_the_newest_objects_first() -> None:
 def test_a_tiny_run_through_the_patches_accepts_only_same_class_neighbours(monkeypatch, tmp_path) -> None:
     import main_cribo
 
-    queue = oracle.install(capacity=64, n_classes=5, patch=monkeypatch.setattr)
+    queue = oracle.install(capacity=64, patch=monkeypatch.setattr)
     seen = []
     retrieve = queue.retrieve
 
