@@ -244,11 +244,11 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
         checkpoint, path = resumed
         _, start_iteration = restore_state(parts, checkpoint)
         logger.info("resumed from %s at iteration %d", path, start_iteration)
-        if getattr(args, "init_backbone", ""):
+        if args.init_backbone:
             logger.info("--init_backbone %s: not loaded again on resume", args.init_backbone)
     elif args.start_checkpoint_path:
         seed_from_released_checkpoint(parts, args.start_checkpoint_path)
-    elif getattr(args, "init_backbone", ""):
+    elif args.init_backbone:
         load_initial_backbones(parts, args.init_backbone)
 
     total_iters = args.epochs * parts.iters_per_epoch
