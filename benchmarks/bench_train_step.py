@@ -172,6 +172,8 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
     ]
     if cfg.get("depth"):
         argv += ["--depth", str(cfg["depth"])]
+    argv += ["--head_hidden_dim", str(cfg.get("head_hidden_dim", 2048))]
+    argv += ["--head_nlayers", str(cfg.get("head_nlayers", 3))]
     if cfg.get("compile"):
         argv += ["--compile", "true"]
     args = get_args_parser().parse_args(argv)
@@ -536,6 +538,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_tokens", type=int, default=32, help="Clusters per image (K).")
     parser.add_argument("--queue_size", type=int, default=1024, help="Memory bank size in images (filled).")
     parser.add_argument("--out_dim", type=int, default=4096, help="out_dim = out_dim_c of the head.")
+    parser.add_argument(
+        "--head_nlayers", type=int, default=3, help="Linear layers of the head's trunk (the training flag)."
+    )
+    parser.add_argument(
+        "--head_hidden_dim",
+        type=int,
+        default=2048,
+        help="Width of the head's hidden layers (the training flag).",
+    )
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (the median is reported).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps before the timed ones.")
     parser.add_argument("--n_batches", type=int, default=3, help="Distinct pre-generated batches (cycled).")
@@ -652,6 +663,8 @@ def summarise(
         )
         and config["device"] == "cpu"
         and config.get("depth") in (0, None, 12)
+        and config.get("head_hidden_dim", 2048) == 2048
+        and config.get("head_nlayers", 3) == 3
     )
     summary: dict[str, Any] = {
         "config": config,
@@ -768,6 +781,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{config['arch']}/{config['patch_size']}{depth} "
         f"{config['image_size']} px, batch {config['batch_size']}, "
         f"n_tokens {config['n_tokens']}, queue {config['queue_size']}, out_dim {config['out_dim']}, "
+        f"head {config.get('head_nlayers', 3)} x {config.get('head_hidden_dim', 2048)}, "
         f"{config['precision']}, {config['device']}, augment_on {config.get('augment_on', 'workers')}, "
         f"{config.get('source', 'synthetic')} images"
         f"{', student activation checkpointing' if config.get('grad_checkpointing') else ''}"
@@ -927,6 +941,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "n_tokens",
             "queue_size",
             "out_dim",
+            "head_hidden_dim",
+            "head_nlayers",
             "steps",
             "warmup",
             "n_batches",

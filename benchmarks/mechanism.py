@@ -553,7 +553,7 @@ def object_target_metrics(
     """:func:`cribo_utils.eval.mechanism.target_statistics` of the teacher's object targets of a loaded
     training checkpoint (its head and object centre ``C_c`` at the last epoch's temperature), foreground
     objects."""
-    from models.head import CrIBoHead
+    from models.head import CrIBoHead, head_widths
 
     if "teacher" not in checkpoint or "dino_loss" not in checkpoint:
         return {}
@@ -561,11 +561,7 @@ def object_target_metrics(
         key[len("head.") :]: value for key, value in checkpoint["teacher"].items() if key.startswith("head.")
     }
     head = CrIBoHead(
-        queries.objects1.shape[1],
-        state["last_layer.weight_v"].shape[0],
-        state["last_layer_c.weight_v"].shape[0],
-        use_bn=settings.use_bn_in_head,
-        norm_last_layer=False,
+        queries.objects1.shape[1], use_bn=settings.use_bn_in_head, norm_last_layer=False, **head_widths(state)
     )
     head.load_state_dict(state)
     temperature = teacher_temperature(

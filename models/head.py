@@ -5,8 +5,8 @@ Parameter names follow DINO's ``DINOHead`` (legacy ``torch.nn.utils.weight_norm`
 released heads load with ``strict=True``::
 
     mlp.{0,2,4}.{weight,bias}           trunk (use_bn=False)
-    last_layer.{weight_g,weight_v}      [CLS] output layer, (out_dim, 1) and (out_dim, 256)
-    last_layer_c.{weight_g,weight_v}    object output layer, (out_dim_c, 1) and (out_dim_c, 256)
+    last_layer.{weight_g,weight_v}      [CLS] output layer, (out_dim, 1) and (out_dim, bottleneck)
+    last_layer_c.{weight_g,weight_v}    object output layer, (out_dim_c, 1) and (out_dim_c, bottleneck)
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 INIT_STD = 0.02
+# DINO's widths, those of every released CrIBo head (and of every run that stored no head widths).
+HEAD_HIDDEN_DIM = 2048
+HEAD_NLAYERS = 3
+HEAD_BOTTLENECK_DIM = 256
 
 
 class WeightNormLinear(nn.Module):
@@ -69,7 +73,8 @@ class CrIBoHead(nn.Module):
     """DINO head with a second output layer for objects (docs/method.md, Sec. 5).
 
     ``z = h(x) / ||h(x)||_2`` with the trunk
-    ``h = Linear(D, 2048) - GELU - Linear(2048, 2048) - GELU - Linear(2048, 256)``
+    ``h = Linear(D, H) - GELU - Linear(H, H) - GELU - Linear(H, Z)`` (H = 2048, Z = 256 in DINO and the
+    released runs)
     (BatchNorm1d after each hidden Linear when ``use_bn``), then
     ``forward(x) = last_layer(z)`` for [CLS] tokens and ``forward_c(x) = last_layer_c(z)`` for object
     representations, two independent weight-normalised bias-free layers. Trunk Linears use a
@@ -82,8 +87,8 @@ class CrIBoHead(nn.Module):
         use_bn: insert BatchNorm1d after the hidden Linears (shifts the ``mlp`` indices as in DINO).
         norm_last_layer: freeze ``weight_g`` of both output layers at 1.
         nlayers: number of Linear layers in the trunk (>= 1).
-        hidden_dim: width of the hidden trunk layers.
-        bottleneck_dim: width of the L2-normalised bottleneck.
+        hidden_dim: width H of the hidden trunk layers.
+        bottleneck_dim: width Z of the L2-normalised bottleneck.
     """
 
     def __init__(
@@ -93,9 +98,9 @@ class CrIBoHead(nn.Module):
         out_dim_c: int,
         use_bn: bool = False,
         norm_last_layer: bool = True,
-        nlayers: int = 3,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
+        nlayers: int = HEAD_NLAYERS,
+        hidden_dim: int = HEAD_HIDDEN_DIM,
+        bottleneck_dim: int = HEAD_BOTTLENECK_DIM,
     ) -> None:
         super().__init__()
         if nlayers < 1:
@@ -168,3 +173,30 @@ def _init_linear(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=INIT_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def head_widths(state: dict[str, Tensor]) -> dict[str, int]:
+    """The :class:`CrIBoHead` widths a head state dict (keys without ``head.``) was saved with.
+
+    Returns ``out_dim``, ``out_dim_c``, ``bottleneck_dim``, ``nlayers`` and ``hidden_dim`` (the default
+    when the trunk is one Linear and has no hidden layer), read from the weight shapes.
+    """
+    trunk = sorted(
+        (int(parts[1]), value)
+        for key, value in state.items()
+        if (parts := key.split("."))[0] == "mlp"
+        and parts[1].isdigit()
+        and parts[-1] == "weight"
+        and value.dim() == 2
+    )
+    if "last_layer.weight_v" not in state or "last_layer_c.weight_v" not in state:
+        raise KeyError(f"not a CrIBo head state dict (keys: {sorted(state)[:6]} ...)")
+    out_dim, bottleneck = state["last_layer.weight_v"].shape
+    linear_weights = [value for _, value in trunk] or [state["mlp.weight"]]
+    return {
+        "out_dim": int(out_dim),
+        "out_dim_c": int(state["last_layer_c.weight_v"].shape[0]),
+        "bottleneck_dim": int(bottleneck),
+        "nlayers": len(linear_weights),
+        "hidden_dim": int(linear_weights[0].shape[0]) if len(linear_weights) > 1 else HEAD_HIDDEN_DIM,
+    }

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models import build_backbone
-from models.head import CrIBoHead
+from models.head import HEAD_BOTTLENECK_DIM, HEAD_HIDDEN_DIM, HEAD_NLAYERS, CrIBoHead
 from models.object_pooling import object_representations_both_views
 from models.vision_transformer import DropPath, VisionTransformer
 
@@ -129,6 +129,9 @@ class NetworkConfig:
         image_size: side of the global crops (sets the positional table).
         depth: number of blocks (None: the architecture's).
         use_bn_in_head: BatchNorm in the head MLP.
+        head_hidden_dim: width of the head's hidden layers.
+        head_nlayers: Linear layers of the head's trunk.
+        head_bottleneck_dim: width of the head's L2-normalised bottleneck.
         norm_last_layer: weight-normalised last layer with frozen gain.
         grad_checkpointing: recompute the student's blocks in backward.
     """
@@ -141,6 +144,9 @@ class NetworkConfig:
     image_size: int = 224
     depth: int | None = None
     use_bn_in_head: bool = False
+    head_hidden_dim: int = HEAD_HIDDEN_DIM
+    head_nlayers: int = HEAD_NLAYERS
+    head_bottleneck_dim: int = HEAD_BOTTLENECK_DIM
     norm_last_layer: bool = True
     grad_checkpointing: bool = False
 
@@ -170,6 +176,9 @@ def build_student_teacher(config: NetworkConfig) -> tuple[CrIBoNetwork, CrIBoNet
         config.out_dim_c,
         use_bn=config.use_bn_in_head,
         norm_last_layer=config.norm_last_layer,
+        hidden_dim=config.head_hidden_dim,
+        nlayers=config.head_nlayers,
+        bottleneck_dim=config.head_bottleneck_dim,
     )
     student = CrIBoNetwork(backbone, head)
     teacher = copy.deepcopy(student)

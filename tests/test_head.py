@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.head import CrIBoHead, WeightNormLinear
+from models.head import CrIBoHead, WeightNormLinear, head_widths
 
 
 def _small_head(**kwargs) -> CrIBoHead:
@@ -154,3 +154,28 @@ def test_forward_and_forward_c_use_separate_last_layers() -> None:
 def test_invalid_nlayers_raises() -> None:
     with pytest.raises(ValueError, match="nlayers"):
         CrIBoHead(8, 4, 4, nlayers=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"hidden_dim": 48, "bottleneck_dim": 16},
+        {"hidden_dim": 40, "bottleneck_dim": 12, "use_bn": True},
+        {"hidden_dim": 40, "bottleneck_dim": 12, "nlayers": 2},
+        {"bottleneck_dim": 12, "nlayers": 1},
+    ],
+)
+def test_head_widths_read_back_the_widths_a_head_was_built_with(options) -> None:
+    head = CrIBoHead(32, 64, 24, **options)
+    widths = head_widths(head.state_dict())
+    expected = {"out_dim": 64, "out_dim_c": 24, "nlayers": 3, "hidden_dim": 2048, "bottleneck_dim": 256}
+    expected.update({key: value for key, value in options.items() if key != "use_bn"})
+    assert widths == expected
+    rebuilt = CrIBoHead(32, use_bn=options.get("use_bn", False), **widths)
+    rebuilt.load_state_dict(head.state_dict())  # strict: every shape agrees
+
+
+def test_head_widths_refuse_a_state_without_output_layers() -> None:
+    with pytest.raises(KeyError, match="not a CrIBo head"):
+        head_widths({"mlp.0.weight": torch.zeros(4, 4)})

@@ -16,7 +16,7 @@ import torch
 import main_cribo
 from cribo_utils import train
 from cribo_utils.method.memory_bank import CentroidMemoryBank
-from cribo_utils.train.checkpoint import without_prefix
+from cribo_utils.train.checkpoint import CheckpointError, without_prefix
 from cribo_utils.train.parser import ConfigError
 from cribo_utils.weights.errors import CheckpointFormatError
 
@@ -388,3 +388,48 @@ def test_ablation_objectives_never_fill_or_use_the_bank(tmp_path, objective):
     log = open(tmp_path / "logs" / "rank0.log").read()
     assert f"cross-image NN loss: off, no memory bank (--objective {objective})" in log
     assert log.count(f"| nn loss off (no memory bank, --objective {objective})\n") == 3  # every epoch line
+
+
+def test_head_widths_are_flags_and_resume_refuses_other_widths(tmp_path):
+    widths = ("--head_hidden_dim", "24", "--head_nlayers", "2", "--head_bottleneck_dim", "8")
+    run(tmp_path, "--max_iters", "1", *widths)
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    trunk = {k: v.shape for k, v in checkpoint["teacher"].items() if k.startswith("head.mlp.")}
+    assert trunk == {
+        "head.mlp.0.weight": (24, 192),
+        "head.mlp.0.bias": (24,),
+        "head.mlp.2.weight": (8, 24),
+        "head.mlp.2.bias": (8,),
+    }
+    assert checkpoint["teacher"]["head.last_layer_c.weight_v"].shape == (32, 8)
+    assert checkpoint["args"]["head_hidden_dim"] == 24 and checkpoint["args"]["head_nlayers"] == 2
+    dino = ("--head_hidden_dim", "2048", "--head_nlayers", "3", "--head_bottleneck_dim", "256")
+    message = (
+        r"\(--head_hidden_dim 2048, --head_nlayers 3, --head_bottleneck_dim 256\); to resume it, "
+        "pass --head_hidden_dim 24 --head_nlayers 2 --head_bottleneck_dim 8; to start afresh"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        run(tmp_path, "--max_iters", "2", *dino)
+    run(tmp_path, "--max_iters", "2", *widths)
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["iteration"] == 2
+
+
+def test_a_checkpoint_that_stored_no_head_widths_resumes_only_with_dino_widths(tmp_path):
+    run(tmp_path, "--max_iters", "1", "--out_dim", "16", "--out_dim_c", "16", "--head_hidden_dim", "2048")
+    path = tmp_path / "checkpoint.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("head_hidden_dim", "head_nlayers", "head_bottleneck_dim"):  # written before the flags existed
+        del checkpoint["args"][key]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="pass --head_hidden_dim 2048;"):
+        run(tmp_path, "--max_iters", "2", "--out_dim", "16", "--out_dim_c", "16", "--head_hidden_dim", "64")
+    with pytest.raises(CheckpointError, match=r"--out_dim 32, --out_dim_c 32.*pass --out_dim 16"):
+        run(tmp_path, "--max_iters", "2")
+
+
+@pytest.mark.parametrize(
+    "flag", ["--head_hidden_dim", "--head_nlayers", "--head_bottleneck_dim", "--out_dim_c"]
+)
+def test_head_widths_below_one_are_refused(tmp_path, flag):
+    with pytest.raises(ConfigError, match=f"{flag} 0: must be at least 1"):
+        run(tmp_path, flag, "0")

@@ -43,6 +43,7 @@ from cribo_utils.train.preemption import (
 from cribo_utils.train.resources import check_memory
 from cribo_utils.train.state import (
     args_as_plain_dict,
+    check_same_networks,
     load_initial_backbones,
     restore_state,
     save,
@@ -242,6 +243,7 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, stop_signal: list
     resumed = find_resume_checkpoint(args.output_dir)
     if resumed is not None:
         checkpoint, path = resumed
+        check_same_networks(args, checkpoint, path)
         _, start_iteration = restore_state(parts, checkpoint)
         logger.info("resumed from %s at iteration %d", path, start_iteration)
         if args.init_backbone:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from cribo_utils.train.resources import RunShape
+from models.head import HEAD_BOTTLENECK_DIM, HEAD_HIDDEN_DIM, HEAD_NLAYERS
 from models.student_teacher import NetworkConfig
 
 
@@ -24,6 +25,9 @@ def network_config(args: argparse.Namespace) -> NetworkConfig:
         image_size=getattr(args, "image_size", 224),
         depth=getattr(args, "depth", None),
         use_bn_in_head=args.use_bn_in_head,
+        head_hidden_dim=getattr(args, "head_hidden_dim", HEAD_HIDDEN_DIM),
+        head_nlayers=getattr(args, "head_nlayers", HEAD_NLAYERS),
+        head_bottleneck_dim=getattr(args, "head_bottleneck_dim", HEAD_BOTTLENECK_DIM),
         norm_last_layer=args.norm_last_layer,
         grad_checkpointing=getattr(args, "grad_checkpointing", False),
     )

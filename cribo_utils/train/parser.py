@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 DATASET_TYPES = ("synthetic", "imagenet1k", "imagefolder", "coco")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-# A small, CPU-friendly recipe for the built-in synthetic scenes (about 9 minutes on 2 CPU cores). What it
+# A small, CPU-friendly recipe for the built-in synthetic scenes (about 7 minutes on 2 CPU cores). What it
 # learns, and the runs behind each choice, are in the README's Results and benchmarks/README.md. Compared
 # with the reference recipe: a small head (out_dim 64) with a constant, very sharp teacher temperature
 # (0.01: at 0.02 the image head fell to the uniform output once the views shared no colour), gradient
@@ -73,7 +73,9 @@ SYNTHETIC_PRESET: dict[str, Any] = {
     "queue_size": 1024,
     "drop_path_rate": 0.0,
     "use_fp16": False,
-    "num_workers": 2,
+    # The scenes are rendered in the training process (about 8 ms per batch of 4): on 2 cores, two loader
+    # workers competed with the step's threads and made every iteration 15 % slower (benchmarks/README.md).
+    "num_workers": 0,
     "saveckp_freq": 3,
     "synthetic_num_train": 2048,
     "synthetic_recolour_views": True,
@@ -144,6 +146,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--out_dim", default=65536, type=int, help="Output dimension of the [CLS] head.")
     group.add_argument("--out_dim_c", default=65536, type=int, help="Output dimension of the object head.")
+    group.add_argument(
+        "--head_hidden_dim",
+        default=2048,
+        type=int,
+        help="Width of the head's two hidden layers (2048 in DINO and every released CrIBo run).",
+    )
+    group.add_argument(
+        "--head_nlayers",
+        default=3,
+        type=int,
+        help="Linear layers of the head's trunk, the bottleneck's included (3 in DINO and every released "
+        "CrIBo run; 1: one Linear from the backbone to the bottleneck).",
+    )
+    group.add_argument(
+        "--head_bottleneck_dim",
+        default=256,
+        type=int,
+        help="Width of the head's L2-normalised bottleneck (256 in DINO and every released CrIBo run).",
+    )
     group.add_argument(
         "--norm_last_layer",
         **bool_argument(False),
@@ -793,6 +814,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         )
     if args.batch_size_per_gpu < 1:
         raise ConfigError(f"--batch_size_per_gpu {args.batch_size_per_gpu}: must be at least 1")
+    for flag in ("out_dim", "out_dim_c", "head_hidden_dim", "head_nlayers", "head_bottleneck_dim"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     global_batch = args.batch_size_per_gpu * world_size
     if args.queue_size < global_batch:
         raise ConfigError(

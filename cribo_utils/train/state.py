@@ -8,9 +8,15 @@ import logging
 from typing import Any
 
 from cribo_utils.runtime import distributed
-from cribo_utils.train.checkpoint import save_training_checkpoint, with_prefix, without_prefix
+from cribo_utils.train.checkpoint import (
+    CheckpointError,
+    save_training_checkpoint,
+    with_prefix,
+    without_prefix,
+)
 from cribo_utils.train.health import check_finite_weights
 from cribo_utils.train.parts import TrainingParts
+from models.head import HEAD_BOTTLENECK_DIM, HEAD_HIDDEN_DIM, HEAD_NLAYERS
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,50 @@ def checkpoint_state(parts: TrainingParts, epoch: int, iteration: int) -> dict[s
     if parts.scaler is not None:
         state["fp16_scaler"] = parts.scaler.state_dict()
     return state
+
+
+# The flags that shape the networks' weights, and the value a checkpoint that stored no such key was trained
+# with (None: no assumption, the key is compared only when the checkpoint stored it).
+NETWORK_SHAPE_FLAGS: dict[str, Any] = {
+    "arch": None,
+    "patch_size": None,
+    "depth": None,
+    "out_dim": None,
+    "out_dim_c": None,
+    "use_bn_in_head": None,
+    "head_hidden_dim": HEAD_HIDDEN_DIM,
+    "head_nlayers": HEAD_NLAYERS,
+    "head_bottleneck_dim": HEAD_BOTTLENECK_DIM,
+}
+
+
+def check_same_networks(args: argparse.Namespace, checkpoint: dict[str, Any], path: str) -> None:
+    """Refuse to resume ``path`` with flags that build networks of other shapes than it holds.
+
+    Raises:
+        CheckpointError: naming each differing flag with the checkpoint's value, the flags to pass to resume
+            it (e.g. after an upgrade changed a preset's default) and the alternative of a new output folder.
+    """
+    stored = checkpoint.get("args") or {}
+    if isinstance(stored, argparse.Namespace):  # the reference's checkpoints store a Namespace
+        stored = vars(stored)
+    differing = []
+    for flag, legacy in NETWORK_SHAPE_FLAGS.items():
+        trained = stored.get(flag, legacy)
+        if trained is None and flag not in stored:
+            continue
+        if hasattr(args, flag) and getattr(args, flag) != trained:
+            differing.append((flag, trained, getattr(args, flag)))
+    if differing:
+        asked = ", ".join(f"--{flag} {now}" for flag, _, now in differing)
+        fix = " ".join(
+            f"--{flag} {str(value).lower() if isinstance(value, bool) else value}"
+            for flag, value, _ in differing
+        )
+        raise CheckpointError(
+            f"{path} holds networks trained with other shapes than this command builds ({asked}); "
+            f"to resume it, pass {fix}; to start afresh, use a new --output_dir"
+        )
 
 
 def restore_state(parts: TrainingParts, checkpoint: dict[str, Any]) -> tuple[int, int]:
