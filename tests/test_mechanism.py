@@ -203,6 +203,12 @@ def test_target_statistics_by_hand() -> None:
         collapsed["same_prototype_other_class"] == 1.0
         and collapsed["same_prototype_same_class"] != collapsed["same_prototype_same_class"]
     )  # NaN: no same-class pair in other images
+    # targets that follow the class: same-class pairs always share the prototype, other-class pairs never
+    bound = target_statistics(
+        torch.eye(3)[torch.tensor([0, 0, 1, 1, 2, 2])], torch.tensor([1, 1, 2, 2, 3, 3]), torch.arange(6)
+    )
+    assert bound["same_prototype_same_class"] == 1.0 and bound["same_prototype_other_class"] == 0.0
+    assert bound["prototypes"] == pytest.approx(3.0)
 
 
 def test_pool_by_labels_against_a_loop() -> None:
