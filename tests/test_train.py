@@ -433,3 +433,9 @@ def test_a_checkpoint_that_stored_no_head_widths_resumes_only_with_dino_widths(t
 def test_head_widths_below_one_are_refused(tmp_path, flag):
     with pytest.raises(ConfigError, match=f"{flag} 0: must be at least 1"):
         run(tmp_path, flag, "0")
+
+
+def test_resume_refuses_another_crop_side(tmp_path):  # the positional embedding is stored for it
+    run(tmp_path, "--max_iters", "1")
+    with pytest.raises(CheckpointError, match=r"\(--image_size 48\); to resume it, pass --image_size 32;"):
+        run(tmp_path, "--max_iters", "2", "--image_size", "48")

@@ -26,6 +26,7 @@ from cribo_utils.method.loss import OBJECTIVES
 from cribo_utils.runtime.flags import add_dist_url_flag, bool_argument
 from data.synthetic import SYNTHETIC_VIEWS, VIEW_FLAGS, add_scene_args
 from data.transforms import _check_range
+from models.head import HEAD_BOTTLENECK_DIM, HEAD_HIDDEN_DIM, HEAD_NLAYERS
 
 logger = logging.getLogger(__name__)
 
@@ -148,20 +149,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--out_dim_c", default=65536, type=int, help="Output dimension of the object head.")
     group.add_argument(
         "--head_hidden_dim",
-        default=2048,
+        default=HEAD_HIDDEN_DIM,
         type=int,
         help="Width of the head's two hidden layers (2048 in DINO and every released CrIBo run).",
     )
     group.add_argument(
         "--head_nlayers",
-        default=3,
+        default=HEAD_NLAYERS,
         type=int,
         help="Linear layers of the head's trunk, the bottleneck's included (3 in DINO and every released "
         "CrIBo run; 1: one Linear from the backbone to the bottleneck).",
     )
     group.add_argument(
         "--head_bottleneck_dim",
-        default=256,
+        default=HEAD_BOTTLENECK_DIM,
         type=int,
         help="Width of the head's L2-normalised bottleneck (256 in DINO and every released CrIBo run).",
     )

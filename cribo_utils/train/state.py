@@ -51,6 +51,7 @@ NETWORK_SHAPE_FLAGS: dict[str, Any] = {
     "arch": None,
     "patch_size": None,
     "depth": None,
+    "image_size": None,  # the positional embedding is stored for the crop side
     "out_dim": None,
     "out_dim_c": None,
     "use_bn_in_head": None,
@@ -72,9 +73,9 @@ def check_same_networks(args: argparse.Namespace, checkpoint: dict[str, Any], pa
         stored = vars(stored)
     differing = []
     for flag, legacy in NETWORK_SHAPE_FLAGS.items():
-        trained = stored.get(flag, legacy)
-        if trained is None and flag not in stored:
+        if flag not in stored and legacy is None:
             continue
+        trained = stored.get(flag, legacy)
         if hasattr(args, flag) and getattr(args, flag) != trained:
             differing.append((flag, trained, getattr(args, flag)))
     if differing:
