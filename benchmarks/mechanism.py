@@ -58,7 +58,15 @@ foreground query objects of both views:
 - ``target_prototypes``: effective number of prototypes the targets use (1 = collapsed);
 - ``target_same_class`` / ``target_other_class``: how often two objects of different images get the same
   arg-max prototype when they share the class / when they do not (equal: the targets carry no class, so
-  neither object loss can teach it, and a cross-image neighbour of another class gives the same target).
+  neither object loss can teach it, and a cross-image neighbour of another class gives the same target);
+- ``target_foreground_information`` (over all query objects) / ``target_class_information`` (foreground
+  objects): the share of the entropy of "foreground or background" / of the class that the arg-max
+  prototype explains (:func:`cribo_utils.eval.mechanism.explained_share`; 1 = the prototype names it);
+- ``target_view_agreement_foreground``: share of foreground objects whose two views get the same arg-max
+  prototype (what the cross-view loss asks for).
+
+Under ``--centering_c sinkhorn`` the targets are balanced over the objects of ``batch_size_per_gpu`` query
+images at a time, as in a training step.
 
     python benchmarks/mechanism.py --checkpoints output/checkpoint.pth --random_seeds 3
 
@@ -93,6 +101,7 @@ from cribo_utils.eval.mechanism import (  # noqa: E402
     class_match_chance,
     cluster_purity,
     cosine_nearest,
+    explained_share,
     linear_probe_accuracy,
     nearest_class_precision,
     object_labels,
@@ -101,6 +110,7 @@ from cribo_utils.eval.mechanism import (  # noqa: E402
     target_statistics,
 )
 from cribo_utils.method.clustering import draw_seed_indices, joint_cluster, positional_alpha  # noqa: E402
+from cribo_utils.method.loss import sinkhorn_potential  # noqa: E402
 from cribo_utils.method.memory_bank import CentroidMemoryBank  # noqa: E402
 from cribo_utils.method.neighbours import find_cycle_consistent_neighbours  # noqa: E402
 from cribo_utils.method.schedules import teacher_temperature  # noqa: E402
@@ -571,17 +581,40 @@ def object_target_metrics(
         settings.epochs - 1,
     )
     objects = torch.cat([queries.objects1, queries.objects2])
-    logits = head.forward_c(objects) - checkpoint["dino_loss"]["center_c"]
-    targets = torch.softmax(logits / temperature, dim=1)
+    if getattr(settings, "centering_c", "mean") == "sinkhorn":
+        scores = head.forward_c(objects) / temperature
+        targets = sinkhorn_targets(scores, queries, settings.batch_size_per_gpu)
+    else:
+        logits = head.forward_c(objects) - checkpoint["dino_loss"]["center_c"]
+        targets = torch.softmax(logits / temperature, dim=1)
     foreground = torch.cat([queries.instance, queries.instance]) > 0
     images = torch.cat([queries.image_of_object, queries.image_of_object])
     classes = torch.cat([queries.cls, queries.cls])
     stats = target_statistics(targets[foreground], classes[foreground], images[foreground])
+    winners = targets.argmax(dim=1)
+    winners1, winners2 = winners.view(2, -1)
     return {
         "target_prototypes": stats["prototypes"],
         "target_same_class": stats["same_prototype_same_class"],
         "target_other_class": stats["same_prototype_other_class"],
+        "target_foreground_information": explained_share(winners, foreground.long()),
+        "target_class_information": explained_share(winners[foreground], classes[foreground]),
+        "target_view_agreement_foreground": float(
+            (winners1 == winners2)[queries.instance > 0].double().mean()
+        ),
     }
+
+
+def sinkhorn_targets(scores: Tensor, queries: ClusteredObjects, batch_size: int) -> Tensor:
+    """Targets under ``--centering_c sinkhorn`` as training makes them: the objects of both views of
+    ``batch_size`` consecutive query images balanced together. ``scores``: (2M, Oc) logits over tau_c, view 1
+    rows then view 2 rows; returns (2M, Oc) target distributions."""
+    step = torch.cat([queries.image_of_object, queries.image_of_object]) // batch_size
+    targets = torch.empty_like(scores)
+    for index in step.unique().tolist():
+        rows = step == index
+        targets[rows] = torch.softmax(scores[rows] + sinkhorn_potential(scores[rows]), dim=1)
+    return targets
 
 
 def run_settings(args: argparse.Namespace, stored: dict[str, Any]) -> argparse.Namespace:
@@ -664,7 +697,14 @@ def _row(name: str, result: dict[str, Any], batch_sizes: list[int]) -> list[str]
     cells.append(f"{result['same_instance']:.2f}")
     cells += [
         f"{result.get(key, float('nan')):.2f}"
-        for key in ("target_prototypes", "target_same_class", "target_other_class")
+        for key in (
+            "target_prototypes",
+            "target_same_class",
+            "target_other_class",
+            "target_foreground_information",
+            "target_class_information",
+            "target_view_agreement_foreground",
+        )
     ]
     ceilings = (
         "mask_object_precision_foreground",
@@ -720,6 +760,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prototypes",
         "same cls",
         "other cls",
+        "fg info",
+        "cls info",
+        "fg views agree",
         "mask objects prec fg",
         "among objects",
         "patch prec fg",

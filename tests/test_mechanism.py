@@ -211,6 +211,29 @@ def test_target_statistics_by_hand() -> None:
     assert bound["prototypes"] == pytest.approx(3.0)
 
 
+def test_explained_share_against_counted_entropies() -> None:
+    import math
+
+    from cribo_utils.eval.mechanism import explained_share
+
+    factor = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
+    # prototypes that name the factor (any relabelling) explain all of it; a constant prototype nothing
+    assert explained_share(factor * 7 + 3, factor) == pytest.approx(1.0)
+    assert explained_share(torch.zeros(8, dtype=torch.long), factor) == pytest.approx(0.0)
+    # a finer partition of the factor still explains all of it; a coarser one part of it, counted by hand
+    assert explained_share(torch.arange(8), factor) == pytest.approx(1.0)
+    coarse = torch.tensor([0, 0, 0, 0, 1, 1, 1, 0])  # factor values 0 and 1 merged
+    h_factor = -(3 / 8 * math.log(3 / 8) * 2 + 2 / 8 * math.log(2 / 8))
+    h_coarse = -(5 / 8 * math.log(5 / 8) + 3 / 8 * math.log(3 / 8))
+    assert explained_share(coarse, factor) == pytest.approx(h_coarse / h_factor)  # H(f | a) = share of (0,1)
+    # independent: two prototypes split every factor value evenly
+    balanced = explained_share(torch.tensor([0, 1] * 6), torch.tensor([0, 0, 1, 1, 2, 2] * 2))
+    assert balanced == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(explained_share(torch.tensor([0, 1]), torch.tensor([4, 4])))
+    with pytest.raises(ValueError, match="explained_share"):
+        explained_share(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
 def test_pool_by_labels_against_a_loop() -> None:
     from cribo_utils.eval.mechanism import pool_by_labels
 

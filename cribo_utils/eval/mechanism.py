@@ -279,6 +279,44 @@ def target_statistics(targets: Tensor, classes: Tensor, images: Tensor) -> dict[
     }
 
 
+def explained_share(winners: Tensor, factor: Tensor) -> float:
+    """Share of a factor's entropy that the objects' arg-max prototypes explain: ``I(a; f) / H(f)``.
+
+    With ``p(a, f)`` the joint frequencies of prototype ``a`` and factor value ``f`` over the objects,
+    ``I(a; f) = H(a) + H(f) - H(a, f)`` (nats). 1 = the prototype tells the factor exactly (e.g. one set of
+    prototypes for the foreground, another for the background), 0 = it tells nothing about it. It answers
+    *what* the targets encode, where :func:`target_statistics` only says they do not encode the class.
+
+    Args:
+        winners: (M,) long arg-max prototype of every object.
+        factor: (M,) long value of the factor (e.g. foreground or not, class, size tertile).
+    Returns:
+        ``I / H(f)`` in [0, 1]; NaN when the factor is constant (nothing to explain) or M = 0.
+    """
+    if winners.shape != factor.shape or winners.ndim != 1:
+        raise ValueError(
+            f"explained_share: winners {tuple(winners.shape)} and factor {tuple(factor.shape)} must be (M,)"
+        )
+    _, winner_ids = winners.unique(return_inverse=True)
+    _, factor_ids = factor.unique(return_inverse=True)
+    if winners.numel() == 0:
+        return float("nan")
+    joint = torch.zeros(int(winner_ids.max()) + 1, int(factor_ids.max()) + 1, dtype=torch.float64)
+    ones = torch.ones_like(winner_ids, dtype=torch.float64)
+    joint.index_put_((winner_ids, factor_ids), ones, accumulate=True)
+    joint /= joint.sum()
+
+    def entropy(probabilities: Tensor) -> Tensor:
+        nonzero = probabilities[probabilities > 0]
+        return -(nonzero * nonzero.log()).sum()
+
+    factor_entropy = entropy(joint.sum(dim=0))
+    if factor_entropy <= 0:
+        return float("nan")
+    information = entropy(joint.sum(dim=1)) + factor_entropy - entropy(joint.flatten())
+    return float((information / factor_entropy).clamp(0.0, 1.0))
+
+
 def pool_by_labels(tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Mean token of every label present in each image: the objects a clustering equal to ``labels`` makes.
 

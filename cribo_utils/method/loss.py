@@ -18,6 +18,9 @@ Notation: ``H(t, q) = -sum_j t_j log q_j``; ``sm`` is the softmax over the O out
 - ``L = L_img + L_obj + L_nn`` (CrIBo); the ablations keep a prefix of it: ``L = L_img + L_obj``
   (``objective="cross_view"``, CrOC-like, no memory bank) and ``L = L_img`` (``objective="image"``, DINO).
   Terms left out are still computed and returned for the log, with no gradient reaching the total.
+- Optional Sinkhorn centring of the object targets (``centering_c="sinkhorn"``, not in the reference):
+  ``U^v = sm(h_t(c^v) / tau_c + beta)``, ``V^v = sm(h_t(q^v) / tau_c + beta)`` with ``beta`` the prototype
+  potential that balances this step's current objects over the prototypes (:func:`sinkhorn_potential`).
 
 Everything is computed in float32 (inputs are cast at entry; the reference log-softmaxes fp16 logits and
 sums fp16 centres: docs/differences.md, difference 13), and a rank with M = 0 objects gives 0 for the
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cribo_utils.method.schedules import teacher_temperature
-from cribo_utils.runtime.distributed import all_reduce_sum, get_world_size
+from cribo_utils.runtime.distributed import all_reduce_max, all_reduce_sum, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +204,58 @@ def _nearest_neighbour_term(
     return (per_direction / mask_sizes).sum() * -0.5
 
 
+# Sinkhorn-Knopp normalisations of the object targets per step under ``centering_c="sinkhorn"`` (DINOv2's 3).
+SINKHORN_CENTERING_ITERATIONS = 3
+# How the object teacher's logits are centred (``--centering_c``).
+CENTERINGS = ("mean", "sinkhorn")
+
+
+def _logsumexp_over_rows(scores: torch.Tensor) -> torch.Tensor:
+    """``log sum_r exp(scores[r, k])`` over the rows of every rank: (R, O) -> (O,); -inf where no rank has a
+    row. Collective (a max and a sum all-reduce) when distributed."""
+    if get_world_size() == 1:
+        return torch.logsumexp(scores, dim=0)
+    peak = scores.amax(dim=0) if scores.shape[0] else scores.new_full(scores.shape[1:], float("-inf"))
+    peak = all_reduce_max(peak)
+    finite_peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = all_reduce_sum((scores - finite_peak).exp().sum(dim=0))
+    return finite_peak + total.log()
+
+
+@torch.no_grad()
+def sinkhorn_potential(scores: torch.Tensor, iterations: int = SINKHORN_CENTERING_ITERATIONS) -> torch.Tensor:
+    """Per-prototype shift ``beta`` that makes the targets ``softmax(scores + beta)`` spread evenly over the
+    prototypes across this step's objects of all ranks (Sinkhorn-Knopp, as DINOv2 centres its teacher).
+
+    Sinkhorn-Knopp scales ``P_ik = exp(s_ik)`` to ``Q_ik = exp(s_ik + a_i + beta_k)`` whose rows (objects) and
+    columns (prototypes) have equal sums, alternating, from ``a = 0``:
+
+        beta_k <- -log sum_i exp(s_ik + a_i)       (every prototype gets the same mass; sum over all ranks)
+        a_i    <- -log sum_k exp(s_ik + beta_k)    (every object gets the same mass)
+
+    and, as DINOv2, ends on the row step, so an object's target is its row renormalised: ``softmax_k(s_ik +
+    beta_k)`` (the row potential ``a_i`` cancels). Constant offsets (DINOv2's ``1/K`` and ``1/B``) shift every
+    ``beta_k`` alike and cancel in the softmax. ``beta`` plays the part of ``-C_c / tau_c`` in the mean
+    centring, computed from this step's objects instead of a running mean, and also shifts the neighbours'
+    logits (their rows are targets only, not part of the balance).
+
+    Args:
+        scores: (R, O) teacher logits over the teacher temperature, ``s = h_t(c) / tau_c``, this rank's rows
+            (R may be 0).
+        iterations: Sinkhorn-Knopp iterations (column step then row step).
+    Returns:
+        (1, O) float32 ``beta``; zeros when no rank has a row. Collective when distributed.
+    """
+    scores = scores.float()
+    row_potential = scores.new_zeros(scores.shape[0], 1)
+    beta = scores.new_zeros(1, scores.shape[1])
+    for _ in range(iterations):
+        beta = -_logsumexp_over_rows(scores + row_potential)[None]
+        beta = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
+        row_potential = -torch.logsumexp(scores + beta, dim=1, keepdim=True)
+    return beta
+
+
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_output: torch.Tensor, momentum: float) -> torch.Tensor:
     """EMA of the batch mean of teacher outputs, pooled over all ranks.
@@ -266,6 +321,9 @@ class CrIBoLoss(nn.Module):
         center_momentum: m of both centre EMAs (0.9).
         objective: which terms make the total, one of :data:`OBJECTIVES`: ``"cribo"`` (all three),
             ``"cross_view"`` (image + cross-view object) or ``"image"`` (image level only).
+        centering_c: how the object targets ``U`` and ``V`` are centred, one of :data:`CENTERINGS`:
+            ``"mean"`` (DINO's running centre ``C_c``, the reference) or ``"sinkhorn"`` (Sinkhorn-Knopp over
+            this step's objects, :func:`sinkhorn_potential`; ``C_c`` is still kept up to date).
     """
 
     def __init__(
@@ -282,11 +340,15 @@ class CrIBoLoss(nn.Module):
         student_temp_c: float = 0.1,
         center_momentum: float = 0.9,
         objective: str = "cribo",
+        centering_c: str = "mean",
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r}: expected one of {tuple(OBJECTIVES)}")
+        if centering_c not in CENTERINGS:
+            raise ValueError(f"centering_c={centering_c!r}: expected one of {CENTERINGS}")
         self.objective = objective
+        self.centering_c = centering_c
         if warmup_teacher_temp_epochs < 0:
             raise ValueError(f"--warmup_teacher_temp_epochs must be >= 0, got {warmup_teacher_temp_epochs}.")
         self.out_dim = out_dim
@@ -366,6 +428,15 @@ class CrIBoLoss(nn.Module):
             self._update_centres(teacher_cls, teacher_obj.reshape(-1, self.out_dim_c))
         return {"loss": loss, "loss_img": loss_img, "loss_obj": loss_obj, "loss_nn": loss_nn}
 
+    def _object_targets(self, logits: torch.Tensor, current: torch.Tensor, temp_c: float) -> torch.Tensor:
+        """Object teacher targets of ``logits`` (..., Oc): ``softmax((l - C_c) / tau_c)`` with the mean
+        centring, ``softmax(l / tau_c + beta)`` with Sinkhorn centring, ``beta`` balanced over this step's
+        current objects ``current`` (2, M, Oc) of every rank (:func:`sinkhorn_potential`; collective)."""
+        if self.centering_c == "sinkhorn":
+            beta = sinkhorn_potential(current.reshape(-1, self.out_dim_c).float() / temp_c)
+            return F.softmax(logits / temp_c + beta, dim=-1)
+        return F.softmax((logits - self.center_c) / temp_c, dim=-1)
+
     @torch.no_grad()
     def _update_centres(self, teacher_cls: torch.Tensor, teacher_obj: torch.Tensor) -> None:
         """Both centres by :func:`update_center`; on one process, in place as ``C <- C + (1 - m) (mean - C)``
@@ -389,13 +460,13 @@ class CrIBoLoss(nn.Module):
         _check_cross_view_inputs(student_obj, teacher_obj)
         flipped_log_probs = F.log_softmax(student_obj / self.student_temp_c, dim=-1).flip(0)
         if teacher_nn is None:
-            teacher_probs = F.softmax((teacher_obj - self.center_c) / temp_c, dim=-1)
+            teacher_probs = self._object_targets(teacher_obj, teacher_obj, temp_c)
             zero = torch.zeros((), device=student_obj.device)
             return _cross_view_term(teacher_probs, flipped_log_probs), zero
         assert nn_masks is not None
         _check_nn_inputs(student_obj, teacher_nn, nn_masks)
         logits = torch.cat((teacher_obj, teacher_nn.float()))
-        teacher_probs = F.softmax((logits - self.center_c) / temp_c, dim=-1)
+        teacher_probs = self._object_targets(logits, teacher_obj, temp_c)
         return (
             _cross_view_term(teacher_probs[:2], flipped_log_probs),
             _nearest_neighbour_term(teacher_probs[2:], flipped_log_probs, nn_masks),

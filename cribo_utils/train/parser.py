@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cribo_utils.method.loss import OBJECTIVES
+from cribo_utils.method.loss import CENTERINGS, OBJECTIVES
 from cribo_utils.runtime.flags import add_dist_url_flag, bool_argument
 from data.synthetic import SYNTHETIC_VIEWS, VIEW_FLAGS, add_scene_args
 from data.transforms import _check_range
@@ -214,6 +214,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--student_temp_c", default=0.1, type=float, help="Student temperature of the object-level losses."
+    )
+    group.add_argument(
+        "--centering_c",
+        default="mean",
+        choices=CENTERINGS,
+        help="Centring of the object-level teacher targets: mean (DINO's running centre, the reference) or "
+        "sinkhorn (Sinkhorn-Knopp over each step's objects, as DINOv2 centres its teacher: every prototype "
+        "gets the same share of the step's objects).",
     )
 
     group = parser.add_argument_group("Optimisation")
