@@ -234,6 +234,26 @@ def test_explained_share_against_counted_entropies() -> None:
         explained_share(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
 
 
+def test_sinkhorn_targets_are_balanced_per_training_batch_of_images() -> None:
+    """Under --centering_c sinkhorn the benchmark balances the objects of both views of batch_size images
+    together, as a training step does, and no others."""
+    from types import SimpleNamespace
+
+    from benchmarks.mechanism import sinkhorn_targets
+    from cribo_utils.method.loss import sinkhorn_potential
+
+    images = torch.tensor([0, 0, 1, 2, 3, 3, 4])  # objects of view 1; view 2 rows repeat them
+    scores = torch.randn(14, 5, generator=torch.Generator().manual_seed(0)) * 3
+    targets = sinkhorn_targets(scores, SimpleNamespace(image_of_object=images), batch_size=2)
+    step = torch.cat([images, images]) // 2
+    for index in range(3):
+        rows = step == index
+        expected = torch.softmax(scores[rows] + sinkhorn_potential(scores[rows]), dim=1)
+        assert torch.allclose(targets[rows], expected, atol=1e-6)
+    one_batch = sinkhorn_targets(scores, SimpleNamespace(image_of_object=images), batch_size=8)
+    assert not torch.allclose(one_batch, targets, atol=1e-3)
+
+
 def test_pool_by_labels_against_a_loop() -> None:
     from cribo_utils.eval.mechanism import pool_by_labels
 
