@@ -68,6 +68,10 @@ from benchmarks.harness import (  # noqa: E402
 )
 
 NAME = "bench_train_step"
+# The projection head's default widths (models.head.HEAD_HIDDEN_DIM / HEAD_NLAYERS, DINO's), repeated here
+# because this module does not import torch until a step is built; tests/test_benchmarks.py checks they agree.
+HEAD_HIDDEN_DIM = 2048
+HEAD_NLAYERS = 3
 SECTIONS = (
     ("data", "data to device"),
     ("augment", "photometric (--augment_on device)"),
@@ -172,8 +176,8 @@ def make_args(cfg: dict[str, Any]) -> argparse.Namespace:
     ]
     if cfg.get("depth"):
         argv += ["--depth", str(cfg["depth"])]
-    argv += ["--head_hidden_dim", str(cfg.get("head_hidden_dim", 2048))]
-    argv += ["--head_nlayers", str(cfg.get("head_nlayers", 3))]
+    argv += ["--head_hidden_dim", str(cfg.get("head_hidden_dim", HEAD_HIDDEN_DIM))]
+    argv += ["--head_nlayers", str(cfg.get("head_nlayers", HEAD_NLAYERS))]
     if cfg.get("compile"):
         argv += ["--compile", "true"]
     args = get_args_parser().parse_args(argv)
@@ -539,12 +543,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue_size", type=int, default=1024, help="Memory bank size in images (filled).")
     parser.add_argument("--out_dim", type=int, default=4096, help="out_dim = out_dim_c of the head.")
     parser.add_argument(
-        "--head_nlayers", type=int, default=3, help="Linear layers of the head's trunk (the training flag)."
+        "--head_nlayers",
+        type=int,
+        default=HEAD_NLAYERS,
+        help="Linear layers of the head's trunk (the training flag).",
     )
     parser.add_argument(
         "--head_hidden_dim",
         type=int,
-        default=2048,
+        default=HEAD_HIDDEN_DIM,
         help="Width of the head's hidden layers (the training flag).",
     )
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (the median is reported).")
@@ -663,8 +670,8 @@ def summarise(
         )
         and config["device"] == "cpu"
         and config.get("depth") in (0, None, 12)
-        and config.get("head_hidden_dim", 2048) == 2048
-        and config.get("head_nlayers", 3) == 3
+        and config.get("head_hidden_dim", HEAD_HIDDEN_DIM) == HEAD_HIDDEN_DIM
+        and config.get("head_nlayers", HEAD_NLAYERS) == HEAD_NLAYERS
     )
     summary: dict[str, Any] = {
         "config": config,
@@ -781,7 +788,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{config['arch']}/{config['patch_size']}{depth} "
         f"{config['image_size']} px, batch {config['batch_size']}, "
         f"n_tokens {config['n_tokens']}, queue {config['queue_size']}, out_dim {config['out_dim']}, "
-        f"head {config.get('head_nlayers', 3)} x {config.get('head_hidden_dim', 2048)}, "
+        f"head {config.get('head_nlayers', HEAD_NLAYERS)} x "
+        f"{config.get('head_hidden_dim', HEAD_HIDDEN_DIM)}, "
         f"{config['precision']}, {config['device']}, augment_on {config.get('augment_on', 'workers')}, "
         f"{config.get('source', 'synthetic')} images"
         f"{', student activation checkpointing' if config.get('grad_checkpointing') else ''}"

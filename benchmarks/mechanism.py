@@ -581,7 +581,7 @@ def object_target_metrics(
         settings.epochs - 1,
     )
     objects = torch.cat([queries.objects1, queries.objects2])
-    if getattr(settings, "centering_c", "mean") == "sinkhorn":
+    if settings.centering_c == "sinkhorn":
         scores = head.forward_c(objects) / temperature
         targets = sinkhorn_targets(scores, queries, settings.batch_size_per_gpu)
     else:

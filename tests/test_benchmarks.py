@@ -56,6 +56,15 @@ def test_every_script_has_help(name: str) -> None:
     assert "--out" in completed.stdout
 
 
+def test_bench_train_step_head_defaults_are_the_head_modules() -> None:
+    from models.head import HEAD_HIDDEN_DIM, HEAD_NLAYERS
+
+    repeated = (bench_train_step.HEAD_HIDDEN_DIM, bench_train_step.HEAD_NLAYERS)
+    assert repeated == (HEAD_HIDDEN_DIM, HEAD_NLAYERS)
+    defaults = bench_train_step.get_parser().parse_args([])
+    assert (defaults.head_hidden_dim, defaults.head_nlayers) == (HEAD_HIDDEN_DIM, HEAD_NLAYERS)
+
+
 def test_backbone_flops_by_hand() -> None:
     # depth 1, D 2, 32 px / patch 16: N = 4 patches, T = 5 tokens.
     # blocks 24*5*2^2 + 4*5^2*2 = 480 + 200; patch embedding 2 * 4 * (3 * 16^2) * 2 = 12288.

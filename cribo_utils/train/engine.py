@@ -117,7 +117,7 @@ def build_training_parts(
         student_temp=0.1,
         student_temp_c=args.student_temp_c,
         objective=args.objective,
-        centering_c=getattr(args, "centering_c", "mean"),
+        centering_c=args.centering_c,
     ).to(device)
     bank = CentroidMemoryBank(args.queue_size, args.n_tokens, embed_dim).to(device)
 
