@@ -24,6 +24,7 @@ from cribo_utils.method.clustering import (
     positional_alpha,
     positional_cost,
     sinkhorn,
+    sinkhorn_labels,
     update_centroids,
     update_column_marginal,
 )
@@ -367,6 +368,26 @@ def test_sinkhorn_invariants_and_reference():
     errors = [row_error(iterations) for iterations in (1, 5, 50, 500)]
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[3] < 1e-6
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 5, 20])
+def test_sinkhorn_labels_are_the_argmax_of_the_reference_plan(iterations):
+    # The labels-only path skips the row scaling; the argmax must still be the plan's, which with
+    # lopsided column marginals is not the cheapest cluster of every token (checked, so the test bites).
+    generator = torch.Generator().manual_seed(5)
+    batch_size, n_tokens, n_clusters = 4, 64, 8
+    cost = torch.rand(batch_size, n_tokens, n_clusters, generator=generator, dtype=torch.float64)
+    column = torch.rand(batch_size, n_clusters, generator=generator, dtype=torch.float64) ** 3 + 0.01
+    column = column / column.sum(dim=1, keepdim=True)
+    labels = sinkhorn_labels(cost, column, 20.0, iterations)
+    assert labels.shape == (batch_size, n_tokens) and labels.dtype == torch.long
+    expected = torch.stack(
+        [reference_sinkhorn(cost[b], column[b], 20.0, iterations).argmax(dim=1) for b in range(batch_size)]
+    )
+    assert torch.equal(labels, expected)
+    assert torch.equal(labels, sinkhorn(cost, column, 20.0, iterations).argmax(dim=2))
+    if iterations:
+        assert (labels != cost.argmin(dim=2)).float().mean() > 0.1
 
 
 def test_sinkhorn_constant_cost_is_uniform_and_nan_becomes_small():
