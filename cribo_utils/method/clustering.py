@@ -296,8 +296,8 @@ def sinkhorn_labels(
     ``Pi[n, k] = u_n Pi_0[n, k] v_k / P`` with ``u_n > 0``, so ``argmax_k Pi[n, k] = argmax_k
     Pi_0[n, k] v_k``: the row scaling, the division by P and the NaN replacement (the plan of a cost
     in [0, 1] is positive and finite) do nothing to the argmax. Three fewer operations per clustering
-    round; the same labels as ``sinkhorn(...).argmax(dim=2)`` except where two
-    entries of a row differ by float round-off only (the lowest index wins either way).
+    round; the same labels as ``sinkhorn(...).argmax(dim=2)`` except where two entries of a row differ by
+    float round-off only (the lowest index wins either way).
 
     Args:
         cost: (B, P, K) cost in [0, 1] (min-max scaled).
